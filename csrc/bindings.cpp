@@ -1,0 +1,222 @@
+// r3mes._native: the CPU kernels. Takes and returns numpy buffers (torch CPU
+// tensors pass through .numpy() without a copy); never links libtorch.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <vector>
+
+#include "common/array_check.h"
+#include "common/cpu_features.h"
+#include "common/thread_pool.h"
+#include "dora/dora.h"
+#include "ternary/ternary.h"
+
+namespace py = pybind11;
+using namespace r3mes;
+
+#ifndef R3MES_VERSION
+#define R3MES_VERSION "dev"
+#endif
+
+namespace {
+
+py::dict info() {
+  const CpuFeatures& f = cpu_features();
+  py::dict features;
+  features["avx2"] = f.avx2;
+  features["fma"] = f.fma;
+  features["avx512f"] = f.avx512f;
+  features["avx512bw"] = f.avx512bw;
+  features["avx512vl"] = f.avx512vl;
+  features["avx512vnni"] = f.avx512vnni;
+  features["avxvnni"] = f.avxvnni;
+  features["amx_int8"] = f.amx_int8;
+  std::vector<std::string> compiled, supported;
+#if defined(__x86_64__)
+  for (int i = 0; i <= static_cast<int>(SimdLevel::Avx512Vnni); ++i)
+    compiled.emplace_back(simd_level_name(static_cast<SimdLevel>(i)));
+#else
+  compiled.emplace_back("scalar");
+#endif
+  for (SimdLevel l : supported_levels()) supported.emplace_back(simd_level_name(l));
+  py::dict d;
+  d["version"] = R3MES_VERSION;
+  d["compiled_simd_levels"] = compiled;
+  d["supported_simd_levels"] = supported;
+  d["simd_level"] = simd_level_name(active_simd_level());
+  d["cpu_features"] = features;
+  d["num_threads"] = get_num_threads();
+  d["weight_layout"] = "r3mes-2bit-g256";
+  return d;
+}
+
+void check_packed(const py::array& packed, std::size_t k) {
+  check_array<uint8_t>(packed, "packed", 2);
+  if (k == 0) throw std::invalid_argument("in_features must be > 0");
+  if (static_cast<std::size_t>(packed.shape(1)) != packed_row_bytes(k))
+    throw std::invalid_argument("packed: rows of " + std::to_string(packed.shape(1)) +
+                                " bytes do not match in_features=" + std::to_string(k) +
+                                " (expected " + std::to_string(packed_row_bytes(k)) + ")");
+}
+
+// Quantised activations in the kernels' padded layout.
+struct QuantizedActs {
+  std::vector<int8_t> q;
+  std::vector<float> scale;
+  std::vector<int32_t> qsum;
+};
+
+QuantizedActs quantize_padded(const float* x, std::size_t m, std::size_t k) {
+  QuantizedActs a;
+  const std::size_t kp = padded_k(k);
+  a.q.resize(m * kp);
+  a.scale.resize(m);
+  a.qsum.resize(m);
+  if (!quantize_activations(x, m, k, a.q.data(), kp, a.scale.data(), a.qsum.data(),
+                            active_simd_level()))
+    throw std::invalid_argument("x: activations contain NaN or Inf");
+  return a;
+}
+
+py::tuple py_quantize_activations(const py::array& x) {
+  check_array<float>(x, "x", 2);
+  const std::size_t m = x.shape(0), k = x.shape(1);
+  if (k == 0) throw std::invalid_argument("x: last dimension must be > 0");
+  py::array_t<int8_t> q({m, k});
+  py::array_t<float> scale(m);
+  {
+    py::gil_scoped_release release;
+    std::vector<int32_t> qsum(m);
+    if (!quantize_activations(data_of<float>(x), m, k, q.mutable_data(), k, scale.mutable_data(),
+                              qsum.data(), active_simd_level()))
+      throw std::invalid_argument("x: activations contain NaN or Inf");
+  }
+  return py::make_tuple(q, scale);
+}
+
+py::array_t<uint8_t> py_pack_ternary(const py::array& t) {
+  check_array<int8_t>(t, "ternary", 2);
+  const std::size_t n = t.shape(0), k = t.shape(1);
+  if (n == 0 || k == 0) throw std::invalid_argument("ternary: weight must not be empty");
+  py::array_t<uint8_t> packed({n, packed_row_bytes(k)});
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = pack_ternary(data_of<int8_t>(t), n, k, packed.mutable_data());
+  }
+  if (!ok) throw std::invalid_argument("ternary: values must be in {-1, 0, 1}");
+  return packed;
+}
+
+py::array_t<uint8_t> py_quantize_pack_ternary(const py::array& w, float scale) {
+  check_array<float>(w, "weight", 2);
+  const std::size_t n = w.shape(0), k = w.shape(1);
+  if (n == 0 || k == 0) throw std::invalid_argument("weight: must not be empty");
+  if (!(scale > 0.0f) || !std::isfinite(scale))
+    throw std::invalid_argument("scale must be a positive finite number");
+  py::array_t<uint8_t> packed({n, packed_row_bytes(k)});
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = quantize_pack_ternary(data_of<float>(w), n, k, scale, packed.mutable_data());
+  }
+  if (!ok) throw std::invalid_argument("weight: contains NaN or Inf");
+  return packed;
+}
+
+py::array_t<int8_t> py_unpack_ternary(const py::array& packed, std::size_t k) {
+  check_packed(packed, k);
+  const std::size_t n = packed.shape(0);
+  py::array_t<int8_t> t({n, k});
+  py::gil_scoped_release release;
+  unpack_ternary(data_of<uint8_t>(packed), n, k, t.mutable_data());
+  return t;
+}
+
+py::array_t<int32_t> py_ternary_gemm_int(const py::array& q, const py::array& packed,
+                                         std::size_t k) {
+  check_array<int8_t>(q, "q", 2);
+  check_packed(packed, k);
+  if (static_cast<std::size_t>(q.shape(1)) != k)
+    throw std::invalid_argument("q: has " + std::to_string(q.shape(1)) +
+                                " columns, weight has in_features=" + std::to_string(k));
+  const std::size_t m = q.shape(0), n = packed.shape(0), kp = padded_k(k);
+  py::array_t<int32_t> out({m, n});
+  py::gil_scoped_release release;
+  std::vector<int8_t> qp(m * kp, 0);
+  std::vector<int32_t> qsum(m, 0);
+  const int8_t* src = data_of<int8_t>(q);
+  for (std::size_t i = 0; i < m; ++i)
+    for (std::size_t j = 0; j < k; ++j) {
+      qp[i * kp + j] = src[i * k + j];
+      qsum[i] += src[i * k + j];
+    }
+  GemmArgs args{data_of<uint8_t>(packed), qp.data(), qsum.data(), m, n, k,
+                out.mutable_data(), nullptr, nullptr, 0.0f, nullptr};
+  ternary_gemm(args, active_simd_level());
+  return out;
+}
+
+py::array_t<float> py_ternary_linear(const py::array& x, const py::array& packed, std::size_t k,
+                                     float w_scale, const py::object& bias) {
+  check_array<float>(x, "x", 2);
+  check_packed(packed, k);
+  if (static_cast<std::size_t>(x.shape(1)) != k)
+    throw std::invalid_argument("x: has " + std::to_string(x.shape(1)) +
+                                " features, weight has in_features=" + std::to_string(k));
+  if (!(w_scale > 0.0f) || !std::isfinite(w_scale))
+    throw std::invalid_argument("w_scale must be a positive finite number");
+  const std::size_t m = x.shape(0), n = packed.shape(0);
+  const float* bias_ptr = nullptr;
+  py::array bias_arr;
+  if (!bias.is_none()) {
+    bias_arr = py::array::ensure(bias);
+    check_array<float>(bias_arr, "bias", 1);
+    if (static_cast<std::size_t>(bias_arr.shape(0)) != n)
+      throw std::invalid_argument("bias: length does not match out_features");
+    bias_ptr = data_of<float>(bias_arr);
+  }
+  py::array_t<float> out({m, n});
+  if (m == 0) return out;
+  const float* xp = data_of<float>(x);
+  float* op = out.mutable_data();
+  const uint8_t* pp = data_of<uint8_t>(packed);
+  {
+    py::gil_scoped_release release;
+    // Throwing here is safe: the release guard re-takes the GIL while unwinding.
+    QuantizedActs acts = quantize_padded(xp, m, k);
+    GemmArgs args{pp, acts.q.data(), acts.qsum.data(), m, n, k,
+                  nullptr, op, acts.scale.data(), w_scale, bias_ptr};
+    ternary_gemm(args, active_simd_level());
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_native, mod) {
+  mod.doc() = "r3mes native CPU kernels (ternary GEMV/GEMM, activation quantisation, DoRA mix)";
+  mod.def("info", &info, "Version, compiled and supported SIMD levels, CPU features, threads.");
+  mod.def("get_simd_level", [] { return std::string(simd_level_name(active_simd_level())); });
+  mod.def("set_simd_level", [](const std::string& name) { set_simd_level(parse_simd_level(name)); },
+          py::arg("level"), "Force a SIMD level (scalar, avx2, avx512, avx512vnni).");
+  mod.def("get_num_threads", &get_num_threads);
+  mod.def("set_num_threads", &set_num_threads, py::arg("n"),
+          "Threads used by the kernels; n <= 0 restores the default (number of cores).");
+  mod.def("packed_row_bytes", [](std::size_t k) { return packed_row_bytes(k); }, py::arg("k"));
+  mod.def("quantize_activations", &py_quantize_activations, py::arg("x"),
+          "Per-token absmax int8 quantisation of float32 [M, K]: returns (q int8 [M, K], scale [M]).");
+  mod.def("pack_ternary", &py_pack_ternary, py::arg("ternary"),
+          "Pack int8 ternary values [N, K] into the 2-bit g256 layout [N, packed_row_bytes(K)].");
+  mod.def("quantize_pack_ternary", &py_quantize_pack_ternary, py::arg("weight"), py::arg("scale"),
+          "Quantise float32 weights with an absmean scale and pack them.");
+  mod.def("unpack_ternary", &py_unpack_ternary, py::arg("packed"), py::arg("k"));
+  mod.def("ternary_gemm_int", &py_ternary_gemm_int, py::arg("q"), py::arg("packed"), py::arg("k"),
+          "Exact int32 q [M, K] x ternary^T -> [M, N].");
+  mod.def("ternary_linear", &py_ternary_linear, py::arg("x"), py::arg("packed"), py::arg("k"),
+          py::arg("w_scale"), py::arg("bias") = py::none(),
+          "float32 x [M, K] -> quantise -> ternary GEMM -> y [M, N] = acc / (s_x * s_w) (+ bias).");
+  register_dora_bindings(mod);
+}

@@ -1,0 +1,132 @@
+#include "common/thread_pool.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace r3mes {
+
+static inline void cpu_relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
+
+ThreadPool::ThreadPool(int num_threads) {
+  for (int i = 1; i < num_threads; ++i) workers_.emplace_back([this] { worker_loop(); });
+}
+
+ThreadPool::~ThreadPool() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    stop_ = true;
+    generation_.fetch_add(1);
+  }
+  wake_.notify_all();
+  for (auto& t : workers_) t.join();
+}
+
+void ThreadPool::drain() {
+  for (;;) {
+    std::size_t task = next_task_.fetch_add(1, std::memory_order_relaxed);
+    if (task >= num_tasks_) return;
+    (*fn_)(task);
+    done_tasks_.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void ThreadPool::worker_loop() {
+  unsigned long seen = generation_.load();
+  for (;;) {
+    // Spin first: the next kernel call usually follows within microseconds.
+    int spins = 0;
+    while (generation_.load(std::memory_order_acquire) == seen && spins < 4000) {
+      cpu_relax();
+      ++spins;
+    }
+    if (generation_.load(std::memory_order_acquire) == seen) {
+      std::unique_lock<std::mutex> lock(mutex_);
+      wake_.wait(lock, [&] { return generation_.load() != seen; });
+    }
+    seen = generation_.load(std::memory_order_acquire);
+    if (stop_) return;
+    drain();
+    finished_workers_.fetch_add(1, std::memory_order_release);
+  }
+}
+
+void ThreadPool::run(std::size_t num_tasks, const std::function<void(std::size_t)>& fn) {
+  if (num_tasks == 0) return;
+  if (workers_.empty() || num_tasks == 1) {
+    for (std::size_t i = 0; i < num_tasks; ++i) fn(i);
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    fn_ = &fn;
+    num_tasks_ = num_tasks;
+    next_task_.store(0);
+    done_tasks_.store(0);
+    finished_workers_.store(0);
+    generation_.fetch_add(1, std::memory_order_release);
+  }
+  wake_.notify_all();
+  drain();
+  while (done_tasks_.load(std::memory_order_acquire) < num_tasks ||
+         finished_workers_.load(std::memory_order_acquire) < workers_.size())
+    cpu_relax();
+}
+
+int default_num_threads() {
+  if (const char* env = std::getenv("R3MES_NUM_THREADS")) {
+    int n = std::atoi(env);
+    if (n > 0) return n;
+  }
+  unsigned hw = std::thread::hardware_concurrency();
+  return hw == 0 ? 1 : static_cast<int>(hw);
+}
+
+static std::mutex g_pool_mutex;
+static std::unique_ptr<ThreadPool>& global_pool() {
+  static std::unique_ptr<ThreadPool> pool;
+  return pool;
+}
+
+static ThreadPool& pool() {
+  auto& p = global_pool();
+  if (!p) p = std::make_unique<ThreadPool>(default_num_threads());
+  return *p;
+}
+
+int get_num_threads() {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  return pool().num_threads();
+}
+
+void set_num_threads(int n) {
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  if (n <= 0) n = default_num_threads();
+  auto& p = global_pool();
+  if (p && p->num_threads() == n) return;
+  p.reset();
+  p = std::make_unique<ThreadPool>(n);
+}
+
+void parallel_for(std::size_t n, std::size_t grain,
+                  const std::function<void(std::size_t, std::size_t)>& fn) {
+  if (n == 0) return;
+  grain = std::max<std::size_t>(grain, 1);
+  std::size_t chunks = (n + grain - 1) / grain;
+  if (chunks == 1) {
+    fn(0, n);
+    return;
+  }
+  // One kernel call at a time owns the pool; concurrent Python callers queue here.
+  std::lock_guard<std::mutex> lock(g_pool_mutex);
+  pool().run(chunks, [&](std::size_t c) { fn(c * grain, std::min(n, (c + 1) * grain)); });
+}
+
+}  // namespace r3mes

@@ -1,0 +1,55 @@
+#pragma once
+// A persistent worker pool for the kernels. Decode GEMVs take tens of
+// microseconds, so waking threads must be cheap: workers spin briefly on a
+// generation counter before sleeping on a condition variable.
+#include <atomic>
+#include <condition_variable>
+#include <cstddef>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace r3mes {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int num_threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
+
+  // Runs fn(task) for task in [0, num_tasks), spread over the pool and the
+  // calling thread; returns when all are done. Not re-entrant.
+  void run(std::size_t num_tasks, const std::function<void(std::size_t)>& fn);
+
+ private:
+  void worker_loop();
+  void drain();
+
+  std::vector<std::thread> workers_;
+  std::mutex mutex_;
+  std::condition_variable wake_;
+  std::atomic<unsigned long> generation_{0};
+  std::atomic<std::size_t> next_task_{0};
+  std::atomic<std::size_t> done_tasks_{0};
+  // Workers that finished the current generation; run() waits for all of
+  // them so no straggler can pick up a task of the next call.
+  std::atomic<std::size_t> finished_workers_{0};
+  std::size_t num_tasks_ = 0;
+  const std::function<void(std::size_t)>* fn_ = nullptr;
+  bool stop_ = false;
+};
+
+int default_num_threads();
+int get_num_threads();
+void set_num_threads(int n);  // n <= 0 restores the default (number of cores)
+
+// Splits [0, n) into chunks of `grain` (the last may be shorter) and runs
+// fn(begin, end) for each on the global pool. Runs inline when one chunk.
+void parallel_for(std::size_t n, std::size_t grain,
+                  const std::function<void(std::size_t, std::size_t)>& fn);
+
+}  // namespace r3mes

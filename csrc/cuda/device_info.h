@@ -1,0 +1,4 @@
+#pragma once
+namespace r3mes::cuda {
+int device_count();
+}

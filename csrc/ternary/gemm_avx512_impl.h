@@ -1,0 +1,70 @@
+#pragma once
+// Shared AVX-512 ternary GEMM body, included by the avx512 and avx512vnni
+// translation units (each compiled for its own ISA; everything here has
+// internal linkage so the two copies never mix).
+//
+// A tile of R rows x T tokens: per 256-weight group, each row's 64 packed
+// bytes are loaded once and decoded into four code registers (shift + mask),
+// each used against T activation registers (g256-permuted order).
+#include <immintrin.h>
+
+#include "ternary/ternary.h"
+
+namespace r3mes {
+namespace {
+
+template <class Dot, int R, int T>
+inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0) {
+  const std::size_t kp = padded_k(a.K);
+  const std::size_t row_bytes = packed_row_bytes(a.K);
+  const __m512i mask = _mm512_set1_epi8(3);
+  __m512i acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = a.packed + (n + r) * row_bytes;
+  const int8_t* qs[T];
+  for (int t = 0; t < T; ++t) qs[t] = a.q + (m0 + t) * kp;
+
+  for (std::size_t g = 0; g < kp / kGroupWeights; ++g) {
+    __m512i v[R];
+    for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(rows[r] + g * kGroupBytes);
+    typename Dot::Partial part[R][T];
+    for (int p = 0; p < 4; ++p) {
+      __m512i x[T];
+      for (int t = 0; t < T; ++t) x[t] = _mm512_loadu_si512(qs[t] + g * kGroupWeights + 64 * p);
+      for (int r = 0; r < R; ++r) {
+        __m512i codes = p == 0 ? _mm512_and_si512(v[r], mask)
+                               : _mm512_and_si512(_mm512_srli_epi16(v[r], 2 * p), mask);
+        for (int t = 0; t < T; ++t) Dot::step(part[r][t], acc[r][t], codes, x[t], p);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) Dot::finish_group(part[r][t], acc[r][t]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      store_output(a, m0 + t, n + r, _mm512_reduce_add_epi32(acc[r][t]) - a.qsum[m0 + t]);
+}
+
+template <class Dot, int R>
+inline void row_tile(const GemmArgs& a, std::size_t n) {
+  std::size_t m = 0;
+  for (; m + 4 <= a.M; m += 4) tile<Dot, R, 4>(a, n, m);
+  switch (a.M - m) {
+    case 3: tile<Dot, R, 3>(a, n, m); break;
+    case 2: tile<Dot, R, 2>(a, n, m); break;
+    case 1: tile<Dot, R, 1>(a, n, m); break;
+    default: break;
+  }
+}
+
+template <class Dot>
+inline void gemm_rows(const GemmArgs& a, std::size_t n0, std::size_t n1) {
+  std::size_t n = n0;
+  for (; n + 4 <= n1; n += 4) row_tile<Dot, 4>(a, n);
+  for (; n < n1; ++n) row_tile<Dot, 1>(a, n);
+}
+
+}  // namespace
+}  // namespace r3mes

@@ -1,0 +1,108 @@
+#pragma once
+// Ternary (BitNet b1.58) kernels: int8 activation quantisation, 2-bit weight
+// packing, and ternary x int8 GEMV/GEMM with the float scale epilogue.
+//
+// Packed weight layout ("r3mes-2bit-g256", row-major, one row after another)
+// ---------------------------------------------------------------------------
+// Each weight w in {-1, 0, +1} is stored as the 2-bit code c = w + 1 in {0,1,2}.
+// A row of K weights is padded with zeros (code 1) to Kp = ceil(K/256)*256 and
+// cut into groups of 256 weights = 64 bytes. Inside a group, the 64 bytes are
+// two 32-byte blocks (half h = 0, 1) of 128 weights each:
+//
+//   byte (32h + j), bits [2p, 2p+1]  <-  c[k = 256g + 128h + 32p + j]
+//        j = 0..31, p = 0..3
+//
+//   byte j of a block:  | c[96+j] | c[64+j] | c[32+j] | c[j] |   (msb .. lsb)
+//
+// so shifting a 32-byte block right by 2p and masking with 3 yields the codes
+// of 32 *consecutive* weights: an AVX2 register decodes against a plain load
+// of the activations. An AVX-512 register holds both blocks of a group; its
+// activations are reordered once per token (see permute_activations_g256).
+//
+// The dot product uses the codes directly, as unsigned bytes:
+//   sum_k w_k q_k = sum_k c_k q_k - sum_k q_k
+// which is what u8 x s8 instructions (vpmaddubsw, vpdpbusd) compute; sum q is
+// computed once per token. Padding weights multiply padded activations = 0.
+#include <cstddef>
+#include <cstdint>
+
+#include "common/cpu_features.h"
+
+namespace r3mes {
+
+constexpr int kGroupWeights = 256;
+constexpr int kGroupBytes = 64;
+
+inline std::size_t padded_k(std::size_t k) {
+  return (k + kGroupWeights - 1) / kGroupWeights * kGroupWeights;
+}
+inline std::size_t packed_row_bytes(std::size_t k) { return padded_k(k) / 4; }
+
+// ---- activation quantisation (per token absmax -> int8) -------------------
+// scale = 127 / max(max|x|, 1e-5); q = clamp(round_half_even(x*scale), -128, 127).
+// Writes q [rows, q_stride] (columns >= k zero-filled up to q_stride), scale
+// [rows] and the int32 sum of q per row. Returns false if x holds NaN or Inf.
+bool quantize_activations(const float* x, std::size_t rows, std::size_t k, int8_t* q,
+                          std::size_t q_stride, float* scale, int32_t* qsum, SimdLevel level);
+
+// ---- weight packing -------------------------------------------------------
+// Packs int8 ternary values t [n, k] (each in {-1,0,1}); returns false if a
+// value is outside that set.
+bool pack_ternary(const int8_t* t, std::size_t n, std::size_t k, uint8_t* packed);
+// Quantises float weights with the given absmean scale (t = clamp(round(w*scale),
+// -1, 1)) and packs them. Returns false on NaN/Inf weights.
+bool quantize_pack_ternary(const float* w, std::size_t n, std::size_t k, float scale,
+                           uint8_t* packed);
+void unpack_ternary(const uint8_t* packed, std::size_t n, std::size_t k, int8_t* t);
+
+// ---- ternary GEMM ---------------------------------------------------------
+// acc[m, n] = sum_k t[n, k] * q[m, k] for m < M, n < N, with q rows of stride
+// padded_k(K) (zero-padded). If out_f32 is given, writes
+// out_f32[m, n] = float(acc) / (x_scale[m] * w_scale) (+ bias[n]) instead of
+// acc. Multi-threaded over output rows.
+struct GemmArgs {
+  const uint8_t* packed;
+  const int8_t* q;
+  const int32_t* qsum;
+  std::size_t M, N, K;
+  int32_t* out_i32;        // [M, N] or nullptr
+  float* out_f32;          // [M, N] or nullptr
+  const float* x_scale;    // [M], with out_f32
+  float w_scale;           // with out_f32
+  const float* bias;       // [N] or nullptr
+};
+void ternary_gemm(const GemmArgs& args, SimdLevel level);
+
+// Per-ISA row-range kernels: rows [n0, n1) for all M tokens. q is in the
+// layout the ISA expects (natural for scalar/avx2, g256-permuted for avx512*).
+using GemmRowsFn = void (*)(const GemmArgs& args, std::size_t n0, std::size_t n1);
+void ternary_gemm_rows_scalar(const GemmArgs& args, std::size_t n0, std::size_t n1);
+void ternary_gemm_rows_avx2(const GemmArgs& args, std::size_t n0, std::size_t n1);
+void ternary_gemm_rows_avx512(const GemmArgs& args, std::size_t n0, std::size_t n1);
+void ternary_gemm_rows_avx512vnni(const GemmArgs& args, std::size_t n0, std::size_t n1);
+
+// Per-ISA activation quantisation of one row (returns the absmax, NaN/Inf
+// reported through `finite`).
+float absmax_scalar(const float* x, std::size_t k, bool* finite);
+float absmax_avx2(const float* x, std::size_t k, bool* finite);
+float absmax_avx512(const float* x, std::size_t k, bool* finite);
+int32_t quantize_row_scalar(const float* x, std::size_t k, float scale, int8_t* q);
+int32_t quantize_row_avx2(const float* x, std::size_t k, float scale, int8_t* q);
+int32_t quantize_row_avx512(const float* x, std::size_t k, float scale, int8_t* q);
+
+// Reorders each 256-group of an int8 row from natural order to the order an
+// AVX-512 register of codes has: [h0 p0 | h1 p0 | h0 p1 | h1 p1 | ...] in 32s.
+void permute_activations_g256(const int8_t* src, int8_t* dst, std::size_t kp);
+
+// Shared epilogue: one output element.
+inline void store_output(const GemmArgs& a, std::size_t m, std::size_t n, int32_t acc) {
+  if (a.out_f32 != nullptr) {
+    float y = static_cast<float>(acc) / (a.x_scale[m] * a.w_scale);
+    if (a.bias != nullptr) y += a.bias[n];
+    a.out_f32[m * a.N + n] = y;
+  } else {
+    a.out_i32[m * a.N + n] = acc;
+  }
+}
+
+}  // namespace r3mes

@@ -1,0 +1,62 @@
+// AVX2 ternary GEMM: one 32-byte block (128 weights) per register, decoded by
+// shift+mask against plain activation loads; u8 x s8 products via vpmaddubsw.
+#include <immintrin.h>
+
+#include "ternary/ternary.h"
+
+namespace r3mes {
+namespace {
+
+inline int32_t hsum_epi32(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+
+template <int T>
+void rows_tokens(const GemmArgs& a, std::size_t n, std::size_t m0) {
+  const std::size_t kp = padded_k(a.K);
+  const uint8_t* row = a.packed + n * packed_row_bytes(a.K);
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256i acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+  for (std::size_t b = 0; b < kp / 128; ++b) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b));
+    __m256i codes[4];
+    codes[0] = _mm256_and_si256(v, mask);
+    codes[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);
+    codes[2] = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+    codes[3] = _mm256_and_si256(_mm256_srli_epi16(v, 6), mask);
+    for (int t = 0; t < T; ++t) {
+      const int8_t* q = a.q + (m0 + t) * kp + 128 * b;
+      // |code * q| <= 256 per byte, 512 per pair, 2048 over the 4 slices: fits int16.
+      __m256i s16 = _mm256_maddubs_epi16(
+          codes[0], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q)));
+      for (int p = 1; p < 4; ++p)
+        s16 = _mm256_add_epi16(
+            s16, _mm256_maddubs_epi16(
+                     codes[p], _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * p))));
+      acc[t] = _mm256_add_epi32(acc[t], _mm256_madd_epi16(s16, ones));
+    }
+  }
+  for (int t = 0; t < T; ++t) store_output(a, m0 + t, n, hsum_epi32(acc[t]) - a.qsum[m0 + t]);
+}
+
+}  // namespace
+
+void ternary_gemm_rows_avx2(const GemmArgs& a, std::size_t n0, std::size_t n1) {
+  for (std::size_t n = n0; n < n1; ++n) {
+    std::size_t m = 0;
+    for (; m + 4 <= a.M; m += 4) rows_tokens<4>(a, n, m);
+    switch (a.M - m) {
+      case 3: rows_tokens<3>(a, n, m); break;
+      case 2: rows_tokens<2>(a, n, m); break;
+      case 1: rows_tokens<1>(a, n, m); break;
+      default: break;
+    }
+  }
+}
+
+}  // namespace r3mes

@@ -1,0 +1,1 @@
+"""Core model pieces: BitLinear, DoRA, the BitNet transformer, checkpoints."""

@@ -1,0 +1,53 @@
+"""The PyTorch reference for every native kernel: plain torch, the numerical contract.
+
+These functions *define* the results the native kernels must reproduce (see DESIGN.md,
+"Numerical contract"); they are kept simple rather than fast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+ACT_EPS = 1e-5
+WEIGHT_EPS = 1e-5
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8: returns (q int8 [..., K], scale float32 [...])."""
+    x = x.float()
+    # reciprocal() * 127 is what torch (and HF BitNet's `127 / absmax`) computes.
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS).reciprocal() * 127.0
+    q = (x * scale).round().clamp(-128, 127).to(torch.int8)
+    return q, scale.squeeze(-1)
+
+
+def weight_scale(w: torch.Tensor) -> torch.Tensor:
+    """Per-tensor absmean scale s_w = 1 / max(mean|W|, 1e-5), float32 scalar tensor."""
+    return w.float().abs().mean().clamp(min=WEIGHT_EPS).reciprocal()
+
+
+def quantize_weight(w: torch.Tensor, scale: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Ternary values T = clamp(round(W * s_w), -1, 1) as int8."""
+    s = weight_scale(w) if scale is None else torch.as_tensor(scale, dtype=torch.float32)
+    return (w.float() * s).round().clamp(-1, 1).to(torch.int8)
+
+
+def ternary_matmul_int(q: torch.Tensor, ternary: torch.Tensor) -> torch.Tensor:
+    """Exact int32 q [M, K] x T[N, K]^T (computed in int64 to rule out overflow)."""
+    return (q.to(torch.int64) @ ternary.to(torch.int64).t()).to(torch.int32)
+
+
+def ternary_linear(
+    x: torch.Tensor,
+    ternary: torch.Tensor,
+    w_scale: float | torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """y = (q . T^T) / (s_x * s_w) (+ bias), float32, for x [..., K]."""
+    lead = x.shape[:-1]
+    q, s_x = quantize_activations(x.reshape(-1, x.shape[-1]))
+    acc = ternary_matmul_int(q, ternary).float()
+    y = acc / (s_x.unsqueeze(-1) * torch.as_tensor(w_scale, dtype=torch.float32))
+    if bias is not None:
+        y = y + bias.float()
+    return y.reshape(*lead, ternary.shape[0])
