@@ -1,0 +1,1 @@
+"""Small shared helpers: the data directory and crash-safe writes."""
