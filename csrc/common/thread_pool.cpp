@@ -39,7 +39,9 @@ void ThreadPool::drain() {
 }
 
 void ThreadPool::worker_loop() {
-  unsigned long seen = generation_.load();
+  // Generation 0 is the pool's birth; reading the counter here instead would
+  // race with a run() that starts before this thread does, and miss it.
+  unsigned long seen = 0;
   for (;;) {
     // Spin first: the next kernel call usually follows within microseconds.
     int spins = 0;

@@ -1,7 +1,115 @@
 #pragma once
-// Fused multi-expert DoRA kernels (see DESIGN.md, "DoRA contract").
+// DoRA on the ternary base (see DESIGN.md, "DoRA contract"): factored row
+// norms and the fused multi-expert epilogue.
+//
+// For adapters e with A_e [r_e, K], B_e [N, r_e], scaling s_e and
+// g_e = m_e / ||W0 + s_e B_e A_e||_row, and per-token mix weights w[m, e]
+// (normalised to sum 1 by the caller), the fused layer computes
+//
+//   y[m, n] = sum_e w[m,e] g_e[n] (base[m, n] + s_e B_e[n] . z_e[m]) + bias[n]
+//   z_e[m]  = A_e x_m                               (the "A pass", rank r_e)
+//   base    = (q . T^T) / (s_x s_w)                 (one ternary GEMM for all e)
+//
+// which equals (sum_e w g_e) (.) W0 x + sum_e (w g_e s_e) (.) B_e (A_e x). A
+// token with no expert (all w = 0) gets base + bias.
+//
+// Adapter storage for the kernel ("merge" step, done once at load)
+// -----------------------------------------------------------------
+// A is kept row-major [r, K]. B is kept transposed and tiled by 16 output
+// rows, so one 16-row block of outputs reads one contiguous run per adapter:
+//
+//   bt[(t * r + j) * 16 + l] = B[16 t + l, j]      (rows >= N zero-padded)
+//
+// Storage is fp32 (exact path) or fp16. fp16 halves the adapter bytes, which
+// matter at decode: three r=16 experts at 2560x6912 are ~0.9 MB in fp16
+// against 4.4 MB of 2-bit weights. fp16 values are pre-scaled by a power of
+// two (a_scale = 2^ceil(log2 max|A|), the same for B) so they use the full
+// fp16 range; the scales are folded into `coef`:
+//   A = a_scale * A16, B = b_scale * B16, coef = s * a_scale * b_scale.
+// AVX2 converts with F16C (every AVX2 CPU has it), AVX-512 with vcvtph2ps.
 #include <pybind11/pybind11.h>
 
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "common/cpu_features.h"
+
 namespace r3mes {
+
+constexpr std::size_t kDoraTile = 16;
+
+// IEEE binary16 <-> binary32, round to nearest even (the scalar spec).
+uint16_t float_to_half(float f);
+float half_to_float(uint16_t h);
+
+struct DoraAdapter {
+  std::size_t rank = 0, in = 0, out = 0, out_padded = 0;
+  bool half = false;
+  std::vector<uint16_t> a16, bt16;  // fp16 storage
+  std::vector<float> a32, bt32;     // fp32 storage
+  std::vector<float> g;             // [out_padded], zero-padded
+  float coef = 0.0f;                // s * a_scale * b_scale
+  float scaling = 0.0f, a_scale = 1.0f, b_scale = 1.0f;
+
+  std::size_t nbytes() const {
+    return a16.size() * 2 + bt16.size() * 2 + (a32.size() + bt32.size() + g.size()) * 4;
+  }
+};
+
+// Builds the kernel form of one adapter. lora_a [rank, in], lora_b [out, rank],
+// g [out]. Throws std::invalid_argument on non-finite input.
+DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const float* g,
+                              std::size_t rank, std::size_t in, std::size_t out, float scaling,
+                              bool half);
+
+// Everything the epilogue needs for one call (built by dora_linear).
+struct DoraMix {
+  std::size_t M = 0, N = 0;
+  float* out = nullptr;           // [M, N]: holds base on entry, y on exit
+  const float* bias = nullptr;    // [N] or nullptr
+  const DoraAdapter* const* adapters = nullptr;
+  std::vector<uint32_t> act_start;  // [M + 1]: token m's entries are [act_start[m], act_start[m+1])
+  std::vector<uint32_t> act_e;      // adapter index of each entry
+  std::vector<float> act_w;         // its mix weight
+  std::vector<std::size_t> z_off;   // [E]: column offset of adapter e in z
+  std::size_t z_cols = 0;           // sum of ranks
+  std::vector<float> z;             // [M, z_cols]: A_e x_m (fp16 path: A16 x_m)
+};
+
+// Per-ISA epilogue over output rows [n0, n1) for all tokens.
+void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1);
+void dora_epilogue_rows_avx2(const DoraMix& p, std::size_t n0, std::size_t n1);
+void dora_epilogue_rows_avx512(const DoraMix& p, std::size_t n0, std::size_t n1);
+
+// Per-ISA dot products of a float row with an fp32 / fp16 row of length k.
+float dora_dot_f32_scalar(const float* x, const float* a, std::size_t k);
+float dora_dot_f16_scalar(const float* x, const uint16_t* a, std::size_t k);
+float dora_dot_f32_avx2(const float* x, const float* a, std::size_t k);
+float dora_dot_f16_avx2(const float* x, const uint16_t* a, std::size_t k);
+float dora_dot_f32_avx512(const float* x, const float* a, std::size_t k);
+float dora_dot_f16_avx512(const float* x, const uint16_t* a, std::size_t k);
+
+// y [M, N] = the fused DoRA mix of x [M, K] (see above). mix is [mix_rows, E]
+// with mix_rows == 1 (same mix for every token) or M. Returns false if x holds
+// NaN/Inf.
+bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
+                 std::size_t N, float w_scale, const float* bias,
+                 const std::vector<const DoraAdapter*>& adapters, const float* mix,
+                 std::size_t mix_rows, float* out, SimdLevel level);
+
+// out [N, R] = T . a^T with T the ternary values (not divided by s_w), a [R, K]
+// float32, accumulated in float32: the exact-in-float ternary x float product.
+void ternary_float_matmul(const uint8_t* packed, std::size_t N, std::size_t K, const float* a,
+                          std::size_t R, float* out, SimdLevel level);
+
+// Factored DoRA row norms, float64 [N]:
+//   ||W0_n + s B_n A||^2 = nnz_n / s_w^2 + 2 s B_n . (W0 A^T)_n + s^2 B_n (A A^T) B_n^T
+// without forming the N x K matrix.
+void dora_row_norms(const uint8_t* packed, std::size_t N, std::size_t K, float w_scale,
+                    const float* lora_a, std::size_t rank, const float* lora_b, float scaling,
+                    double* norms, SimdLevel level);
+
 void register_dora_bindings(pybind11::module_& mod);
-}
+
+}  // namespace r3mes

@@ -8,26 +8,17 @@
 
 namespace r3mes {
 
-// Position of weight k inside its row's packed bytes: (byte index, bit shift).
-static inline void locate(std::size_t k, std::size_t* byte, int* shift) {
-  std::size_t group = k / kGroupWeights;
-  std::size_t within = k % kGroupWeights;
-  std::size_t half = within / 128;
-  std::size_t p = (within % 128) / 32;
-  std::size_t j = within % 32;
-  *byte = group * kGroupBytes + half * 32 + j;
-  *shift = static_cast<int>(2 * p);
-}
-
+// Codes c = t + 1 of one row, zero-padded (code 1) to a whole number of groups,
+// folded four 32-weight slices a byte: the compiler vectorises both loops.
 static void pack_row(const int8_t* t, std::size_t k, uint8_t* row) {
-  const std::size_t bytes = packed_row_bytes(k);
-  std::memset(row, 0x55, bytes);  // code 1 (w = 0) in all four slots
-  for (std::size_t i = 0; i < k; ++i) {
-    std::size_t byte;
-    int shift;
-    locate(i, &byte, &shift);
-    uint8_t code = static_cast<uint8_t>(t[i] + 1);
-    row[byte] = static_cast<uint8_t>((row[byte] & ~(3u << shift)) | (code << shift));
+  const std::size_t kp = padded_k(k);
+  std::vector<uint8_t> codes(kp, 1);
+  for (std::size_t i = 0; i < k; ++i) codes[i] = static_cast<uint8_t>(t[i] + 1);
+  for (std::size_t b = 0; b < kp / 128; ++b) {
+    const uint8_t* c = codes.data() + 128 * b;
+    uint8_t* out = row + 32 * b;
+    for (int j = 0; j < 32; ++j)
+      out[j] = static_cast<uint8_t>(c[j] | (c[32 + j] << 2) | (c[64 + j] << 4) | (c[96 + j] << 6));
   }
 }
 
@@ -43,15 +34,18 @@ bool pack_ternary(const int8_t* t, std::size_t n, std::size_t k, uint8_t* packed
 
 bool quantize_pack_ternary(const float* w, std::size_t n, std::size_t k, float scale,
                            uint8_t* packed) {
-  for (std::size_t i = 0; i < n * k; ++i)
-    if (!std::isfinite(w[i])) return false;
+  bool finite = true;
+  for (std::size_t i = 0; i < n * k; ++i) finite &= std::fabs(w[i]) <= 3.4028235e38f;  // NaN fails too
+  if (!finite) return false;
   const std::size_t bytes = packed_row_bytes(k);
   parallel_for(n, 64, [&](std::size_t r0, std::size_t r1) {
     std::vector<int8_t> t(k);
     for (std::size_t r = r0; r < r1; ++r) {
+      // clamp(round_half_even(v), -1, 1) is exactly (v > 0.5) - (v < -0.5): +-0.5
+      // rounds to 0 and everything beyond rounds to at least +-1.
       for (std::size_t i = 0; i < k; ++i) {
-        float v = std::nearbyint(w[r * k + i] * scale);  // half to even, as torch.round
-        t[i] = static_cast<int8_t>(v > 1.0f ? 1 : (v < -1.0f ? -1 : v));
+        float v = w[r * k + i] * scale;
+        t[i] = static_cast<int8_t>((v > 0.5f) - (v < -0.5f));
       }
       pack_row(t.data(), k, packed + r * bytes);
     }
@@ -61,15 +55,17 @@ bool quantize_pack_ternary(const float* w, std::size_t n, std::size_t k, float s
 
 void unpack_ternary(const uint8_t* packed, std::size_t n, std::size_t k, int8_t* t) {
   const std::size_t bytes = packed_row_bytes(k);
+  const std::size_t kp = padded_k(k);
   parallel_for(n, 64, [&](std::size_t r0, std::size_t r1) {
+    std::vector<int8_t> row_t(kp);
     for (std::size_t r = r0; r < r1; ++r) {
       const uint8_t* row = packed + r * bytes;
-      for (std::size_t i = 0; i < k; ++i) {
-        std::size_t byte;
-        int shift;
-        locate(i, &byte, &shift);
-        t[r * k + i] = static_cast<int8_t>(((row[byte] >> shift) & 3) - 1);
-      }
+      for (std::size_t b = 0; b < kp / 128; ++b)
+        for (int p = 0; p < 4; ++p)
+          for (int j = 0; j < 32; ++j)
+            row_t[128 * b + 32 * p + j] =
+                static_cast<int8_t>(((row[32 * b + j] >> (2 * p)) & 3) - 1);
+      std::memcpy(t + r * k, row_t.data(), k);
     }
   });
 }

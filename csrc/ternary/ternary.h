@@ -70,6 +70,12 @@ struct GemmArgs {
   const float* x_scale;    // [M], with out_f32
   float w_scale;           // with out_f32
   const float* bias;       // [N] or nullptr
+  // Optional epilogue hook: each worker calls epilogue(epilogue_ctx, n0, n1)
+  // on the row range [n0, n1) it has just finished (all M tokens), while those
+  // outputs are still in its cache. Used by the fused DoRA mix. It must not
+  // call parallel_for (the pool is not re-entrant). Null: no hook.
+  void (*epilogue)(void* ctx, std::size_t n0, std::size_t n1) = nullptr;
+  void* epilogue_ctx = nullptr;
 };
 void ternary_gemm(const GemmArgs& args, SimdLevel level);
 

@@ -45,7 +45,10 @@ void ternary_gemm(const GemmArgs& args, SimdLevel level) {
   const std::size_t threads = static_cast<std::size_t>(get_num_threads());
   std::size_t grain = (a.N + threads * 4 - 1) / (threads * 4);
   grain = std::max<std::size_t>(16, (grain + 15) / 16 * 16);
-  parallel_for(a.N, grain, [&](std::size_t n0, std::size_t n1) { rows_fn(a, n0, n1); });
+  parallel_for(a.N, grain, [&](std::size_t n0, std::size_t n1) {
+    rows_fn(a, n0, n1);
+    if (a.epilogue != nullptr) a.epilogue(a.epilogue_ctx, n0, n1);
+  });
 }
 
 }  // namespace r3mes

@@ -12,6 +12,7 @@ The native module takes numpy buffers; CPU tensors cross without a copy.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -243,3 +244,236 @@ def ternary_matmul_int(q: torch.Tensor, weight: TernaryWeight) -> torch.Tensor:
     out = _require_native().ternary_gemm_int(q.contiguous().numpy(), weight.packed.numpy(),
                                              weight.in_features)
     return torch.from_numpy(out)
+
+
+# ===========================================================================
+# DoRA (issue 3): factored row norms and the fused multi-expert kernel.
+# The math is DESIGN.md's DoRA contract; the storage layout is documented in
+# csrc/dora/dora.h. Every function has a plain-torch fallback that defines it.
+# ===========================================================================
+
+ADAPTER_STORAGES = ("fp16", "fp32")
+
+
+@dataclass(frozen=True)
+class DoRAKernelAdapter:
+    """One DoRA adapter prepared for :func:`dora_linear` (the load-time "merge" step).
+
+    ``lora_A`` [r, in], ``lora_B`` [out, r] are the *effective* float32 values the kernel
+    applies (for ``storage="fp16"`` they are the fp16-rounded values, so the torch
+    reference reproduces the kernel); ``g`` [out] = m / ||W0 + s B A||_row; ``scaling`` s.
+    ``native`` is the kernel's own copy (None without the native module).
+    """
+
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+    g: torch.Tensor
+    scaling: float
+    storage: str
+    native: Any = None
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_A.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the fused kernel reads for this adapter (A, B and g)."""
+        if self.native is not None:
+            return int(self.native.nbytes)
+        per = 2 if self.storage == "fp16" else 4
+        return per * (self.lora_A.numel() + self.lora_B.numel()) + 4 * self.g.numel()
+
+
+def _pow2_scale(t: torch.Tensor) -> float:
+    """Smallest power of two above max|t| (1 for zeros): t / scale is exact, in (-1, 1)."""
+    mx = float(t.abs().max()) if t.numel() else 0.0
+    if mx == 0.0:
+        return 1.0
+    return float(2.0 ** int(torch.frexp(torch.tensor(mx, dtype=torch.float32)).exponent))
+
+
+def _fp16_effective(t: torch.Tensor) -> torch.Tensor:
+    scale = _pow2_scale(t)
+    return (t / scale).half().float() * scale
+
+
+def _check_adapter_tensors(
+    lora_A: torch.Tensor, lora_B: torch.Tensor, out_features: int | None, in_features: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    a = lora_A.detach().to(torch.float32).contiguous()
+    b = lora_B.detach().to(torch.float32).contiguous()
+    if a.dim() != 2 or b.dim() != 2:
+        raise ValueError(
+            f"lora_A/lora_B: expected 2-D tensors, got {tuple(a.shape)} and {tuple(b.shape)}"
+        )
+    if b.shape[1] != a.shape[0]:
+        raise ValueError(
+            f"lora_B: has {b.shape[1]} columns but lora_A has rank {a.shape[0]} rows"
+        )
+    if in_features is not None and a.shape[1] != in_features:
+        raise ValueError(f"lora_A: has {a.shape[1]} columns, expected in_features={in_features}")
+    if out_features is not None and b.shape[0] != out_features:
+        raise ValueError(f"lora_B: has {b.shape[0]} rows, expected out_features={out_features}")
+    return a, b
+
+
+def dora_row_norms(
+    weight: TernaryWeight, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """||W0 + s B A||_row as float64 [out], without forming the out x in matrix.
+
+    ``||W0_o||^2 + 2 s B_o (W0 A^T)_o + s^2 B_o (A A^T) B_o^T`` where ``||W0_o||^2`` is the
+    row's nonzero count / s_w^2 and ``W0 A^T`` is a ternary x float product.
+    """
+    a, b = _check_adapter_tensors(lora_A, lora_B, weight.out_features, weight.in_features)
+    if not use_native():
+        w0 = weight.dequantize().double()
+        return torch.linalg.vector_norm(w0 + float(scaling) * (b.double() @ a.double()), dim=1)
+    out = _native.dora_row_norms(
+        weight.packed.numpy(), weight.in_features, weight.scale, a.numpy(), b.numpy(),
+        float(scaling),
+    )
+    return torch.from_numpy(out)
+
+
+def ternary_float_matmul(weight: TernaryWeight, a: torch.Tensor) -> torch.Tensor:
+    """W0 . a^T for float a [R, in] -> float32 [out, R] (ternary x float, no activation quant)."""
+    a = a.detach().to(torch.float32).contiguous()
+    if a.dim() != 2 or a.shape[1] != weight.in_features:
+        raise ValueError(f"a: expected [R, {weight.in_features}], got {tuple(a.shape)}")
+    if not use_native():
+        return (weight.dequantize() @ a.t()).contiguous()
+    out = _native.ternary_float_matmul(weight.packed.numpy(), weight.in_features, a.numpy())
+    return torch.from_numpy(out) / weight.scale
+
+
+def dora_gain(magnitude: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """g = m / norm as float32; rows whose norm is 0 (an all-zero row of W0 + sBA, whose
+    output is 0 whatever the gain) get g = 0 instead of inf/nan."""
+    m = magnitude.detach().double()
+    n = norms.detach().double()
+    return torch.where(n > 0, m / n.clamp(min=torch.finfo(torch.float64).tiny), 0.0).float()
+
+
+def prepare_dora_adapter(
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    g: torch.Tensor,
+    scaling: float,
+    storage: str = "fp16",
+) -> DoRAKernelAdapter:
+    """Convert one adapter to the fused kernel's storage (``"fp16"`` compact or ``"fp32"``
+    exact). ``g`` is the per-row gain m / ||W0 + s B A||_row (see :func:`dora_row_norms`)."""
+    if storage not in ADAPTER_STORAGES:
+        raise ValueError(f"storage: expected one of {ADAPTER_STORAGES}, got {storage!r}")
+    a, b = _check_adapter_tensors(lora_A, lora_B, None, None)
+    gf = g.detach().to(torch.float32).contiguous()
+    if gf.shape != (b.shape[0],):
+        raise ValueError(f"g: expected shape ({b.shape[0]},), got {tuple(gf.shape)}")
+    for label, t in (("lora_A", a), ("lora_B", b), ("g", gf)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{label}: contains NaN or Inf")
+    if not math.isfinite(float(scaling)):
+        raise ValueError("scaling: must be finite")
+    native = None
+    if use_native():
+        native = _native.dora_adapter(a.numpy(), b.numpy(), gf.numpy(), float(scaling), storage)
+    if storage == "fp16":
+        a, b = _fp16_effective(a), _fp16_effective(b)
+    return DoRAKernelAdapter(a, b, gf, float(scaling), storage, native)
+
+
+def _check_mix(mix: torch.Tensor, rows: int, n_adapters: int) -> torch.Tensor:
+    mix = torch.as_tensor(mix).detach().to(torch.float32).contiguous()
+    if mix.dim() != 2 or mix.shape[1] != n_adapters or mix.shape[0] not in (1, rows):
+        raise ValueError(
+            f"mix: expected shape [1 or {rows}, {n_adapters}], got {tuple(mix.shape)}"
+        )
+    if not torch.isfinite(mix).all():
+        raise ValueError("mix: contains NaN or Inf")
+    return mix
+
+
+def dora_linear(
+    x: torch.Tensor,
+    weight: TernaryWeight,
+    adapters: list[DoRAKernelAdapter],
+    mix: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The fused DoRA mix for x [..., in] -> float32 [..., out].
+
+    ``mix`` [1 or M, E] holds each token's weight on each adapter (M = tokens, E =
+    len(adapters); rows normalised by the caller). Per token:
+    ``y = sum_e w_e g_e * (base + s_e B_e (A_e x)) + bias`` with base the quantised ternary
+    product, one ternary GEMM for all adapters; a token whose weights are all 0 gets
+    ``base + bias``. The adapter path sees the float x (not the int8-quantised x).
+    """
+    x2 = _as_float32_matrix(x, "x")
+    if x2.shape[1] != weight.in_features:
+        raise ValueError(
+            f"x: has {x2.shape[1]} features, weight expects in_features={weight.in_features}"
+        )
+    lead = x.shape[:-1]
+    mixm = _check_mix(mix, x2.shape[0], len(adapters))
+    for i, ad in enumerate(adapters):
+        if ad.lora_A.shape[1] != weight.in_features or ad.lora_B.shape[0] != weight.out_features:
+            raise ValueError(
+                f"adapters[{i}]: shape ({ad.lora_B.shape[0]}, {ad.lora_A.shape[1]}) does not "
+                f"match the weight ({weight.out_features}, {weight.in_features})"
+            )
+    if bias is not None:
+        bias = bias.detach().to(torch.float32).contiguous()
+        if bias.shape != (weight.out_features,):
+            raise ValueError(
+                f"bias: expected shape ({weight.out_features},), got {tuple(bias.shape)}"
+            )
+    if not use_native() or any(ad.native is None for ad in adapters):
+        if not torch.isfinite(x2).all():
+            raise ValueError("x: activations contain NaN or Inf")
+        y = dora_linear_reference(x2, weight, adapters, mixm, bias)
+    else:
+        y = torch.from_numpy(
+            _native.dora_linear(
+                x2.numpy(), weight.packed.numpy(), weight.in_features, weight.scale,
+                None if bias is None else bias.numpy(), [ad.native for ad in adapters],
+                mixm.numpy(),
+            )
+        )
+    return y.reshape(*lead, weight.out_features)
+
+
+def dora_linear_reference(
+    x: torch.Tensor,
+    weight: TernaryWeight,
+    adapters: list[DoRAKernelAdapter],
+    mix: torch.Tensor,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The unfused plain-torch definition of :func:`dora_linear` (x [M, in] -> [M, out]):
+    each adapter's DoRA output ``g_e * (base + s_e B_e A_e x)`` separately, then the mix."""
+    x2 = x.detach().to(torch.float32).reshape(-1, weight.in_features)
+    base = reference.ternary_linear(x2, weight.unpack(), weight.scale)
+    mixm = _check_mix(mix, x2.shape[0], len(adapters)).expand(x2.shape[0], len(adapters))
+    y = torch.zeros_like(base)
+    for e, ad in enumerate(adapters):
+        dora_e = ad.g * (base + ad.scaling * ((x2 @ ad.lora_A.t()) @ ad.lora_B.t()))
+        y = y + mixm[:, e : e + 1] * dora_e
+    no_expert = (mixm != 0).sum(dim=1, keepdim=True) == 0
+    y = torch.where(no_expert, base, y)
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+__all__ += [
+    "ADAPTER_STORAGES",
+    "DoRAKernelAdapter",
+    "dora_gain",
+    "dora_linear",
+    "dora_linear_reference",
+    "dora_row_norms",
+    "prepare_dora_adapter",
+    "ternary_float_matmul",
+]

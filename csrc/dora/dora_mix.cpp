@@ -1,0 +1,340 @@
+// Fused multi-expert DoRA: the scalar kernels (the spec every SIMD variant
+// matches up to rounding), fp16 conversion, adapter preparation, factored row
+// norms, and the dispatcher that runs one ternary GEMM with the DoRA epilogue
+// applied per worker on its cache-hot row range.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+
+#include "common/thread_pool.h"
+#include "dora/dora.h"
+#include "ternary/ternary.h"
+
+namespace r3mes {
+
+// ---- fp16 -----------------------------------------------------------------
+
+uint16_t float_to_half(float f) {
+  uint32_t x;
+  std::memcpy(&x, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((x >> 16) & 0x8000u);
+  const uint32_t ax = x & 0x7fffffffu;
+  if (ax >= 0x7f800000u) return sign | 0x7c00u | (ax > 0x7f800000u ? 0x200u : 0u);  // inf/nan
+  if (ax >= 0x477ff000u) return sign | 0x7c00u;  // rounds past 65504: inf
+  if (ax < 0x38800000u) {                        // below 2^-14: fp16 subnormal (or zero)
+    float af;
+    std::memcpy(&af, &ax, 4);
+    // af * 2^24 is exact; nearbyint rounds half to even. 0x400 is the smallest normal.
+    return sign | static_cast<uint16_t>(std::nearbyint(af * 16777216.0f));
+  }
+  const uint32_t r = ax - 0x38000000u;  // rebias the exponent (127 -> 15)
+  return sign | static_cast<uint16_t>((r + 0x0fffu + ((r >> 13) & 1u)) >> 13);
+}
+
+float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t mant = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    float f = static_cast<float>(mant) * (1.0f / 16777216.0f);  // mant * 2^-24, exact
+    return sign ? -f : f;
+  } else if (exp == 31) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else {
+    bits = sign | ((exp + 112u) << 23) | (mant << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// ---- adapter preparation ("merge") ------------------------------------------
+
+// Smallest power of two >= max|v| (1 for an all-zero tensor), so v / scale is
+// exact and lies in [-1, 1].
+static float pow2_scale(const float* v, std::size_t n) {
+  float mx = 0.0f;
+  for (std::size_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(v[i]));
+  if (mx == 0.0f) return 1.0f;
+  int e;
+  std::frexp(mx, &e);  // mx = f * 2^e, f in [0.5, 1)
+  return std::ldexp(1.0f, e);
+}
+
+DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const float* g,
+                              std::size_t rank, std::size_t in, std::size_t out, float scaling,
+                              bool half) {
+  if (rank == 0 || in == 0 || out == 0) throw std::invalid_argument("adapter: empty dimension");
+  for (std::size_t i = 0; i < rank * in; ++i)
+    if (!std::isfinite(lora_a[i])) throw std::invalid_argument("lora_A: contains NaN or Inf");
+  for (std::size_t i = 0; i < out * rank; ++i)
+    if (!std::isfinite(lora_b[i])) throw std::invalid_argument("lora_B: contains NaN or Inf");
+  for (std::size_t i = 0; i < out; ++i)
+    if (!std::isfinite(g[i])) throw std::invalid_argument("g: contains NaN or Inf");
+  if (!std::isfinite(scaling)) throw std::invalid_argument("scaling: must be finite");
+
+  DoraAdapter ad;
+  ad.rank = rank;
+  ad.in = in;
+  ad.out = out;
+  ad.out_padded = (out + kDoraTile - 1) / kDoraTile * kDoraTile;
+  ad.half = half;
+  ad.scaling = scaling;
+  ad.g.assign(ad.out_padded, 0.0f);
+  std::copy(g, g + out, ad.g.begin());
+  const std::size_t bt_size = ad.out_padded * rank;
+  if (half) {
+    ad.a_scale = pow2_scale(lora_a, rank * in);
+    ad.b_scale = pow2_scale(lora_b, out * rank);
+    ad.a16.resize(rank * in);
+    for (std::size_t i = 0; i < rank * in; ++i) ad.a16[i] = float_to_half(lora_a[i] / ad.a_scale);
+    ad.bt16.assign(bt_size, 0);
+    for (std::size_t n = 0; n < out; ++n)
+      for (std::size_t j = 0; j < rank; ++j)
+        ad.bt16[((n / kDoraTile) * rank + j) * kDoraTile + n % kDoraTile] =
+            float_to_half(lora_b[n * rank + j] / ad.b_scale);
+  } else {
+    ad.a32.assign(lora_a, lora_a + rank * in);
+    ad.bt32.assign(bt_size, 0.0f);
+    for (std::size_t n = 0; n < out; ++n)
+      for (std::size_t j = 0; j < rank; ++j)
+        ad.bt32[((n / kDoraTile) * rank + j) * kDoraTile + n % kDoraTile] = lora_b[n * rank + j];
+  }
+  ad.coef = scaling * ad.a_scale * ad.b_scale;
+  return ad;
+}
+
+// ---- scalar kernels (the spec) ----------------------------------------------
+
+float dora_dot_f32_scalar(const float* x, const float* a, std::size_t k) {
+  float s = 0.0f;
+  for (std::size_t i = 0; i < k; ++i) s += x[i] * a[i];
+  return s;
+}
+
+float dora_dot_f16_scalar(const float* x, const uint16_t* a, std::size_t k) {
+  float s = 0.0f;
+  for (std::size_t i = 0; i < k; ++i) s += x[i] * half_to_float(a[i]);
+  return s;
+}
+
+void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1) {
+  for (std::size_t m = 0; m < p.M; ++m) {
+    float* y = p.out + m * p.N;
+    const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
+    const float* zm = p.z.data() + m * p.z_cols;
+    for (std::size_t n = n0; n < n1; ++n) {
+      float acc;
+      if (a0 == a1) {
+        acc = y[n];
+      } else {
+        const float base = y[n];
+        acc = 0.0f;
+        const std::size_t t = n / kDoraTile, l = n % kDoraTile;
+        for (uint32_t a = a0; a < a1; ++a) {
+          const DoraAdapter& ad = *p.adapters[p.act_e[a]];
+          const float* z = zm + p.z_off[p.act_e[a]];
+          const std::size_t off = t * ad.rank * kDoraTile + l;
+          float u = 0.0f;
+          if (ad.half) {
+            for (std::size_t j = 0; j < ad.rank; ++j)
+              u += z[j] * half_to_float(ad.bt16[off + j * kDoraTile]);
+          } else {
+            for (std::size_t j = 0; j < ad.rank; ++j) u += z[j] * ad.bt32[off + j * kDoraTile];
+          }
+          acc += (p.act_w[a] * ad.g[n]) * (base + ad.coef * u);
+        }
+      }
+      if (p.bias != nullptr) acc += p.bias[n];
+      y[n] = acc;
+    }
+  }
+}
+
+// ---- dispatcher ---------------------------------------------------------------
+
+namespace {
+
+using DotF32 = float (*)(const float*, const float*, std::size_t);
+using DotF16 = float (*)(const float*, const uint16_t*, std::size_t);
+using EpilogueFn = void (*)(const DoraMix&, std::size_t, std::size_t);
+
+struct Isa {
+  DotF32 dot32;
+  DotF16 dot16;
+  EpilogueFn epilogue;
+};
+
+Isa isa_for(SimdLevel level) {
+  if (level >= SimdLevel::Avx512)
+    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_epilogue_rows_avx512};
+  if (level == SimdLevel::Avx2)
+    return {dora_dot_f32_avx2, dora_dot_f16_avx2, dora_epilogue_rows_avx2};
+  return {dora_dot_f32_scalar, dora_dot_f16_scalar, dora_epilogue_rows_scalar};
+}
+
+template <EpilogueFn F>
+void epilogue_trampoline(void* ctx, std::size_t n0, std::size_t n1) {
+  F(*static_cast<const DoraMix*>(ctx), n0, n1);
+}
+
+void (*hook_for(EpilogueFn f))(void*, std::size_t, std::size_t) {
+  if (f == dora_epilogue_rows_avx512) return epilogue_trampoline<dora_epilogue_rows_avx512>;
+  if (f == dora_epilogue_rows_avx2) return epilogue_trampoline<dora_epilogue_rows_avx2>;
+  return epilogue_trampoline<dora_epilogue_rows_scalar>;
+}
+
+// Decodes one packed row into float ternary values t[0..K) (K rounded up to the
+// group: padding decodes to 0).
+void decode_row_float(const uint8_t* row, std::size_t kp, float* t) {
+  for (std::size_t g = 0; g < kp / kGroupWeights; ++g)
+    for (std::size_t h = 0; h < 2; ++h) {
+      const uint8_t* b = row + g * kGroupBytes + 32 * h;
+      float* dst = t + g * kGroupWeights + 128 * h;
+      for (int p = 0; p < 4; ++p)
+        for (std::size_t j = 0; j < 32; ++j)
+          dst[32 * p + j] = static_cast<float>(static_cast<int>((b[j] >> (2 * p)) & 3) - 1);
+    }
+}
+
+}  // namespace
+
+bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
+                 std::size_t N, float w_scale, const float* bias,
+                 const std::vector<const DoraAdapter*>& adapters, const float* mix,
+                 std::size_t mix_rows, float* out, SimdLevel level) {
+  if (M == 0 || N == 0) return true;
+  const std::size_t E = adapters.size();
+  const Isa isa = isa_for(level);
+
+  DoraMix p;
+  p.M = M;
+  p.N = N;
+  p.out = out;
+  p.bias = bias;
+  p.adapters = adapters.data();
+  p.act_start.resize(M + 1);
+  p.z_off.resize(E);
+  for (std::size_t e = 0; e < E; ++e) {
+    p.z_off[e] = p.z_cols;
+    p.z_cols += adapters[e]->rank;
+  }
+  for (std::size_t m = 0; m < M; ++m) {
+    p.act_start[m] = static_cast<uint32_t>(p.act_e.size());
+    const float* w = mix + (mix_rows == 1 ? 0 : m) * E;
+    for (std::size_t e = 0; e < E; ++e)
+      if (w[e] != 0.0f) {
+        p.act_e.push_back(static_cast<uint32_t>(e));
+        p.act_w.push_back(w[e]);
+      }
+  }
+  p.act_start[M] = static_cast<uint32_t>(p.act_e.size());
+  const bool any_adapter = !p.act_e.empty();
+
+  // Activations for the base path (per-token absmax int8, padded rows).
+  const std::size_t kp = padded_k(K);
+  std::vector<int8_t> q(M * kp);
+  std::vector<float> x_scale(M);
+  std::vector<int32_t> qsum(M);
+  if (!quantize_activations(x, M, K, q.data(), kp, x_scale.data(), qsum.data(), level))
+    return false;
+
+  if (any_adapter) {
+    // A pass: z[m, off_e + j] = A_e[j] . x_m for the (token, adapter) pairs in use.
+    p.z.assign(M * p.z_cols, 0.0f);
+    std::vector<std::size_t> row_adapter(p.z_cols);
+    for (std::size_t e = 0; e < E; ++e)
+      for (std::size_t j = 0; j < adapters[e]->rank; ++j) row_adapter[p.z_off[e] + j] = e;
+    const std::size_t total = p.z_cols * M;  // task i*M + m: adapter row i, token m
+    auto project = [&](std::size_t t0, std::size_t t1) {
+      for (std::size_t t = t0; t < t1; ++t) {
+        const std::size_t i = t / M, m = t % M, e = row_adapter[i];
+        const float w = mix[(mix_rows == 1 ? 0 : m) * E + e];
+        if (w == 0.0f) continue;
+        const DoraAdapter& ad = *adapters[e];
+        const std::size_t j = i - p.z_off[e];
+        p.z[m * p.z_cols + i] = ad.half ? isa.dot16(x + m * K, ad.a16.data() + j * K, K)
+                                        : isa.dot32(x + m * K, ad.a32.data() + j * K, K);
+      }
+    };
+    // Small passes (decode) run inline: waking the pool costs more than the work.
+    const std::size_t threads = static_cast<std::size_t>(get_num_threads());
+    const std::size_t work = total * K;
+    if (work < (std::size_t{1} << 18) || threads == 1) {
+      project(0, total);
+    } else {
+      parallel_for(total, std::max<std::size_t>(1, (total + threads * 4 - 1) / (threads * 4)),
+                   project);
+    }
+  }
+
+  GemmArgs args{packed, q.data(), qsum.data(), M, N, K,
+                nullptr, out, x_scale.data(), w_scale, any_adapter ? nullptr : bias};
+  if (any_adapter) {
+    args.epilogue = hook_for(isa.epilogue);
+    args.epilogue_ctx = &p;
+  }
+  ternary_gemm(args, level);
+  return true;
+}
+
+// ---- ternary x float and factored row norms -----------------------------------
+
+void ternary_float_matmul(const uint8_t* packed, std::size_t N, std::size_t K, const float* a,
+                          std::size_t R, float* out, SimdLevel level) {
+  const DotF32 dot = isa_for(level).dot32;
+  const std::size_t kp = padded_k(K), row_bytes = packed_row_bytes(K);
+  parallel_for(N, 64, [&](std::size_t n0, std::size_t n1) {
+    std::vector<float> t(kp);
+    for (std::size_t n = n0; n < n1; ++n) {
+      decode_row_float(packed + n * row_bytes, kp, t.data());
+      for (std::size_t r = 0; r < R; ++r) out[n * R + r] = dot(t.data(), a + r * K, K);
+    }
+  });
+}
+
+void dora_row_norms(const uint8_t* packed, std::size_t N, std::size_t K, float w_scale,
+                    const float* lora_a, std::size_t rank, const float* lora_b, float scaling,
+                    double* norms, SimdLevel level) {
+  const DotF32 dot = isa_for(level).dot32;
+  // Gram matrix A A^T in float64 (rank x rank, symmetric).
+  std::vector<double> gram(rank * rank);
+  parallel_for(rank, 1, [&](std::size_t i0, std::size_t i1) {
+    for (std::size_t i = i0; i < i1; ++i)
+      for (std::size_t j = 0; j <= i; ++j) {
+        double s = 0.0;
+        const float* ai = lora_a + i * K;
+        const float* aj = lora_a + j * K;
+        for (std::size_t k = 0; k < K; ++k) s += static_cast<double>(ai[k]) * aj[k];
+        gram[i * rank + j] = s;
+        gram[j * rank + i] = s;
+      }
+  });
+  const std::size_t kp = padded_k(K), row_bytes = packed_row_bytes(K);
+  const double inv_sw = 1.0 / static_cast<double>(w_scale), s = scaling;
+  parallel_for(N, 64, [&](std::size_t n0, std::size_t n1) {
+    std::vector<float> t(kp);
+    for (std::size_t n = n0; n < n1; ++n) {
+      decode_row_float(packed + n * row_bytes, kp, t.data());
+      double nnz = 0.0;
+      for (std::size_t k = 0; k < K; ++k) nnz += t[k] != 0.0f ? 1.0 : 0.0;
+      const float* b = lora_b + n * rank;
+      double cross = 0.0, quad = 0.0;
+      for (std::size_t j = 0; j < rank; ++j) {
+        // (W0 A^T)_{n,j} = (T_n . A_j) / s_w; the float dot of ternary values is
+        // a signed sum of A entries, accurate to float rounding.
+        cross += static_cast<double>(b[j]) * dot(t.data(), lora_a + j * K, K) * inv_sw;
+        double acc = 0.0;
+        for (std::size_t i = 0; i < rank; ++i) acc += gram[j * rank + i] * b[i];
+        quad += static_cast<double>(b[j]) * acc;
+      }
+      const double sq = nnz * inv_sw * inv_sw + 2.0 * s * cross + s * s * quad;
+      norms[n] = std::sqrt(std::max(sq, 0.0));
+    }
+  });
+}
+
+}  // namespace r3mes

@@ -1,0 +1,35 @@
+"""`r3mes info`: the installed console script reports the build and the machine."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+import pytest
+
+
+def test_info_json_reports_kernels_and_cpu() -> None:
+    exe = shutil.which("r3mes")
+    assert exe, "the r3mes console script is not installed"
+    out = subprocess.run([exe, "info", "--json"], capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    assert data["native"] is True
+    assert "scalar" in data["compiled_simd_levels"]
+    assert data["simd_level"] in data["supported_simd_levels"]
+    assert data["num_threads"] >= 1
+    assert set(data["cuda"]) == {"compiled", "device_count"}
+    assert isinstance(data["cpu_features"]["avx2"], bool)
+
+
+def test_info_text_names_each_part() -> None:
+    out = subprocess.run(["r3mes", "info"], capture_output=True, text=True, check=True)
+    for label in ("native module", "compiled SIMD", "CPU features", "threads", "CUDA module"):
+        assert label in out.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no nvcc: the CUDA module is not built")
+def test_cuda_module_is_built_when_nvcc_is_present() -> None:
+    from r3mes import _native_cuda
+
+    assert _native_cuda.device_count() >= 0
