@@ -11,6 +11,7 @@
 #include "common/cpu_features.h"
 #include "common/thread_pool.h"
 #include "dora/dora.h"
+#include "ternary/int8_gemm.h"
 #include "ternary/ternary.h"
 
 namespace py = pybind11;
@@ -194,6 +195,56 @@ py::array_t<float> py_ternary_linear(const py::array& x, const py::array& packed
   return out;
 }
 
+py::tuple py_quantize_int8_weight(const py::array& w) {
+  check_array<float>(w, "weight", 2);
+  const std::size_t n = w.shape(0), k = w.shape(1);
+  if (n == 0 || k == 0) throw std::invalid_argument("weight: must not be empty");
+  const std::size_t kp = int8_padded_k(k);
+  py::array_t<int8_t> data({n, kp});
+  py::array_t<float> scale(n);
+  py::array_t<int32_t> rowsum(n);
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = quantize_int8_weight(data_of<float>(w), n, k, data.mutable_data(), scale.mutable_data(),
+                              rowsum.mutable_data());
+  }
+  if (!ok) throw std::invalid_argument("weight: contains NaN or Inf");
+  return py::make_tuple(data, scale, rowsum);
+}
+
+py::array_t<float> py_int8_linear(const py::array& x, const py::array& w, const py::array& scale,
+                                  const py::array& rowsum, std::size_t k) {
+  check_array<float>(x, "x", 2);
+  check_array<int8_t>(w, "weight", 2);
+  check_array<float>(scale, "weight_scale", 1);
+  check_array<int32_t>(rowsum, "row_sums", 1);
+  const std::size_t m = x.shape(0), n = w.shape(0), kp = int8_padded_k(k);
+  if (k == 0 || static_cast<std::size_t>(x.shape(1)) != k)
+    throw std::invalid_argument("x: has " + std::to_string(x.shape(1)) +
+                                " features, weight has in_features=" + std::to_string(k));
+  if (static_cast<std::size_t>(w.shape(1)) != kp)
+    throw std::invalid_argument("weight: rows must be in_features padded to a multiple of 64");
+  if (static_cast<std::size_t>(scale.shape(0)) != n || static_cast<std::size_t>(rowsum.shape(0)) != n)
+    throw std::invalid_argument("weight_scale/row_sums: length does not match out_features");
+  py::array_t<float> out({m, n});
+  if (m == 0) return out;
+  const float* xp = data_of<float>(x);
+  float* op = out.mutable_data();
+  Int8GemmArgs args{data_of<int8_t>(w), data_of<int32_t>(rowsum), data_of<float>(scale),
+                    nullptr, nullptr, m, n, k, op};
+  py::gil_scoped_release release;
+  std::vector<int8_t> q(m * kp);
+  std::vector<float> xs(m);
+  std::vector<int32_t> qsum(m);
+  if (!quantize_activations(xp, m, k, q.data(), kp, xs.data(), qsum.data(), active_simd_level()))
+    throw std::invalid_argument("x: activations contain NaN or Inf");
+  args.q = q.data();
+  args.x_scale = xs.data();
+  int8_gemm(args, active_simd_level());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, mod) {
@@ -218,5 +269,11 @@ PYBIND11_MODULE(_native, mod) {
   mod.def("ternary_linear", &py_ternary_linear, py::arg("x"), py::arg("packed"), py::arg("k"),
           py::arg("w_scale"), py::arg("bias") = py::none(),
           "float32 x [M, K] -> quantise -> ternary GEMM -> y [M, N] = acc / (s_x * s_w) (+ bias).");
+  mod.def("quantize_int8_weight", &py_quantize_int8_weight, py::arg("weight"),
+          "Per-row absmax int8 weights for the 8-bit layers (LM head): returns "
+          "(int8 [N, K padded to 64], scale [N], row_sums int32 [N]).");
+  mod.def("int8_linear", &py_int8_linear, py::arg("x"), py::arg("weight"), py::arg("weight_scale"),
+          py::arg("row_sums"), py::arg("k"),
+          "float32 x [M, K] -> int8 activations x int8 weights -> y = acc / (s_x * s_w[n]).");
   register_dora_bindings(mod);
 }

@@ -276,3 +276,25 @@ def test_thread_count_is_settable() -> None:
     assert kernels.get_num_threads() == 3
     kernels.set_num_threads(0)
     assert kernels.get_num_threads() == (os.cpu_count() or 1)
+
+
+# ---- int8 x int8 (LM head) ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int8_head_quantisation_and_linear_match_reference(simd_level, threads, shape) -> None:
+    m, n, k = shape
+    w, x = _weights(n, k, seed=7 * k), _acts(m, k, seed=11 * n)
+    iw = kernels.quantize_int8_weight(w)
+    w8, s = reference.quantize_int8_weight(w)
+    assert torch.equal(iw.data[:, :k], w8)
+    assert torch.equal(iw.scale, s)
+    assert torch.equal(kernels.int8_linear(x, iw), reference.int8_linear(x, w8, s))
+
+
+def test_int8_rows_are_an_embedding_lookup() -> None:
+    w = _weights(50, 33, seed=4)
+    iw = kernels.quantize_int8_weight(w)
+    idx = torch.tensor([[3, 0], [49, 3]])
+    torch.testing.assert_close(iw.rows(idx), iw.dequantize()[idx], rtol=0, atol=0)
+    torch.testing.assert_close(iw.dequantize(), w, rtol=0, atol=float(w.abs().max()) / 127)

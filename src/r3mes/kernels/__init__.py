@@ -31,12 +31,15 @@ else:
     _NATIVE_IMPORT_ERROR = None
 
 __all__ = [
+    "Int8Weight",
     "TernaryWeight",
     "available",
     "cpu_features",
     "get_num_threads",
     "info",
+    "int8_linear",
     "quantize_activations",
+    "quantize_int8_weight",
     "quantize_weight",
     "set_num_threads",
     "set_simd_level",
@@ -477,3 +480,60 @@ __all__ += [
     "prepare_dora_adapter",
     "ternary_float_matmul",
 ]
+
+
+@dataclass(frozen=True)
+class Int8Weight:
+    """A per-row absmax int8 weight for the layers that stay 8-bit (the LM head).
+
+    ``data`` is int8 [out_features, in_features padded to 64], ``scale`` float32 [out]
+    (s_w per row, dequantised row = data / scale), ``row_sums`` int32 [out] (used by the
+    VNNI kernel to offset its unsigned activations).
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor
+    row_sums: torch.Tensor
+    out_features: int
+    in_features: int
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [out, in] this int8 weight represents."""
+        return self.data[:, : self.in_features].float() / self.scale.unsqueeze(-1)
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        """Dequantised rows (an embedding lookup on a tied head): [..., in_features]."""
+        return self.data[index, : self.in_features].float() / self.scale[index].unsqueeze(-1)
+
+
+def quantize_int8_weight(w: torch.Tensor) -> Int8Weight:
+    """Per-row absmax int8 quantisation of float weights [out, in]."""
+    if not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT_DTYPES:
+        raise TypeError("weight: expected a floating-point torch.Tensor")
+    if w.dim() != 2 or w.numel() == 0:
+        raise ValueError(f"weight: expected a non-empty 2-D tensor, got shape {tuple(w.shape)}")
+    data, scale, row_sums = _require_native().quantize_int8_weight(
+        w.detach().to(torch.float32).contiguous().numpy()
+    )
+    return Int8Weight(torch.from_numpy(data), torch.from_numpy(scale), torch.from_numpy(row_sums),
+                      w.shape[0], w.shape[1])
+
+
+def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
+    """y = (quant(x) . W8^T) / (s_x * s_w[n]) for x [..., in] -> float32 [..., out]."""
+    x2 = _as_float32_matrix(x, "x")
+    if x2.shape[1] != weight.in_features:
+        raise ValueError(
+            f"x: has {x2.shape[1]} features, weight expects in_features={weight.in_features}"
+        )
+    lead = x.shape[:-1]
+    if not use_native():
+        if not torch.isfinite(x2).all():
+            raise ValueError("x: activations contain NaN or Inf")
+        y = reference.int8_linear(x2, weight.data[:, : weight.in_features], weight.scale)
+    else:
+        y = torch.from_numpy(_native.int8_linear(
+            x2.numpy(), weight.data.numpy(), weight.scale.numpy(), weight.row_sums.numpy(),
+            weight.in_features,
+        ))
+    return y.reshape(*lead, weight.out_features)

@@ -51,3 +51,19 @@ def ternary_linear(
     if bias is not None:
         y = y + bias.float()
     return y.reshape(*lead, ternary.shape[0])
+
+
+def quantize_int8_weight(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row absmax int8 weights (the 8-bit LM head): returns (int8 [N, K], scale [N])."""
+    w = w.float()
+    scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=ACT_EPS).reciprocal() * 127.0
+    return (w * scale).round().clamp(-128, 127).to(torch.int8), scale.squeeze(-1)
+
+
+def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) -> torch.Tensor:
+    """y = (q . W8^T) / (s_x * s_w[n]), float32, for x [..., K]."""
+    lead = x.shape[:-1]
+    q, s_x = quantize_activations(x.reshape(-1, x.shape[-1]))
+    acc = (q.to(torch.int64) @ w_int8.to(torch.int64).t()).float()
+    y = acc / (s_x.unsqueeze(-1) * w_scale.unsqueeze(0))
+    return y.reshape(*lead, w_int8.shape[0])

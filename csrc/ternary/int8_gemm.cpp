@@ -1,0 +1,61 @@
+// int8 GEMM (LM head): scalar reference, weight quantisation, dispatch.
+#include "ternary/int8_gemm.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "common/thread_pool.h"
+
+namespace r3mes {
+
+bool quantize_int8_weight(const float* w, std::size_t n, std::size_t k, int8_t* out,
+                          float* scale, int32_t* rowsum) {
+  const std::size_t kp = int8_padded_k(k);
+  bool finite = true;
+  for (std::size_t i = 0; i < n * k; ++i) finite &= std::fabs(w[i]) <= 3.4028235e38f;
+  if (!finite) return false;
+  parallel_for(n, 256, [&](std::size_t r0, std::size_t r1) {
+    for (std::size_t r = r0; r < r1; ++r) {
+      const float* row = w + r * k;
+      float m = 0.0f;
+      for (std::size_t i = 0; i < k; ++i) m = std::max(m, std::fabs(row[i]));
+      const float s = (1.0f / std::max(m, 1e-5f)) * 127.0f;
+      int32_t sum = 0;
+      for (std::size_t i = 0; i < k; ++i) {
+        float v = std::min(127.0f, std::max(-128.0f, std::nearbyint(row[i] * s)));
+        out[r * kp + i] = static_cast<int8_t>(v);
+        sum += static_cast<int32_t>(v);
+      }
+      std::memset(out + r * kp + k, 0, kp - k);
+      scale[r] = s;
+      rowsum[r] = sum;
+    }
+  });
+  return true;
+}
+
+void int8_gemm_rows_scalar(const Int8GemmArgs& a, std::size_t n0, std::size_t n1) {
+  const std::size_t kp = int8_padded_k(a.K);
+  for (std::size_t n = n0; n < n1; ++n)
+    for (std::size_t m = 0; m < a.M; ++m) {
+      int32_t acc = 0;
+      for (std::size_t k = 0; k < a.K; ++k)
+        acc += static_cast<int32_t>(a.w[n * kp + k]) * a.q[m * kp + k];
+      store_int8_output(a, m, n, acc);
+    }
+}
+
+void int8_gemm(const Int8GemmArgs& a, SimdLevel level) {
+  if (a.M == 0 || a.N == 0) return;
+  auto fn = int8_gemm_rows_scalar;
+  if (level == SimdLevel::Avx512Vnni) fn = int8_gemm_rows_avx512vnni;
+  else if (level == SimdLevel::Avx512) fn = int8_gemm_rows_avx512;
+  else if (level == SimdLevel::Avx2) fn = int8_gemm_rows_avx2;
+  const std::size_t threads = static_cast<std::size_t>(get_num_threads());
+  std::size_t grain = (a.N + threads * 8 - 1) / (threads * 8);
+  grain = std::max<std::size_t>(16, (grain + 15) / 16 * 16);
+  parallel_for(a.N, grain, [&](std::size_t n0, std::size_t n1) { fn(a, n0, n1); });
+}
+
+}  // namespace r3mes

@@ -1,0 +1,40 @@
+#pragma once
+// int8 x int8 GEMM for the layers that stay 8-bit (the LM head): weights are
+// per-row absmax int8, rows zero-padded to a multiple of 64 (kInt8Align).
+//   y[m, n] = float(sum_k q[m,k] * w[n,k]) / (x_scale[m] * w_scale[n])
+// with w_scale[n] = 127 / max(max|W_n|, 1e-5), as the activation scales.
+#include <cstddef>
+#include <cstdint>
+
+#include "common/cpu_features.h"
+
+namespace r3mes {
+
+constexpr std::size_t kInt8Align = 64;
+inline std::size_t int8_padded_k(std::size_t k) { return (k + kInt8Align - 1) / kInt8Align * kInt8Align; }
+
+struct Int8GemmArgs {
+  const int8_t* w;          // [N, Kp]
+  const int32_t* w_rowsum;  // [N] sum of each row, for the unsigned-activation trick
+  const float* w_scale;     // [N]
+  const int8_t* q;          // [M, Kp] zero padded
+  const float* x_scale;     // [M]
+  std::size_t M, N, K;
+  float* out;               // [M, N]
+};
+
+// Quantises one row per call; returns false on NaN/Inf.
+bool quantize_int8_weight(const float* w, std::size_t n, std::size_t k, int8_t* out,
+                          float* scale, int32_t* rowsum);
+void int8_gemm(const Int8GemmArgs& args, SimdLevel level);
+
+void int8_gemm_rows_scalar(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
+void int8_gemm_rows_avx2(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
+void int8_gemm_rows_avx512(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
+void int8_gemm_rows_avx512vnni(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
+
+inline void store_int8_output(const Int8GemmArgs& a, std::size_t m, std::size_t n, int32_t acc) {
+  a.out[m * a.N + n] = static_cast<float>(acc) / (a.x_scale[m] * a.w_scale[n]);
+}
+
+}  // namespace r3mes

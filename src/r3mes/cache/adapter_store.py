@@ -1,0 +1,856 @@
+"""Tier 3 of the expert cache: a content-addressed store of PEFT-format DoRA adapters on disk.
+
+Layout under ``<home>/adapters/``::
+
+    manifest.json                 id -> record (digest, size, rank, modules, base model, LRU, pin)
+    objects/<digest>/             one immutable adapter directory per distinct content
+        adapter_config.json
+        adapter_model.safetensors
+    .lock                         inter-process lock for mutations (fcntl)
+    .staging-*/                   imports in progress (removed at the next mutation if orphaned)
+
+The **digest** of an adapter is the sha256 of its *tree*: the lines
+``"<sha256 of file>  <file name>\\n"`` for both files in name order (the ``sha256sum`` format),
+so two ids with the same content share one object, and a single file's hash tells which file
+is damaged. Object directories are built in a staging directory, fsynced and renamed into
+place, then the manifest is rewritten atomically: a crash at any point leaves either the old
+store or the new one (at worst an unreferenced object, which the next mutation removes).
+
+The manifest is the only source of truth for ids. It is never rewritten from a corrupted
+copy: a manifest that does not parse raises :class:`ManifestCorruptError` and nothing is
+touched, so the operator can restore it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from r3mes.utils.atomic import atomic_write_json
+from r3mes.utils.paths import r3mes_home
+
+if TYPE_CHECKING:  # pragma: no cover
+    from r3mes.cache.fetchers import Fetcher
+
+try:  # POSIX only; on other systems the store is safe within one process.
+    import fcntl
+except ImportError:  # pragma: no cover
+    fcntl = None  # type: ignore[assignment]
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+ADAPTER_FILES: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME)
+MANIFEST_FORMAT = "r3mes-adapter-store"
+MANIFEST_VERSION = 1
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+_KEY_PREFIX = "base_model.model."
+_CHUNK = 1 << 20
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class AdapterStoreError(Exception):
+    """Base class of every error the adapter store raises."""
+
+
+class AdapterValidationError(AdapterStoreError, ValueError):
+    """An adapter directory is not a valid PEFT DoRA adapter (the message names file and key)."""
+
+
+class DigestMismatchError(AdapterValidationError):
+    """The content of an adapter does not hash to the digest it was expected to have."""
+
+
+class BaseModelMismatchError(AdapterValidationError):
+    """The adapter was made for a different base model than the store serves."""
+
+
+class ManifestCorruptError(AdapterStoreError):
+    """``manifest.json`` does not parse or has the wrong schema; nothing was modified."""
+
+
+class AdapterNotFoundError(AdapterStoreError, KeyError):
+    """No adapter with this id is in the store."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "adapter not found"
+
+
+class StoreFullError(AdapterStoreError):
+    """The store's size limit cannot be met even after evicting every unpinned adapter."""
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What structural validation learned about an adapter directory."""
+
+    rank: int
+    lora_alpha: float
+    use_rslora: bool
+    base_model: str | None
+    target_modules: tuple[str, ...]
+    #: full module path (without the ``base_model.model.`` prefix) -> (out_features, in_features)
+    module_shapes: dict[str, tuple[int, int]]
+    tensor_bytes: int
+    dtypes: tuple[str, ...]
+
+    @property
+    def scaling(self) -> float:
+        """The PEFT scaling ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
+        return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
+
+
+def _split_key(key: str) -> tuple[str, str] | None:
+    """``base_model.model.<module>.<part>`` -> (module, part) for the three DoRA parts."""
+    for part in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector.weight",
+                 "lora_magnitude_vector"):
+        suffix = "." + part
+        if key.startswith(_KEY_PREFIX) and key.endswith(suffix):
+            module = key[len(_KEY_PREFIX):-len(suffix)]
+            if module:
+                return module, part.split(".")[0]
+    return None
+
+
+def read_adapter_config(path: Path) -> dict[str, Any]:
+    """Parse and check ``adapter_config.json``: a PEFT LoRA config with ``use_dora: true``."""
+    file = path / CONFIG_NAME
+    if not file.is_file():
+        raise AdapterValidationError(f"{file}: missing (an adapter directory needs {CONFIG_NAME})")
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterValidationError(f"{file}: not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterValidationError(f"{file}: expected a JSON object")
+    if str(config.get("peft_type", "")).upper() != "LORA":
+        raise AdapterValidationError(
+            f"{file}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
+    if config.get("use_dora") is not True:
+        raise AdapterValidationError(f"{file}: use_dora must be true for a DoRA adapter")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise AdapterValidationError(f"{file}: 'r' must be a positive integer, got {rank!r}")
+    alpha = config.get("lora_alpha", rank)
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
+        raise AdapterValidationError(f"{file}: 'lora_alpha' must be a positive number")
+    targets = config.get("target_modules")
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise AdapterValidationError(f"{file}: 'target_modules' must be a non-empty list of names")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        # Per-module ranks are legal PEFT but not part of our DoRA contract.
+        raise AdapterValidationError(f"{file}: rank_pattern/alpha_pattern are not supported")
+    return config
+
+
+def inspect_adapter_dir(path: str | os.PathLike[str]) -> AdapterInfo:
+    """Validate a PEFT DoRA adapter directory structurally and describe it.
+
+    Checks: the config is a DoRA LoRA config; the safetensors header parses (via the
+    ``safetensors`` library) and the data section is complete; every key is an
+    ``lora_A.weight [r, in]`` / ``lora_B.weight [out, r]`` / ``lora_magnitude_vector [out]``
+    part of a complete triple; ranks agree with ``r``; every adapted module matches a
+    ``target_modules`` entry. Raises :class:`AdapterValidationError` naming file and key.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    root = Path(path)
+    if not root.is_dir():
+        raise AdapterValidationError(f"{root}: not a directory")
+    config = read_adapter_config(root)
+    rank = int(config["r"])
+    weights = root / WEIGHTS_NAME
+    if not weights.is_file():
+        raise AdapterValidationError(f"{weights}: missing (an adapter needs {WEIGHTS_NAME})")
+    size = weights.stat().st_size
+    header_len = _safetensors_header_length(weights, size)
+    parts: dict[str, dict[str, tuple[int, ...]]] = {}
+    dtypes: set[str] = set()
+    data_end = 0
+    try:
+        with safe_open(str(weights), framework="numpy") as handle:
+            keys = list(handle.keys())
+            for key in keys:
+                split = _split_key(key)
+                if split is None:
+                    raise AdapterValidationError(
+                        f"{weights}: unexpected key {key!r} (expected base_model.model.<module>."
+                        "lora_A.weight / lora_B.weight / lora_magnitude_vector)")
+                module, part = split
+                if part in parts.get(module, {}):
+                    raise AdapterValidationError(f"{weights}: duplicate {part} for {module!r}")
+                tensor = handle.get_slice(key)
+                parts.setdefault(module, {})[part] = tuple(tensor.get_shape())
+                dtypes.add(str(tensor.get_dtype()))
+    except SafetensorError as exc:
+        raise AdapterValidationError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    data_end = _safetensors_data_end(weights, header_len)
+    if size != 8 + header_len + data_end:
+        raise AdapterValidationError(
+            f"{weights}: truncated or padded: header describes {8 + header_len + data_end} bytes, "
+            f"file has {size}")
+    if not parts:
+        raise AdapterValidationError(f"{weights}: contains no tensors")
+    shapes: dict[str, tuple[int, int]] = {}
+    for module, got in sorted(parts.items()):
+        missing = {"lora_A", "lora_B", "lora_magnitude_vector"} - got.keys()
+        if missing:
+            raise AdapterValidationError(
+                f"{weights}: module {module!r} lacks {', '.join(sorted(missing))} "
+                "(each adapted module needs lora_A, lora_B and lora_magnitude_vector)")
+        a, b, m = got["lora_A"], got["lora_B"], got["lora_magnitude_vector"]
+        if len(a) != 2 or len(b) != 2 or len(m) != 1:
+            raise AdapterValidationError(
+                f"{weights}: module {module!r} has shapes A{list(a)} B{list(b)} m{list(m)}; "
+                "expected A [r, in], B [out, r], magnitude [out]")
+        if a[0] != rank or b[1] != rank:
+            raise AdapterValidationError(
+                f"{weights}: module {module!r} has rank A{list(a)} B{list(b)}, "
+                f"config says r={rank}")
+        if b[0] != m[0]:
+            raise AdapterValidationError(
+                f"{weights}: module {module!r}: lora_B has {b[0]} rows but the magnitude "
+                f"has {m[0]}")
+        if not _matches_target(module, config["target_modules"]):
+            raise AdapterValidationError(
+                f"{weights}: module {module!r} is not covered by target_modules "
+                f"{config['target_modules']}")
+        shapes[module] = (b[0], a[1])
+    targets = config["target_modules"]
+    return AdapterInfo(
+        rank=rank,
+        lora_alpha=float(config.get("lora_alpha", rank)),
+        use_rslora=bool(config.get("use_rslora", False)),
+        base_model=config.get("base_model_name_or_path"),
+        target_modules=tuple([targets] if isinstance(targets, str) else targets),
+        module_shapes=shapes,
+        tensor_bytes=data_end,
+        dtypes=tuple(sorted(dtypes)),
+    )
+
+
+def _matches_target(module: str, targets: Sequence[str]) -> bool:
+    # PEFT semantics for a list: the module name equals a target or ends with ".<target>".
+    return any(module == t or module.endswith("." + t) for t in targets)
+
+
+def _safetensors_header_length(path: Path, size: int) -> int:
+    if size < 8:
+        raise AdapterValidationError(f"{path}: truncated ({size} bytes, no safetensors header)")
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+    if header_len <= 0 or 8 + header_len > size:
+        raise AdapterValidationError(
+            f"{path}: truncated or not safetensors (header of {header_len} bytes, file {size})")
+    return header_len
+
+
+def _safetensors_data_end(path: Path, header_len: int) -> int:
+    """The end of the last tensor's bytes, as the (already library-validated) header says."""
+    with open(path, "rb") as handle:
+        handle.seek(8)
+        header = json.loads(handle.read(header_len))
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    return max(ends, default=0)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tree_digest(file_digests: Mapping[str, str]) -> str:
+    """The adapter digest: sha256 of ``"<sha256>  <name>\\n"`` lines in name order."""
+    lines = "".join(f"{file_digests[name]}  {name}\n" for name in sorted(file_digests))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def adapter_digest(path: str | os.PathLike[str]) -> str:
+    """The content digest of an adapter directory (see :func:`tree_digest`)."""
+    root = Path(path)
+    return tree_digest({name: file_sha256(root / name) for name in ADAPTER_FILES})
+
+
+def shape_fingerprint(module_shapes: Mapping[str, tuple[int, int]]) -> str:
+    """A short hash of the adapted modules and their (out, in) shapes."""
+    text = "\n".join(f"{m} {o} {i}" for m, (o, i) in sorted(module_shapes.items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass
+class AdapterRecord:
+    """One manifest entry. ``size_bytes`` is the on-disk size of the object directory."""
+
+    id: str
+    digest: str
+    files: dict[str, str]
+    size_bytes: int
+    rank: int
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: list[str]
+    num_modules: int
+    base_model: str | None
+    base_model_fingerprint: str | None
+    shape_fingerprint: str
+    added_at: float
+    last_used: float
+    pinned: bool = False
+    source: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, adapter_id: str, data: Mapping[str, Any]) -> AdapterRecord:
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
+        fields["id"] = adapter_id
+        return cls(**fields)
+
+
+@dataclass
+class VerifyResult:
+    """The outcome of re-hashing one stored adapter."""
+
+    id: str
+    digest: str
+    ok: bool
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+class AdapterStore:
+    """A content-addressed, size-limited store of DoRA adapters (tier 3 of the expert cache).
+
+    Args:
+        home: the r3mes data directory (``r3mes_home(home)``); the store lives in ``adapters/``.
+        base_model: if set, adapters whose ``base_model_name_or_path`` differs are refused.
+        base_model_fingerprint: if set, adapters declared for another fingerprint are refused.
+        expected_shapes: if set (module suffix such as ``"self_attn.q_proj"`` or full module
+            path -> (out, in)), each adapted module must match the base model's shape.
+        max_size_gb: size limit; overrides (and persists to) the manifest's stored limit.
+        fetchers: remote sources tried by :meth:`ensure` for ids the store lacks. Empty by
+            default: nothing is ever fetched unless configured.
+    """
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        base_model: str | None = None,
+        base_model_fingerprint: str | None = None,
+        expected_shapes: Mapping[str, tuple[int, int]] | None = None,
+        max_size_gb: float | None = None,
+        fetchers: Sequence[Fetcher] = (),
+    ) -> None:
+        self.root = r3mes_home(home) / "adapters"
+        self.objects = self.root / "objects"
+        self.manifest_path = self.root / "manifest.json"
+        self.objects.mkdir(parents=True, exist_ok=True)
+        self.base_model = base_model
+        self.base_model_fingerprint = base_model_fingerprint
+        self.expected_shapes = dict(expected_shapes) if expected_shapes else None
+        self.fetchers: list[Fetcher] = list(fetchers)
+        self._thread_lock = threading.RLock()
+        self._pending_touch: dict[str, float] = {}
+        self._last_flush = time.monotonic()
+        #: ids evicted by the last :meth:`add` to honour the size limit
+        self.last_evicted: list[str] = []
+        # Fail early on a corrupted manifest rather than at the first mutation.
+        self._read_manifest()
+        if max_size_gb is not None:
+            self.set_max_size_gb(max_size_gb)
+
+    # ------------------------------------------------------------------ manifest + lock
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise mutations across threads (RLock) and processes (flock on ``.lock``)."""
+        with self._thread_lock:
+            if fcntl is None:  # pragma: no cover
+                yield
+                return
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
+
+    def _read_manifest(self) -> dict[str, Any]:
+        if not self.manifest_path.exists():
+            return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adapters": {},
+                    "max_size_bytes": None}
+        try:
+            data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ManifestCorruptError(
+                f"{self.manifest_path}: corrupted ({exc}); the store was not modified. Restore "
+                f"the file from a backup; adapter contents under {self.objects} are intact"
+            ) from exc
+        if (not isinstance(data, dict) or data.get("format") != MANIFEST_FORMAT
+                or not isinstance(data.get("adapters"), dict)):
+            raise ManifestCorruptError(
+                f"{self.manifest_path}: not an r3mes adapter manifest (format/adapters missing); "
+                "the store was not modified")
+        if data.get("version") != MANIFEST_VERSION:
+            raise ManifestCorruptError(
+                f"{self.manifest_path}: manifest version {data.get('version')!r} is not "
+                f"supported (expected {MANIFEST_VERSION})")
+        for adapter_id, entry in data["adapters"].items():
+            if (not isinstance(entry, dict) or not _DIGEST_RE.match(str(entry.get("digest", "")))
+                    or not isinstance(entry.get("size_bytes"), int)):
+                raise ManifestCorruptError(
+                    f"{self.manifest_path}: entry {adapter_id!r} is malformed; the store was "
+                    "not modified")
+        data.setdefault("max_size_bytes", None)
+        return data
+
+    def _write_manifest(self, data: dict[str, Any]) -> None:
+        atomic_write_json(self.manifest_path, data)
+
+    def _records(self, data: Mapping[str, Any]) -> dict[str, AdapterRecord]:
+        return {k: AdapterRecord.from_json(k, v) for k, v in data["adapters"].items()}
+
+    def _merge_pending_touch(self, data: dict[str, Any]) -> None:
+        for adapter_id, when in self._pending_touch.items():
+            entry = data["adapters"].get(adapter_id)
+            if entry is not None:
+                entry["last_used"] = max(float(entry.get("last_used", 0.0)), when)
+        self._pending_touch.clear()
+        self._last_flush = time.monotonic()
+
+    def _cleanup_orphans(self, data: Mapping[str, Any]) -> None:
+        """Remove staging dirs and unreferenced objects (only ever called under the lock)."""
+        referenced = {entry["digest"] for entry in data["adapters"].values()}
+        for child in [*self.root.glob(".staging-*"), *self.root.glob(".fetch-*")]:
+            # Another live process (or thread of ours) may be copying into its staging dir
+            # right now; only a dead writer's leftovers are orphans.
+            if not _pid_alive(_staging_pid(child.name)):
+                shutil.rmtree(child, ignore_errors=True)
+        for leftover in self.root.glob(".manifest.json.*.tmp"):
+            # atomic_write_json's temp file from a writer killed before its rename; a live
+            # writer holds the lock we hold now, so none of these is in progress.
+            leftover.unlink(missing_ok=True)
+        for child in self.objects.iterdir():
+            if child.name not in referenced:
+                if child.is_dir():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ queries
+
+    def list(self) -> list[AdapterRecord]:
+        """All records, sorted by id (last-used times include not yet flushed touches)."""
+        with self._thread_lock:
+            records = self._records(self._read_manifest())
+            for adapter_id, when in self._pending_touch.items():
+                if adapter_id in records:
+                    records[adapter_id].last_used = max(records[adapter_id].last_used, when)
+        return [records[k] for k in sorted(records)]
+
+    def get(self, adapter_id: str) -> AdapterRecord:
+        """The record of ``adapter_id``; :class:`AdapterNotFoundError` if absent."""
+        records = self._records(self._read_manifest())
+        if adapter_id not in records:
+            raise AdapterNotFoundError(
+                f"adapter {adapter_id!r} is not in the store {self.root} "
+                f"(known: {', '.join(sorted(records)) or 'none'})")
+        return records[adapter_id]
+
+    def __contains__(self, adapter_id: object) -> bool:
+        return isinstance(adapter_id, str) and adapter_id in self._read_manifest()["adapters"]
+
+    def path(self, adapter_id: str) -> Path:
+        """The (read-only, immutable) object directory of ``adapter_id``."""
+        return self.objects / self.get(adapter_id).digest
+
+    @property
+    def max_size_bytes(self) -> int | None:
+        """The size limit in bytes, or ``None`` for unlimited."""
+        return self._read_manifest().get("max_size_bytes")
+
+    def total_bytes(self) -> int:
+        """Bytes used by distinct objects (adapters sharing content are counted once)."""
+        by_digest = {e["digest"]: e["size_bytes"]
+                     for e in self._read_manifest()["adapters"].values()}
+        return sum(by_digest.values())
+
+    def stats(self) -> dict[str, Any]:
+        """Counts and sizes, JSON-ready (the ``r3mes adapters stats --json`` schema)."""
+        records = self.list()
+        used = self.total_bytes()
+        limit = self.max_size_bytes
+        return {
+            "root": str(self.root),
+            "adapters": len(records),
+            "objects": len({r.digest for r in records}),
+            "pinned": sum(r.pinned for r in records),
+            "total_bytes": used,
+            "max_size_bytes": limit,
+            "utilisation": (used / limit) if limit else None,
+        }
+
+    # ------------------------------------------------------------------ mutations
+
+    def set_max_size_gb(self, max_size_gb: float | None) -> list[str]:
+        """Set (and persist) the size limit; evicts LRU unpinned adapters to meet it.
+
+        Returns the evicted ids.
+        """
+        if max_size_gb is not None and (not math.isfinite(max_size_gb) or max_size_gb <= 0):
+            raise ValueError(f"max_size_gb must be a positive number or None, got {max_size_gb!r}")
+        with self._locked():
+            data = self._read_manifest()
+            self._merge_pending_touch(data)
+            data["max_size_bytes"] = (None if max_size_gb is None
+                                      else int(max_size_gb * 1024**3))
+            evicted = self._evict_for(data, incoming_digest=None, incoming_bytes=0)
+            self._write_manifest(data)
+            self._cleanup_orphans(data)
+        return evicted
+
+    def add(
+        self,
+        path: str | os.PathLike[str],
+        adapter_id: str,
+        *,
+        pinned: bool = False,
+        expected_digest: str | None = None,
+        base_model_fingerprint: str | None = None,
+        replace: bool = False,
+        source: str | None = None,
+    ) -> AdapterRecord:
+        """Import the adapter directory ``path`` as ``adapter_id``.
+
+        The files are copied into a staging directory while being hashed, validated there
+        (so a file changing under us cannot slip through), fsynced and renamed into
+        ``objects/<digest>``; then the manifest is updated atomically.
+
+        Args:
+            expected_digest: refuse (:class:`DigestMismatchError`) unless the content hashes
+                to it.
+            base_model_fingerprint: the fingerprint of the model the adapter was trained on,
+                if known; refused if the store expects another.
+            replace: allow re-pointing an existing id at new content.
+        Raises:
+            AdapterValidationError (or a subclass), StoreFullError, ValueError for a bad id.
+        """
+        if not isinstance(adapter_id, str) or not _ID_RE.match(adapter_id):
+            raise ValueError(
+                f"invalid adapter id {adapter_id!r}: use 1-128 letters, digits, '.', '_' or '-', "
+                "starting with a letter or digit")
+        if expected_digest is not None and not _DIGEST_RE.match(expected_digest):
+            raise ValueError(
+                f"expected_digest must be 64 lowercase hex digits: {expected_digest!r}")
+        src = Path(path)
+        if not src.is_dir():
+            raise AdapterValidationError(f"{src}: not a directory")
+        for name in ADAPTER_FILES:
+            if not (src / name).is_file():
+                raise AdapterValidationError(f"{src / name}: missing")
+        staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=self.root))
+        try:
+            file_digests = {name: _copy_hashing(src / name, staging / name)
+                            for name in ADAPTER_FILES}
+            digest = tree_digest(file_digests)
+            if expected_digest is not None and digest != expected_digest:
+                raise DigestMismatchError(
+                    f"{src}: content digest {digest} does not match the expected "
+                    f"{expected_digest}")
+            info = inspect_adapter_dir(staging)
+            self._check_base_model(src, info, base_model_fingerprint)
+            _fsync_tree(staging)
+            size = sum((staging / name).stat().st_size for name in ADAPTER_FILES)
+            now = time.time()
+            with self._locked():
+                data = self._read_manifest()
+                self._merge_pending_touch(data)
+                old = data["adapters"].get(adapter_id)
+                if old is not None and old["digest"] != digest and not replace:
+                    raise AdapterStoreError(
+                        f"adapter id {adapter_id!r} already exists with digest {old['digest']}; "
+                        "remove it first or pass replace=True (--replace)")
+                if old is not None:
+                    # Re-adding is an update of the same id: it must not count against itself.
+                    del data["adapters"][adapter_id]
+                evicted = self._evict_for(data, incoming_digest=digest, incoming_bytes=size,
+                                          incoming_id=adapter_id)
+                target = self.objects / digest
+                if not target.exists():
+                    os.replace(staging, target)
+                    _fsync_dir(self.objects)
+                record = AdapterRecord(
+                    id=adapter_id, digest=digest, files=file_digests, size_bytes=size,
+                    rank=info.rank, lora_alpha=info.lora_alpha, use_rslora=info.use_rslora,
+                    target_modules=list(info.target_modules), num_modules=len(info.module_shapes),
+                    base_model=info.base_model,
+                    base_model_fingerprint=base_model_fingerprint or self.base_model_fingerprint,
+                    shape_fingerprint=shape_fingerprint(info.module_shapes),
+                    added_at=old["added_at"] if old and old["digest"] == digest else now,
+                    last_used=now, pinned=pinned or bool(old and old.get("pinned")),
+                    source=source or str(src.resolve()),
+                )
+                data["adapters"][adapter_id] = record.to_json()
+                self._write_manifest(data)
+                self._cleanup_orphans(data)
+            self.last_evicted = evicted
+            return record
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _check_base_model(self, src: Path, info: AdapterInfo, fingerprint: str | None) -> None:
+        if self.base_model is not None and info.base_model not in (None, "") and (
+                _norm_model(info.base_model) != _norm_model(self.base_model)):
+            raise BaseModelMismatchError(
+                f"{src / CONFIG_NAME}: made for base model {info.base_model!r}, but this store "
+                f"serves {self.base_model!r}")
+        if (self.base_model_fingerprint is not None and fingerprint is not None
+                and fingerprint != self.base_model_fingerprint):
+            raise BaseModelMismatchError(
+                f"{src}: made for base-model fingerprint {fingerprint}, but this store serves "
+                f"{self.base_model_fingerprint}")
+        if self.expected_shapes:
+            for module, shape in info.module_shapes.items():
+                expected = self.expected_shapes.get(module)
+                if expected is None:
+                    expected = next((v for k, v in self.expected_shapes.items()
+                                     if module.endswith("." + k)), None)
+                if expected is None:
+                    raise BaseModelMismatchError(
+                        f"{src / WEIGHTS_NAME}: module {module!r} does not exist in the base model")
+                if tuple(expected) != tuple(shape):
+                    raise BaseModelMismatchError(
+                        f"{src / WEIGHTS_NAME}: module {module!r} is [out={shape[0]}, "
+                        f"in={shape[1]}] but the base model's is [out={expected[0]}, "
+                        f"in={expected[1]}]")
+
+    def _evict_for(self, data: dict[str, Any], *, incoming_digest: str | None,
+                   incoming_bytes: int, incoming_id: str | None = None) -> list[str]:
+        """Drop LRU unpinned adapters from ``data`` until the incoming object fits the limit."""
+        limit = data.get("max_size_bytes")
+        if limit is None:
+            return []
+        adapters: dict[str, Any] = data["adapters"]
+
+        if incoming_bytes > limit:
+            raise StoreFullError(
+                f"adapter {incoming_id!r} is {incoming_bytes / 1e6:.1f} MB, larger than the "
+                f"store limit of {limit / 1e6:.1f} MB")
+        evicted: list[str] = []
+        candidates = sorted(
+            (k for k, e in adapters.items() if not e.get("pinned")
+             and e["digest"] != incoming_digest),
+            key=lambda k: (adapters[k].get("last_used", 0.0), k))
+        plan = dict(adapters)
+        for adapter_id in candidates:
+            if _used_bytes(plan, incoming_digest, incoming_bytes) <= limit:
+                break
+            del plan[adapter_id]
+            evicted.append(adapter_id)
+        if _used_bytes(plan, incoming_digest, incoming_bytes) > limit:
+            raise StoreFullError(
+                f"store limit {limit / 1e6:.1f} MB cannot hold {incoming_id or 'the adapters'!r} "
+                f"({incoming_bytes / 1e6:.1f} MB) even after evicting every unpinned adapter; "
+                f"{_used_bytes(plan, incoming_digest, incoming_bytes) / 1e6:.1f} MB would "
+                "remain in use; unpin or remove adapters, or raise "
+                "max_size_gb")
+        for adapter_id in evicted:
+            del adapters[adapter_id]
+        return evicted
+
+    def remove(self, adapter_id: str) -> AdapterRecord:
+        """Remove ``adapter_id``; its object is deleted when no other id shares it."""
+        with self._locked():
+            data = self._read_manifest()
+            self._merge_pending_touch(data)
+            if adapter_id not in data["adapters"]:
+                raise AdapterNotFoundError(
+                    f"adapter {adapter_id!r} is not in the store {self.root}")
+            record = AdapterRecord.from_json(adapter_id, data["adapters"].pop(adapter_id))
+            self._write_manifest(data)
+            self._cleanup_orphans(data)
+        return record
+
+    def set_pinned(self, adapter_id: str, pinned: bool = True) -> AdapterRecord:
+        """Pin (exempt from LRU eviction) or unpin an adapter."""
+        with self._locked():
+            data = self._read_manifest()
+            self._merge_pending_touch(data)
+            if adapter_id not in data["adapters"]:
+                raise AdapterNotFoundError(
+                    f"adapter {adapter_id!r} is not in the store {self.root}")
+            data["adapters"][adapter_id]["pinned"] = bool(pinned)
+            self._write_manifest(data)
+            return AdapterRecord.from_json(adapter_id, data["adapters"][adapter_id])
+
+    def touch(self, adapter_id: str, when: float | None = None,
+              flush_after_s: float = 30.0) -> None:
+        """Record a use for LRU. Batched: the manifest is rewritten at most every
+        ``flush_after_s`` seconds (and at every mutation / :meth:`flush`), so a hot path that
+        loads adapters does not pay an fsync per load."""
+        with self._thread_lock:
+            self._pending_touch[adapter_id] = time.time() if when is None else when
+            due = time.monotonic() - self._last_flush >= flush_after_s
+        if due:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write pending last-used times to the manifest."""
+        with self._locked():
+            if not self._pending_touch:
+                return
+            data = self._read_manifest()
+            self._merge_pending_touch(data)
+            self._write_manifest(data)
+
+    def verify(self, adapter_id: str | None = None) -> list[VerifyResult]:
+        """Re-hash stored files and re-validate structure; one result per adapter.
+
+        Does not raise for damaged adapters: each result lists its problems (missing file,
+        digest mismatch naming the file, structural error).
+        """
+        records = [self.get(adapter_id)] if adapter_id is not None else self.list()
+        results: list[VerifyResult] = []
+        for record in records:
+            problems: list[str] = []
+            obj = self.objects / record.digest
+            for name, expected in sorted(record.files.items()):
+                file = obj / name
+                if not file.is_file():
+                    problems.append(f"{file}: missing")
+                    continue
+                got = file_sha256(file)
+                if got != expected:
+                    problems.append(f"{file}: sha256 {got} does not match the recorded {expected}")
+            if not problems and tree_digest(record.files) != record.digest:
+                problems.append(f"manifest entry {record.id!r}: file digests do not add up to "
+                                f"{record.digest}")
+            if not problems:
+                try:
+                    inspect_adapter_dir(obj)
+                except AdapterValidationError as exc:
+                    problems.append(str(exc))
+            results.append(VerifyResult(record.id, record.digest, not problems, problems))
+        return results
+
+    # ------------------------------------------------------------------ remote sources
+
+    def ensure(self, adapter_id: str, *, expected_digest: str | None = None) -> AdapterRecord:
+        """The record of ``adapter_id``, fetching it from a configured fetcher if absent.
+
+        With no fetchers configured this is :meth:`get` (raises AdapterNotFoundError).
+        """
+        try:
+            return self.get(adapter_id)
+        except AdapterNotFoundError:
+            if not self.fetchers:
+                raise
+        errors: list[str] = []
+        for fetcher in self.fetchers:
+            if not fetcher.has(adapter_id):
+                continue
+            with tempfile.TemporaryDirectory(prefix=f".fetch-{os.getpid()}-",
+                                             dir=self.root) as tmp:
+                try:
+                    fetched = fetcher.fetch(adapter_id, Path(tmp),
+                                            expected_digest=expected_digest)
+                    digest = expected_digest or fetcher.digest_for(adapter_id)
+                    return self.add(fetched, adapter_id, expected_digest=digest,
+                                    source=fetcher.describe(adapter_id))
+                except AdapterStoreError as exc:
+                    errors.append(f"{fetcher.describe(adapter_id)}: {exc}")
+        detail = "; ".join(errors) if errors else "no configured fetcher knows it"
+        raise AdapterNotFoundError(f"adapter {adapter_id!r} is not in the store and could not "
+                                   f"be fetched: {detail}")
+
+
+def _used_bytes(adapters: Mapping[str, Any], incoming_digest: str | None,
+                incoming_bytes: int) -> int:
+    by_digest = {e["digest"]: e["size_bytes"] for e in adapters.values()}
+    if incoming_digest is not None:
+        by_digest[incoming_digest] = incoming_bytes
+    return sum(by_digest.values())
+
+
+def _staging_pid(name: str) -> int | None:
+    parts = name.split("-")
+    return int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else None
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _norm_model(name: str) -> str:
+    return name.strip().rstrip("/").lower()
+
+
+def _copy_hashing(src: Path, dst: Path) -> str:
+    digest = hashlib.sha256()
+    with open(src, "rb") as fin, open(dst, "wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            digest.update(chunk)
+            fout.write(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_tree(directory: Path) -> None:
+    for child in directory.iterdir():
+        with open(child, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # pragma: no cover - some filesystems refuse
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
