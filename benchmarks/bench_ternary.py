@@ -1,0 +1,115 @@
+"""Ternary GEMV / GEMM versus torch F.linear at the BitNet-b1.58-2B-4T shapes.
+
+Weights rotate over a working set larger than the last-level cache, so every call streams
+its weights from memory, as in real decoding. Each result reports the time per call, the
+weight bytes moved per second, and that as a fraction of the read bandwidth measured in the
+same run (see conftest.py).
+
+    python -m pytest benchmarks/bench_ternary.py --benchmark-only -q --table-out bench.md
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from r3mes import kernels
+
+# out_features x in_features, as the 2B-4T model's projections.
+SHAPES = {"2560x2560": (2560, 2560), "2560x6912": (2560, 6912), "6912x2560": (6912, 2560)}
+HEAD = (128256, 2560)
+WORKING_SET_BYTES = 640 * 1024 * 1024  # beyond this VM's 480 MiB L3
+MIN_COPIES = 16
+
+
+def _copies(nbytes: int) -> int:
+    return max(MIN_COPIES, -(-WORKING_SET_BYTES // nbytes))
+
+
+def _ternary_weights(out_f: int, in_f: int) -> list[kernels.TernaryWeight]:
+    base = kernels.quantize_weight(torch.randn(out_f, in_f))
+    return [
+        kernels.TernaryWeight(base.packed.clone(), base.scale, out_f, in_f)
+        for _ in range(_copies(base.packed.numel()))
+    ]
+
+
+def _float_weights(out_f: int, in_f: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    w = torch.randn(out_f, in_f, dtype=dtype)
+    return [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
+
+
+def _run(benchmark, record_row, read_bandwidth, *, op, label, impl, tokens, threads,
+         weights, call, weight_bytes, rounds):
+    cycle = itertools.cycle(weights)
+    torch.set_num_threads(threads)
+    if kernels.available():
+        kernels.set_num_threads(threads)
+    for w in weights[: min(len(weights), 4)]:
+        call(w)
+    benchmark.pedantic(lambda: call(next(cycle)), rounds=rounds, iterations=1, warmup_rounds=2)
+    seconds = benchmark.stats.stats.median
+    gbs = weight_bytes / seconds / 1e9
+    bw = read_bandwidth[threads]
+    benchmark.extra_info.update(gb_per_s=round(gbs, 2), bandwidth_fraction=round(gbs / bw, 3))
+    record_row({
+        "op": op, "shape": label, "impl": impl, "tokens": tokens, "threads": threads,
+        "median us": f"{seconds * 1e6:.0f}", "weight GB/s": f"{gbs:.1f}",
+        "of read BW": f"{gbs / bw:.0%}", "read BW GB/s": f"{bw:.1f}",
+    })
+    return seconds
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("impl", ["r3mes", "torch-fp32", "torch-bf16"])
+@pytest.mark.parametrize("label", list(SHAPES))
+@pytest.mark.parametrize("tokens", [1, 128])
+def test_ternary_linear(benchmark, record_row, read_bandwidth, tokens, label, impl, threads):
+    out_f, in_f = SHAPES[label]
+    g = torch.Generator().manual_seed(0)
+    if impl == "r3mes":
+        weights = _ternary_weights(out_f, in_f)
+        x = torch.randn(tokens, in_f, generator=g)
+        call = lambda w: kernels.ternary_linear(x, w)  # noqa: E731
+        weight_bytes = weights[0].packed.numel()
+    else:
+        dtype = torch.float32 if impl == "torch-fp32" else torch.bfloat16
+        weights = _float_weights(out_f, in_f, dtype)
+        x = torch.randn(tokens, in_f, generator=g, dtype=dtype)
+        call = lambda w: F.linear(x, w)  # noqa: E731
+        weight_bytes = weights[0].numel() * weights[0].element_size()
+    _run(benchmark, record_row, read_bandwidth, op="GEMV" if tokens == 1 else "GEMM",
+         label=label, impl=impl, tokens=tokens, threads=threads, weights=weights, call=call,
+         weight_bytes=weight_bytes, rounds=60 if tokens == 1 else 10)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("impl", ["r3mes-int8", "torch-fp16", "torch-bf16", "torch-fp32"])
+def test_lm_head(benchmark, record_row, read_bandwidth, impl, threads):
+    out_f, in_f = HEAD
+    x32 = torch.randn(1, in_f)
+    w = torch.randn(out_f, in_f)
+    if impl == "r3mes-int8":
+        iw = kernels.quantize_int8_weight(w)
+        weights = [iw] + [
+            kernels.Int8Weight(iw.data.clone(), iw.scale, iw.row_sums, out_f, in_f)
+            for _ in range(_copies(iw.data.numel()) - MIN_COPIES + 1)
+        ]
+        call = lambda wt: kernels.int8_linear(x32, wt)  # noqa: E731
+        weight_bytes = iw.data.numel()
+    else:
+        dtype = {"torch-fp16": torch.float16, "torch-bf16": torch.bfloat16,
+                 "torch-fp32": torch.float32}[impl]
+        wd = w.to(dtype)
+        weights = [wd] + ([wd.clone()] if wd.numel() * wd.element_size() < WORKING_SET_BYTES
+                          else [])
+        x = x32.to(dtype)
+        call = lambda wt: F.linear(x, wt)  # noqa: E731
+        weight_bytes = wd.numel() * wd.element_size()
+    del w
+    _run(benchmark, record_row, read_bandwidth, op="LM head", label="128256x2560", impl=impl,
+         tokens=1, threads=threads, weights=weights, call=call, weight_bytes=weight_bytes,
+         rounds=10)
