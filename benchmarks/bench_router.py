@@ -1,0 +1,143 @@
+"""Router latency: keyword stage, language detection, semantic stage, hybrid fast/full path.
+
+    python -m pytest benchmarks/bench_router.py --benchmark-only   # pytest-benchmark tables
+    python benchmarks/bench_router.py                              # p50/p99 table (ms)
+
+Targets from the seed: keyword stage p50 < 1 ms, fast path < 1 ms, full path < 15 ms (CPU).
+The semantic stage runs MiniLM with one intra-op thread (see ``SemanticRouter``).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import pytest
+
+from r3mes.router.hybrid_router import HybridRouter
+from r3mes.router.keyword_router import KeywordRouter
+
+FAST_QUERIES = [
+    "Python'da for loop nasıl yazılır?",
+    "Diyabet hastalarında insülin direnci nasıl tedavi edilir?",
+    "Bu makaleyi İngilizceye çevirir misin?",
+    "How do I fix this Python exception in my function?",
+]
+FULL_QUERIES = [
+    "Bu konuyu açıklar mısın?",
+    "What is the tallest mountain in Africa?",
+    "Kalbim çok hızlı atıyor, ne yapmalıyım?",
+    "Wie spät ist es in Berlin?",
+]
+LANGUAGES = ["ar", "de", "en", "es", "fr", "tr", "zh"]
+
+
+def _cycle(queries: list[str]) -> Callable[[], str]:
+    state = {"i": 0}
+
+    def next_query() -> str:
+        state["i"] = (state["i"] + 1) % len(queries)
+        return queries[state["i"]]
+
+    return next_query
+
+
+@pytest.fixture(scope="module")
+def router() -> HybridRouter:
+    return HybridRouter().warm_up(semantic=True)
+
+
+def _percentiles(benchmark) -> None:  # noqa: ANN001
+    data = sorted(benchmark.stats.stats.data)
+    if data:
+        benchmark.extra_info["p50_ms"] = round(data[len(data) // 2] * 1e3, 4)
+        p99 = data[min(len(data) - 1, int(len(data) * 0.99))]
+        benchmark.extra_info["p99_ms"] = round(p99 * 1e3, 4)
+
+
+def test_keyword_stage(benchmark, router: HybridRouter) -> None:  # noqa: ANN001
+    next_query = _cycle(FAST_QUERIES + FULL_QUERIES)
+    benchmark(lambda: router.keyword.analyse(next_query()))
+    _percentiles(benchmark)
+
+
+def test_language_detection_py3langid(benchmark, router: HybridRouter) -> None:  # noqa: ANN001
+    next_query = _cycle(FAST_QUERIES + FULL_QUERIES)
+    benchmark(lambda: router.keyword.detect_language(next_query()))
+    _percentiles(benchmark)
+
+
+def test_language_detection_lingua(benchmark) -> None:  # noqa: ANN001
+    lingua = pytest.importorskip("lingua")
+    names = {"ar": "ARABIC", "de": "GERMAN", "en": "ENGLISH", "es": "SPANISH", "fr": "FRENCH",
+             "tr": "TURKISH", "zh": "CHINESE"}
+    detector = lingua.LanguageDetectorBuilder.from_languages(
+        *(getattr(lingua.Language, names[c]) for c in LANGUAGES)
+    ).build()
+    next_query = _cycle(FAST_QUERIES + FULL_QUERIES)
+    detector.compute_language_confidence_values("warm up the models")
+    benchmark(lambda: detector.compute_language_confidence_values(next_query()))
+    _percentiles(benchmark)
+
+
+def test_semantic_stage(benchmark, router: HybridRouter) -> None:  # noqa: ANN001
+    next_query = _cycle(FULL_QUERIES)
+    benchmark(lambda: router.semantic.similarities(next_query()))
+    _percentiles(benchmark)
+
+
+def test_hybrid_fast_path(benchmark, router: HybridRouter) -> None:  # noqa: ANN001
+    next_query = _cycle(FAST_QUERIES)
+    assert all(router.route_decision(q, 8.0).fast_path for q in FAST_QUERIES)
+    benchmark(lambda: router.route(next_query(), 8.0))
+    _percentiles(benchmark)
+
+
+def test_hybrid_full_path(benchmark, router: HybridRouter) -> None:  # noqa: ANN001
+    next_query = _cycle(FULL_QUERIES)
+    assert not any(router.route_decision(q, 8.0).fast_path for q in FULL_QUERIES)
+    benchmark(lambda: router.route(next_query(), 8.0))
+    _percentiles(benchmark)
+
+
+def _table(rounds: int = 300) -> None:
+    router = HybridRouter().warm_up(semantic=True)
+    keyword: KeywordRouter = router.keyword
+    cases: list[tuple[str, list[str], Callable[[str], object], int]] = [
+        ("keyword stage", FAST_QUERIES + FULL_QUERIES, keyword.analyse, rounds),
+        ("language detection (py3langid)", FAST_QUERIES + FULL_QUERIES,
+         keyword.detect_language, rounds),
+        ("semantic stage", FULL_QUERIES, router.semantic.similarities, rounds // 3),
+        ("hybrid fast path", FAST_QUERIES, lambda q: router.route(q, 8.0), rounds),
+        ("hybrid full path", FULL_QUERIES, lambda q: router.route(q, 8.0), rounds // 3),
+    ]
+    try:
+        import lingua
+
+        detector = lingua.LanguageDetectorBuilder.from_languages(
+            lingua.Language.ARABIC, lingua.Language.GERMAN, lingua.Language.ENGLISH,
+            lingua.Language.SPANISH, lingua.Language.FRENCH, lingua.Language.TURKISH,
+            lingua.Language.CHINESE,
+        ).build()
+        detector.compute_language_confidence_values("warm up")
+        cases.insert(2, ("language detection (lingua)", FAST_QUERIES + FULL_QUERIES,
+                         detector.compute_language_confidence_values, rounds))
+    except ImportError:
+        pass
+    print(f"{'stage':<32} {'p50 ms':>9} {'p99 ms':>9} {'mean ms':>9}  n")
+    for name, queries, fn, n in cases:
+        times = []
+        for i in range(n):
+            query = queries[i % len(queries)]
+            start = time.perf_counter()
+            fn(query)
+            times.append((time.perf_counter() - start) * 1e3)
+        times.sort()
+        p99 = times[min(len(times) - 1, int(len(times) * 0.99))]
+        print(f"{name:<32} {times[len(times) // 2]:9.4f} {p99:9.4f} "
+              f"{statistics.fmean(times):9.4f}  {n}")
+
+
+if __name__ == "__main__":
+    _table()

@@ -1,0 +1,162 @@
+"""Sentence embeddings for retrieval, with an on-disk cache.
+
+The model is the process-wide shared one from :func:`r3mes.core.text_encoder.load_sentence_model`
+(all-MiniLM-L6-v2 from the offline package by default; nothing is downloaded). Vectors are
+float32 and L2-normalised, so inner product is cosine similarity.
+
+Cache: each text's key is ``sha256(model fingerprint + text)``. New vectors are appended as
+shards ``<cache_dir>/<fingerprint>/shard-<digest>.safetensors`` holding two arrays, ``keys``
+(uint8, n x 32: the raw digests) and ``vectors`` (float32, n x dim). A shard is written
+atomically and never modified, so a crash can lose only the shard being written; an unreadable
+shard is ignored (its texts are simply embedded again). Re-indexing unchanged text therefore
+costs a hash and a lookup, not a forward pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from r3mes.utils.atomic import atomic_write_bytes
+
+log = logging.getLogger(__name__)
+
+# Below this many texts a progress bar is noise.
+PROGRESS_THRESHOLD = 512
+
+
+class Embedder:
+    """Embed texts with the shared sentence model, batched, normalised and cached.
+
+    ``cache_dir=None`` disables the disk cache. ``show_progress=None`` shows a tqdm bar only for
+    jobs of at least :data:`PROGRESS_THRESHOLD` uncached texts.
+    """
+
+    def __init__(
+        self,
+        model_name: str | None = None,
+        cache_dir: str | os.PathLike[str] | None = None,
+        batch_size: int = 64,
+        device: str = "cpu",
+        show_progress: bool | None = None,
+    ) -> None:
+        from r3mes.core.text_encoder import load_sentence_model, model_fingerprint
+
+        self.model_name = model_name
+        self.model = load_sentence_model(model_name, device=device)
+        self.fingerprint = model_fingerprint(model_name)
+        self.dim = int(self.model.get_embedding_dimension()
+                       if hasattr(self.model, "get_embedding_dimension")
+                       else self.model.get_sentence_embedding_dimension())
+        # Word pieces the model reads per text ([CLS] and [SEP] take two); the rest is cut off.
+        self.max_tokens = int(getattr(self.model, "max_seq_length", 512) or 512) - 2
+        self.batch_size = batch_size
+        self.show_progress = show_progress
+        # Counters that let callers (and tests) see what the cache saved.
+        self.cache_hits = 0
+        self.texts_encoded = 0
+        self._cache_dir = Path(cache_dir) / self.fingerprint if cache_dir is not None else None
+        self._cache: dict[bytes, np.ndarray] = {}
+        if self._cache_dir is not None:
+            self._load_cache()
+
+    # -- public --------------------------------------------------------------------------
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """``(len(texts), dim)`` float32, unit-norm rows, in input order."""
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        keys = [self._key(t) for t in texts]
+        missing: dict[bytes, list[int]] = {}
+        for i, k in enumerate(keys):
+            hit = self._cache.get(k)
+            if hit is not None:
+                out[i] = hit
+                self.cache_hits += 1
+            else:
+                missing.setdefault(k, []).append(i)
+        if missing:
+            todo_keys = list(missing)
+            todo_texts = [texts[missing[k][0]] for k in todo_keys]
+            vecs = self._encode(todo_texts)
+            self.texts_encoded += len(todo_texts)
+            for k, v in zip(todo_keys, vecs, strict=True):
+                self._cache[k] = v
+                for i in missing[k]:
+                    out[i] = v
+            if self._cache_dir is not None:
+                self._write_shard(todo_keys, vecs)
+        return out
+
+    def embed_query(self, text: str) -> np.ndarray:
+        """``(dim,)`` float32 unit vector for one query (queries are not cached on disk)."""
+        vec = self._encode([text])[0]
+        return vec
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _key(self, text: str) -> bytes:
+        h = hashlib.sha256(self.fingerprint.encode())
+        h.update(b"\x00")
+        h.update(text.encode("utf-8", "surrogatepass"))
+        return h.digest()
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        show = self.show_progress
+        if show is None:
+            show = len(texts) >= PROGRESS_THRESHOLD
+        batches = range(0, len(texts), self.batch_size)
+        if show:
+            from tqdm.auto import tqdm
+
+            batches = tqdm(batches, desc="embedding", unit="batch")
+        parts = []
+        for start in batches:
+            parts.append(
+                self.model.encode(
+                    texts[start:start + self.batch_size],
+                    batch_size=self.batch_size,
+                    convert_to_numpy=True,
+                    normalize_embeddings=True,
+                    show_progress_bar=False,
+                )
+            )
+        vecs = np.concatenate(parts).astype(np.float32, copy=False)
+        return np.ascontiguousarray(vecs)
+
+    def _load_cache(self) -> None:
+        from safetensors.numpy import load_file
+
+        assert self._cache_dir is not None
+        if not self._cache_dir.is_dir():
+            return
+        for shard in sorted(self._cache_dir.glob("shard-*.safetensors")):
+            try:
+                data = load_file(str(shard))
+                keys, vecs = data["keys"], data["vectors"]
+                if keys.shape[1] != 32 or vecs.shape != (keys.shape[0], self.dim):
+                    raise ValueError(f"shapes {keys.shape} / {vecs.shape}")
+            except Exception as exc:  # a bad cache shard must never stop indexing
+                log.warning("embedding cache shard %s is unreadable (%s); ignoring it", shard, exc)
+                continue
+            for k, v in zip(keys, vecs.astype(np.float32, copy=False), strict=True):
+                self._cache[bytes(k)] = v
+
+    def _write_shard(self, keys: list[bytes], vecs: np.ndarray) -> None:
+        from safetensors.numpy import save
+
+        assert self._cache_dir is not None
+        key_arr = np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(len(keys), 32)
+        name = hashlib.sha256(key_arr.tobytes()).hexdigest()[:24]
+        payload = save({"keys": key_arr, "vectors": np.ascontiguousarray(vecs)})
+        try:
+            atomic_write_bytes(self._cache_dir / f"shard-{name}.safetensors", payload)
+        except OSError as exc:  # a full or read-only disk costs speed, not correctness
+            log.warning("could not write the embedding cache in %s: %s", self._cache_dir, exc)

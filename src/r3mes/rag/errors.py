@@ -1,0 +1,30 @@
+"""Exceptions of the RAG layer. Each message names the file, index or argument at fault."""
+
+from __future__ import annotations
+
+
+class RagError(Exception):
+    """Base class of every error this package raises on bad input or bad stored state."""
+
+
+class DocumentError(RagError, ValueError):
+    """A document or input file cannot be indexed (empty, binary, oversized, malformed)."""
+
+
+class QueryError(RagError, ValueError):
+    """A query is unusable (empty, too long) or names an unknown index."""
+
+
+class UnknownIndexError(QueryError, KeyError):
+    """An index name that is not one of the named indices."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class IndexCorruptedError(RagError):
+    """A stored index, snapshot or manifest fails validation; nothing was changed."""
+
+
+class RerankerUnavailableError(RagError):
+    """Reranking was asked for but no local cross-encoder model is available."""

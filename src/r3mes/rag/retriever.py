@@ -1,0 +1,250 @@
+"""Search over the named indices: dense, sparse (BM25), or hybrid by Reciprocal Rank Fusion,
+optionally re-ranked by a local cross-encoder; and the prompt/citation helper.
+
+Reciprocal Rank Fusion (Cormack et al., 2009): a chunk's fused score is
+``sum over lists of 1 / (k + rank)`` with 1-based ranks and ``k = 60``. It needs no score
+calibration, which is why it is used both to fuse dense with sparse and to merge several
+indices' BM25 lists (BM25 scores of different indices are not comparable: each has its own
+idf). Dense scores are cosines and are merged across indices by value.
+
+Reranking is off by default. It needs a cross-encoder saved in a local directory
+(``sentence_transformers.CrossEncoder(path)``); nothing is downloaded, and asking for reranking
+without such a directory raises :class:`RerankerUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from r3mes.rag.errors import QueryError, RerankerUnavailableError
+from r3mes.rag.indices import RagStore, check_index_name, route_domain
+
+MODES = ("dense", "sparse", "hybrid")
+DEFAULT_RRF_K = 60
+MAX_QUERY_CHARS = 4096
+MAX_TOP_K = 1000
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved chunk: where it came from, its text, and its score under the mode used
+    (cosine for dense, BM25 for sparse on one index, RRF otherwise, cross-encoder score when
+    reranked)."""
+
+    doc_id: str
+    chunk_id: str
+    text: str
+    score: float
+    index: str
+    position: int
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"doc_id": self.doc_id, "chunk_id": self.chunk_id, "text": self.text,
+                "score": self.score, "index": self.index, "position": self.position,
+                "metadata": self.metadata}
+
+
+def rrf_fuse(rankings: Sequence[Sequence[Hashable]], k: int = DEFAULT_RRF_K
+             ) -> list[tuple[Hashable, float]]:
+    """Fuse ranked lists by Reciprocal Rank Fusion; best first, ties by first appearance."""
+    if k < 0:
+        raise ValueError(f"RRF k must be non-negative, got {k}")
+    scores: dict[Hashable, float] = {}
+    first: dict[Hashable, int] = {}
+    n = 0
+    for ranking in rankings:
+        for rank, key in enumerate(ranking, start=1):
+            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+            if key not in first:
+                first[key] = n
+                n += 1
+    return sorted(scores.items(), key=lambda kv: (-kv[1], first[kv[0]]))
+
+
+class CrossEncoderReranker:
+    """A sentence-transformers ``CrossEncoder`` loaded from a local directory only."""
+
+    def __init__(self, model_path: str | os.PathLike[str], device: str = "cpu") -> None:
+        path = Path(model_path).expanduser()
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise RerankerUnavailableError(
+                f"reranker model '{model_path}' is not a local model directory (with "
+                "config.json); r3mes never downloads models: save a cross-encoder with "
+                "sentence-transformers and pass its path")
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        from sentence_transformers import CrossEncoder
+
+        try:
+            self.model = CrossEncoder(str(path), device=device, local_files_only=True)
+        except Exception as exc:  # a broken directory must name itself
+            raise RerankerUnavailableError(f"{path}: cannot load a cross-encoder ({exc})") \
+                from exc
+        self.path = path
+
+    def scores(self, query: str, texts: Sequence[str]) -> list[float]:
+        if not texts:
+            return []
+        out = self.model.predict([(query, t) for t in texts], show_progress_bar=False)
+        return [float(s) for s in out]
+
+
+class Retriever:
+    """Search the named indices of a :class:`RagStore`.
+
+    ``candidates`` is how deep each list is read before fusion or reranking. ``rerank=True``
+    needs ``reranker_model`` (a local directory) or a ready ``reranker``.
+    """
+
+    def __init__(
+        self,
+        store: RagStore,
+        mode: str = "hybrid",
+        rrf_k: int = DEFAULT_RRF_K,
+        candidates: int = 50,
+        rerank: bool = False,
+        reranker_model: str | os.PathLike[str] | None = None,
+        reranker: CrossEncoderReranker | None = None,
+    ) -> None:
+        _check_mode(mode)
+        self.store = store
+        self.mode = mode
+        self.rrf_k = rrf_k
+        self.candidates = candidates
+        self.reranker = reranker
+        if rerank and self.reranker is None:
+            if reranker_model is None:
+                raise RerankerUnavailableError(
+                    "reranking was enabled but no local cross-encoder was given "
+                    "(pass reranker_model=<directory>; nothing is downloaded)")
+            self.reranker = CrossEncoderReranker(reranker_model)
+
+    def search(
+        self,
+        query: str,
+        top_k: int = 5,
+        indices: Sequence[str] | str | None = None,
+        filters: Mapping[str, Any] | None = None,
+        mode: str | None = None,
+        domain: str | None = None,
+    ) -> list[Hit]:
+        """The ``top_k`` best chunks for ``query``.
+
+        ``indices`` names the indices to search (explicitly); otherwise ``domain`` (a router
+        domain) routes the query, and with neither every index that has content is searched.
+        ``filters`` maps a metadata key (or ``doc_id``) to a value or a list of accepted values.
+        Raises :class:`QueryError` for an empty or over-long query or a bad ``top_k``, and
+        :class:`UnknownIndexError` for an unknown index name.
+        """
+        mode = _check_mode(mode or self.mode)
+        query = _check_query(query)
+        if not isinstance(top_k, int) or not 1 <= top_k <= MAX_TOP_K:
+            raise QueryError(f"top_k must be an integer in [1, {MAX_TOP_K}], got {top_k!r}")
+        names = self._targets(indices, domain)
+        depth = max(self.candidates, top_k)
+        now = self.store.clock()
+        per_index = [(n, self.store.index(n)) for n in names]
+        per_index = [(n, ix) for n, ix in per_index if len(ix)]
+        if not per_index:
+            return []
+
+        dense_lists: list[list[tuple[tuple[str, int], float]]] = []
+        sparse_lists: list[list[tuple[tuple[str, int], float]]] = []
+        qvec = self.store.embedder.embed_query(query) if mode != "sparse" else None
+        for name, ix in per_index:
+            allowed = ix.allowed_ids(now, filters)
+            if qvec is not None:
+                dense_lists.append([((name, i), s) for i, s in ix.dense_search(qvec, depth,
+                                                                               allowed)])
+            if mode != "dense":
+                sparse_lists.append([((name, i), s) for i, s in ix.sparse_search(query, depth,
+                                                                                 allowed)])
+
+        if mode == "dense":
+            ranked = sorted((p for lst in dense_lists for p in lst), key=lambda p: -p[1])
+        elif mode == "sparse" and len(sparse_lists) == 1:
+            ranked = sparse_lists[0]
+        elif mode == "sparse":
+            ranked = rrf_fuse([[key for key, _ in lst] for lst in sparse_lists], self.rrf_k)
+        else:
+            ranked = rrf_fuse([[key for key, _ in lst] for lst in dense_lists + sparse_lists],
+                              self.rrf_k)
+        ranked = ranked[:depth]
+        hits = [self._hit(key, score) for key, score in ranked]
+        if self.reranker is not None and hits:
+            ce = self.reranker.scores(query, [h.text for h in hits])
+            order = sorted(range(len(hits)), key=lambda j: -ce[j])
+            hits = [_with_score(hits[j], ce[j]) for j in order]
+        return hits[:top_k]
+
+    def _targets(self, indices: Sequence[str] | str | None, domain: str | None) -> list[str]:
+        if isinstance(indices, str):
+            indices = [indices]
+        if indices is not None:
+            if not indices:
+                raise QueryError("indices is empty; name at least one index or pass None")
+            return list(dict.fromkeys(check_index_name(n) for n in indices))
+        if domain is not None:
+            return route_domain(domain)
+        return self.store.existing() or ["general"]
+
+    def _hit(self, key: tuple[str, int], score: float) -> Hit:
+        name, cid = key
+        rec = self.store.index(name).records[cid]
+        return Hit(rec.doc_id, rec.chunk_id, rec.text, float(score), name, rec.position,
+                   dict(rec.metadata))
+
+
+def _with_score(hit: Hit, score: float) -> Hit:
+    return Hit(hit.doc_id, hit.chunk_id, hit.text, score, hit.index, hit.position, hit.metadata)
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise QueryError(f"unknown search mode '{mode}' (choose one of {', '.join(MODES)})")
+    return mode
+
+
+def _check_query(query: Any) -> str:
+    if not isinstance(query, str):
+        raise QueryError(f"query must be a string, got {type(query).__name__}")
+    if not query.strip():
+        raise QueryError("query is empty")
+    if len(query) > MAX_QUERY_CHARS:
+        raise QueryError(
+            f"query is {len(query)} characters, over the {MAX_QUERY_CHARS}-character limit")
+    return query.strip()
+
+
+# -- prompt and citations ----------------------------------------------------------------
+
+PROMPT_TEMPLATE = "Context:\n{retrieved_docs}\n\nQuery: {user_query}"
+
+
+def build_prompt(query: str, hits: Sequence[Hit]) -> tuple[str, dict[int, dict[str, Any]]]:
+    """The seed's prompt with numbered sources, and the map ``number -> source`` to resolve
+    citations such as ``[2]`` in the answer."""
+    lines = []
+    sources: dict[int, dict[str, Any]] = {}
+    for n, hit in enumerate(hits, start=1):
+        lines.append(f"[{n}] {hit.text}")
+        sources[n] = {"doc_id": hit.doc_id, "chunk_id": hit.chunk_id, "index": hit.index,
+                      "title": hit.metadata.get("title"), "source": hit.metadata.get("source")}
+    return PROMPT_TEMPLATE.format(retrieved_docs="\n\n".join(lines), user_query=query), sources
+
+
+def cited_sources(answer: str, sources: Mapping[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Sources an answer cites as ``[n]``, in order of first citation, unknown numbers ignored."""
+    import re
+
+    out, seen = [], set()
+    for m in re.finditer(r"\[(\d+)\]", answer):
+        n = int(m.group(1))
+        if n in sources and n not in seen:
+            seen.add(n)
+            out.append({"number": n, **sources[n]})
+    return out
