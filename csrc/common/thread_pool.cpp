@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
+#include <stdexcept>
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -29,12 +30,23 @@ ThreadPool::~ThreadPool() {
   for (auto& t : workers_) t.join();
 }
 
+namespace {
+constexpr int kBits = 20;
+constexpr std::uint64_t kFieldMask = (std::uint64_t{1} << kBits) - 1;
+}  // namespace
+
 void ThreadPool::drain() {
+  std::uint64_t w = work_.load(std::memory_order_acquire);
   for (;;) {
-    std::size_t task = next_task_.fetch_add(1, std::memory_order_relaxed);
-    if (task >= num_tasks_) return;
-    (*fn_)(task);
+    const std::uint64_t next = w & kFieldMask;
+    const std::uint64_t tasks = (w >> kBits) & kFieldMask;
+    if (next >= tasks) return;
+    if (!work_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel,
+                                     std::memory_order_acquire))
+      continue;  // w now holds the current word; re-check it
+    (*fn_)(static_cast<std::size_t>(next));
     done_tasks_.fetch_add(1, std::memory_order_release);
+    w = work_.load(std::memory_order_acquire);
   }
 }
 
@@ -56,7 +68,6 @@ void ThreadPool::worker_loop() {
     seen = generation_.load(std::memory_order_acquire);
     if (stop_) return;
     drain();
-    finished_workers_.fetch_add(1, std::memory_order_release);
   }
 }
 
@@ -66,20 +77,21 @@ void ThreadPool::run(std::size_t num_tasks, const std::function<void(std::size_t
     for (std::size_t i = 0; i < num_tasks; ++i) fn(i);
     return;
   }
+  if (num_tasks > kMaxTasks) throw std::invalid_argument("ThreadPool::run: too many tasks");
+  unsigned long gen;
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    gen = generation_.load() + 1;
     fn_ = &fn;
-    num_tasks_ = num_tasks;
-    next_task_.store(0);
-    done_tasks_.store(0);
-    finished_workers_.store(0);
-    generation_.fetch_add(1, std::memory_order_release);
+    done_tasks_.store(0, std::memory_order_relaxed);
+    work_.store(((static_cast<std::uint64_t>(gen) & 0xFFFFFF) << (2 * kBits)) |
+                    (static_cast<std::uint64_t>(num_tasks) << kBits),
+                std::memory_order_release);
+    generation_.store(gen, std::memory_order_release);
   }
   wake_.notify_all();
   drain();
-  while (done_tasks_.load(std::memory_order_acquire) < num_tasks ||
-         finished_workers_.load(std::memory_order_acquire) < workers_.size())
-    cpu_relax();
+  while (done_tasks_.load(std::memory_order_acquire) < num_tasks) cpu_relax();
 }
 
 int default_num_threads() {

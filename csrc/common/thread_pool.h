@@ -5,6 +5,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstddef>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -22,7 +23,9 @@ class ThreadPool {
   int num_threads() const { return static_cast<int>(workers_.size()) + 1; }
 
   // Runs fn(task) for task in [0, num_tasks), spread over the pool and the
-  // calling thread; returns when all are done. Not re-entrant.
+  // calling thread; returns when all are done. Not re-entrant. num_tasks is
+  // capped at kMaxTasks (callers size their chunks accordingly).
+  static constexpr std::size_t kMaxTasks = (1u << 20) - 1;
   void run(std::size_t num_tasks, const std::function<void(std::size_t)>& fn);
 
  private:
@@ -33,12 +36,13 @@ class ThreadPool {
   std::mutex mutex_;
   std::condition_variable wake_;
   std::atomic<unsigned long> generation_{0};
-  std::atomic<std::size_t> next_task_{0};
+  // The work of one call, in one word so a task is claimed with one CAS that
+  // also proves which call it belongs to: [generation:24 | tasks:20 | next:20].
+  // A worker that wakes late sees a finished or newer call and claims nothing,
+  // so run() returns as soon as the tasks are done, without waiting for
+  // sleeping workers to acknowledge.
+  std::atomic<std::uint64_t> work_{0};
   std::atomic<std::size_t> done_tasks_{0};
-  // Workers that finished the current generation; run() waits for all of
-  // them so no straggler can pick up a task of the next call.
-  std::atomic<std::size_t> finished_workers_{0};
-  std::size_t num_tasks_ = 0;
   const std::function<void(std::size_t)>* fn_ = nullptr;
   bool stop_ = false;
 };

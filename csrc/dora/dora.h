@@ -11,7 +11,9 @@
 //   base    = (q . T^T) / (s_x s_w)                 (one ternary GEMM for all e)
 //
 // which equals (sum_e w g_e) (.) W0 x + sum_e (w g_e s_e) (.) B_e (A_e x). A
-// token with no expert (all w = 0) gets base + bias.
+// token with no expert (all w = 0) gets base + bias. An optional per-token
+// base weight b[m] adds b[m] * base (a mix entry "no adapter", used when an
+// expert does not cover this layer).
 //
 // Adapter storage for the kernel ("merge" step, done once at load)
 // -----------------------------------------------------------------
@@ -72,6 +74,7 @@ struct DoraMix {
   std::vector<uint32_t> act_start;  // [M + 1]: token m's entries are [act_start[m], act_start[m+1])
   std::vector<uint32_t> act_e;      // adapter index of each entry
   std::vector<float> act_w;         // its mix weight
+  std::vector<float> base_w;        // [M]: weight of the bare base output in the mix
   std::vector<std::size_t> z_off;   // [E]: column offset of adapter e in z
   std::size_t z_cols = 0;           // sum of ranks
   std::vector<float> z;             // [M, z_cols]: A_e x_m (fp16 path: A16 x_m)
@@ -91,12 +94,12 @@ float dora_dot_f32_avx512(const float* x, const float* a, std::size_t k);
 float dora_dot_f16_avx512(const float* x, const uint16_t* a, std::size_t k);
 
 // y [M, N] = the fused DoRA mix of x [M, K] (see above). mix is [mix_rows, E]
-// with mix_rows == 1 (same mix for every token) or M. Returns false if x holds
-// NaN/Inf.
+// with mix_rows == 1 (same mix for every token) or M; base_weight (nullable) is
+// [mix_rows]. Returns false if x holds NaN/Inf.
 bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
                  std::size_t N, float w_scale, const float* bias,
                  const std::vector<const DoraAdapter*>& adapters, const float* mix,
-                 std::size_t mix_rows, float* out, SimdLevel level);
+                 const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level);
 
 // out [N, R] = T . a^T with T the ternary values (not divided by s_w), a [R, K]
 // float32, accumulated in float32: the exact-in-float ternary x float product.

@@ -50,7 +50,7 @@ DoraAdapter py_make_adapter(const py::array& a, const py::array& b, const py::ar
 py::array_t<float> py_dora_linear(const py::array& x, const py::array& packed, std::size_t k,
                                   float w_scale, const py::object& bias,
                                   const std::vector<const DoraAdapter*>& adapters,
-                                  const py::array& mix) {
+                                  const py::array& mix, const py::object& base_weight) {
   check_array<float>(x, "x", 2);
   check_packed_k(packed, k);
   check_dim(x.shape(1), k, "x features (in_features)");
@@ -79,6 +79,16 @@ py::array_t<float> py_dora_linear(const py::array& x, const py::array& packed, s
     check_dim(bias_arr.shape(0), n, "bias length (out_features)");
     bias_ptr = data_of<float>(bias_arr);
   }
+  const float* bw_ptr = nullptr;
+  py::array bw_arr;
+  if (!base_weight.is_none()) {
+    bw_arr = py::array::ensure(base_weight);
+    check_array<float>(bw_arr, "base_weight", 1);
+    check_dim(bw_arr.shape(0), mix_rows, "base_weight length (rows of mix)");
+    bw_ptr = data_of<float>(bw_arr);
+    for (std::size_t i = 0; i < mix_rows; ++i)
+      if (!std::isfinite(bw_ptr[i])) throw std::invalid_argument("base_weight: NaN or Inf");
+  }
   py::array_t<float> out({m, n});
   if (m == 0) return out;
   const float* xp = data_of<float>(x);
@@ -87,7 +97,7 @@ py::array_t<float> py_dora_linear(const py::array& x, const py::array& packed, s
   bool ok;
   {
     py::gil_scoped_release release;
-    ok = dora_linear(xp, m, k, pp, n, w_scale, bias_ptr, adapters, mp, mix_rows, op,
+    ok = dora_linear(xp, m, k, pp, n, w_scale, bias_ptr, adapters, mp, bw_ptr, mix_rows, op,
                      active_simd_level());
   }
   if (!ok) throw std::invalid_argument("x: activations contain NaN or Inf");
@@ -160,7 +170,9 @@ void register_dora_bindings(py::module_& mod) {
           "(float32), scaling s; storage 'fp16' (compact) or 'fp32' (exact).");
   mod.def("dora_linear", &py_dora_linear, py::arg("x"), py::arg("packed"), py::arg("k"),
           py::arg("w_scale"), py::arg("bias"), py::arg("adapters"), py::arg("mix"),
-          "Fused DoRA mix: x [M, K] -> y [M, N]; mix [1 or M, E] weights per token.");
+          py::arg("base_weight") = py::none(),
+          "Fused DoRA mix: x [M, K] -> y [M, N]; mix [1 or M, E] weights per token, "
+          "base_weight [1 or M] the weight of the bare base output.");
   mod.def("ternary_float_matmul", &py_ternary_float_matmul, py::arg("packed"), py::arg("k"),
           py::arg("a"), "T . a^T for float32 a [R, K] -> [N, R] (ternary values, no s_w).");
   mod.def("dora_row_norms", &py_dora_row_norms, py::arg("packed"), py::arg("k"),

@@ -132,7 +132,7 @@ void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1)
         acc = y[n];
       } else {
         const float base = y[n];
-        acc = 0.0f;
+        acc = p.base_w[m] * base;
         const std::size_t t = n / kDoraTile, l = n % kDoraTile;
         for (uint32_t a = a0; a < a1; ++a) {
           const DoraAdapter& ad = *p.adapters[p.act_e[a]];
@@ -205,7 +205,7 @@ void decode_row_float(const uint8_t* row, std::size_t kp, float* t) {
 bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
                  std::size_t N, float w_scale, const float* bias,
                  const std::vector<const DoraAdapter*>& adapters, const float* mix,
-                 std::size_t mix_rows, float* out, SimdLevel level) {
+                 const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level) {
   if (M == 0 || N == 0) return true;
   const std::size_t E = adapters.size();
   const Isa isa = isa_for(level);
@@ -217,6 +217,7 @@ bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* pa
   p.bias = bias;
   p.adapters = adapters.data();
   p.act_start.resize(M + 1);
+  p.base_w.assign(M, 0.0f);
   p.z_off.resize(E);
   for (std::size_t e = 0; e < E; ++e) {
     p.z_off[e] = p.z_cols;
@@ -225,6 +226,7 @@ bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* pa
   for (std::size_t m = 0; m < M; ++m) {
     p.act_start[m] = static_cast<uint32_t>(p.act_e.size());
     const float* w = mix + (mix_rows == 1 ? 0 : m) * E;
+    if (base_weight != nullptr) p.base_w[m] = base_weight[mix_rows == 1 ? 0 : m];
     for (std::size_t e = 0; e < E; ++e)
       if (w[e] != 0.0f) {
         p.act_e.push_back(static_cast<uint32_t>(e));
@@ -260,10 +262,12 @@ bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* pa
                                         : isa.dot32(x + m * K, ad.a32.data() + j * K, K);
       }
     };
-    // Small passes (decode) run inline: waking the pool costs more than the work.
+    // Tiny passes run inline: waking the pool would cost more than the work. A decode
+    // step with three r=16 experts (123K MACs) is split: the pool is still spinning from
+    // the previous kernel call, so the hand-off is cheap.
     const std::size_t threads = static_cast<std::size_t>(get_num_threads());
     const std::size_t work = total * K;
-    if (work < (std::size_t{1} << 18) || threads == 1) {
+    if (work < (std::size_t{1} << 15) || threads == 1) {
       project(0, total);
     } else {
       parallel_for(total, std::max<std::size_t>(1, (total + threads * 4 - 1) / (threads * 4)),
@@ -319,8 +323,9 @@ void dora_row_norms(const uint8_t* packed, std::size_t N, std::size_t K, float w
     std::vector<float> t(kp);
     for (std::size_t n = n0; n < n1; ++n) {
       decode_row_float(packed + n * row_bytes, kp, t.data());
-      double nnz = 0.0;
-      for (std::size_t k = 0; k < K; ++k) nnz += t[k] != 0.0f ? 1.0 : 0.0;
+      std::size_t count = 0;  // integer count: vectorises, no float add chain
+      for (std::size_t k = 0; k < K; ++k) count += t[k] != 0.0f;
+      const double nnz = static_cast<double>(count);
       const float* b = lora_b + n * rank;
       double cross = 0.0, quad = 0.0;
       for (std::size_t j = 0; j < rank; ++j) {

@@ -51,7 +51,11 @@ R3MES_F16C void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
     for (std::size_t nb = v0; nb < v1; nb += kDoraTile) {
       const __m256 b0 = _mm256_loadu_ps(y + nb), b1 = _mm256_loadu_ps(y + nb + 8);
       __m256 acc0 = b0, acc1 = b1;
-      if (a0 != a1) acc0 = acc1 = _mm256_setzero_ps();
+      if (a0 != a1) {
+        const __m256 bw = _mm256_set1_ps(p.base_w[m]);
+        acc0 = _mm256_mul_ps(bw, b0);
+        acc1 = _mm256_mul_ps(bw, b1);
+      }
       for (uint32_t a = a0; a < a1; ++a) {
         const DoraAdapter& ad = *p.adapters[p.act_e[a]];
         __m256 u0, u1;

@@ -43,7 +43,7 @@ void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
     const float* zm = p.z.data() + m * p.z_cols;
     for (std::size_t nb = v0; nb < v1; nb += kDoraTile) {
       const __m512 base = _mm512_loadu_ps(y + nb);
-      __m512 acc = a0 == a1 ? base : _mm512_setzero_ps();
+      __m512 acc = a0 == a1 ? base : _mm512_mul_ps(_mm512_set1_ps(p.base_w[m]), base);
       for (uint32_t a = a0; a < a1; ++a) {
         const DoraAdapter& ad = *p.adapters[p.act_e[a]];
         const float* z = zm + p.z_off[p.act_e[a]];

@@ -8,6 +8,9 @@
 
 namespace r3mes {
 
+// Work below this (packed weight bytes x tokens) runs on the calling thread.
+constexpr std::size_t kInlineBytes = 64 * 1024;
+
 void ternary_gemm_rows_scalar(const GemmArgs& a, std::size_t n0, std::size_t n1) {
   const std::size_t kp = padded_k(a.K);
   const std::size_t row_bytes = packed_row_bytes(a.K);
@@ -45,6 +48,8 @@ void ternary_gemm(const GemmArgs& args, SimdLevel level) {
   const std::size_t threads = static_cast<std::size_t>(get_num_threads());
   std::size_t grain = (a.N + threads * 4 - 1) / (threads * 4);
   grain = std::max<std::size_t>(16, (grain + 15) / 16 * 16);
+  // Small products finish before a second thread could start: run them inline.
+  if (a.N * packed_row_bytes(a.K) * a.M < kInlineBytes) grain = a.N;
   parallel_for(a.N, grain, [&](std::size_t n0, std::size_t n1) {
     rows_fn(a, n0, n1);
     if (a.epilogue != nullptr) a.epilogue(a.epilogue_ctx, n0, n1);

@@ -262,9 +262,9 @@ ADAPTER_STORAGES = ("fp16", "fp32")
 class DoRAKernelAdapter:
     """One DoRA adapter prepared for :func:`dora_linear` (the load-time "merge" step).
 
-    ``lora_A`` [r, in], ``lora_B`` [out, r] are the *effective* float32 values the kernel
-    applies (for ``storage="fp16"`` they are the fp16-rounded values, so the torch
-    reference reproduces the kernel); ``g`` [out] = m / ||W0 + s B A||_row; ``scaling`` s.
+    ``lora_A`` [r, in], ``lora_B`` [out, r] are the float32 tensors it was made from
+    (shared, not copied); :meth:`effective` gives the values the kernel applies (fp16-rounded
+    for ``storage="fp16"``). ``g`` [out] = m / ||W0 + s B A||_row; ``scaling`` s.
     ``native`` is the kernel's own copy (None without the native module).
     """
 
@@ -278,6 +278,12 @@ class DoRAKernelAdapter:
     @property
     def rank(self) -> int:
         return int(self.lora_A.shape[0])
+
+    def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as the kernel applies them: exact for fp32, fp16-rounded for fp16."""
+        if self.storage == "fp16":
+            return _fp16_effective(self.lora_A), _fp16_effective(self.lora_B)
+        return self.lora_A, self.lora_B
 
     @property
     def nbytes(self) -> int:
@@ -382,8 +388,6 @@ def prepare_dora_adapter(
     native = None
     if use_native():
         native = _native.dora_adapter(a.numpy(), b.numpy(), gf.numpy(), float(scaling), storage)
-    if storage == "fp16":
-        a, b = _fp16_effective(a), _fp16_effective(b)
     return DoRAKernelAdapter(a, b, gf, float(scaling), storage, native)
 
 
@@ -398,12 +402,22 @@ def _check_mix(mix: torch.Tensor, rows: int, n_adapters: int) -> torch.Tensor:
     return mix
 
 
+def _check_base_weight(bw: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+    if bw is None:
+        return None
+    bw = torch.as_tensor(bw).detach().to(torch.float32).reshape(-1).contiguous()
+    if bw.shape[0] not in (1, rows) or not torch.isfinite(bw).all():
+        raise ValueError(f"base_weight: expected {rows} finite values, got {tuple(bw.shape)}")
+    return bw
+
+
 def dora_linear(
     x: torch.Tensor,
     weight: TernaryWeight,
     adapters: list[DoRAKernelAdapter],
     mix: torch.Tensor,
     bias: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The fused DoRA mix for x [..., in] -> float32 [..., out].
 
@@ -411,7 +425,9 @@ def dora_linear(
     len(adapters); rows normalised by the caller). Per token:
     ``y = sum_e w_e g_e * (base + s_e B_e (A_e x)) + bias`` with base the quantised ternary
     product, one ternary GEMM for all adapters; a token whose weights are all 0 gets
-    ``base + bias``. The adapter path sees the float x (not the int8-quantised x).
+    ``base + bias``. ``base_weight`` [1 or M] (optional) adds ``b * base`` per token: the
+    share of the mix that goes to "no adapter" (an expert that does not cover this layer).
+    The adapter path sees the float x (not the int8-quantised x).
     """
     x2 = _as_float32_matrix(x, "x")
     if x2.shape[1] != weight.in_features:
@@ -419,7 +435,17 @@ def dora_linear(
             f"x: has {x2.shape[1]} features, weight expects in_features={weight.in_features}"
         )
     lead = x.shape[:-1]
+    if (use_native() and bias is None and base_weight is None and isinstance(mix, torch.Tensor)
+            and mix.dtype == torch.float32 and mix.is_contiguous()
+            and all(ad.native is not None for ad in adapters)):
+        # Decode fast path: the native call validates shapes, dims and finiteness itself;
+        # Python-side checks would cost more than the rank-r work of a decode step.
+        y = _native.dora_linear(x2.numpy(), weight.packed.numpy(), weight.in_features,
+                                weight.scale, None, [ad.native for ad in adapters],
+                                mix.numpy(), None)
+        return torch.from_numpy(y).reshape(*lead, weight.out_features)
     mixm = _check_mix(mix, x2.shape[0], len(adapters))
+    bw = _check_base_weight(base_weight, mixm.shape[0])
     for i, ad in enumerate(adapters):
         if ad.lora_A.shape[1] != weight.in_features or ad.lora_B.shape[0] != weight.out_features:
             raise ValueError(
@@ -435,13 +461,13 @@ def dora_linear(
     if not use_native() or any(ad.native is None for ad in adapters):
         if not torch.isfinite(x2).all():
             raise ValueError("x: activations contain NaN or Inf")
-        y = dora_linear_reference(x2, weight, adapters, mixm, bias)
+        y = dora_linear_reference(x2, weight, adapters, mixm, bias, bw)
     else:
         y = torch.from_numpy(
             _native.dora_linear(
                 x2.numpy(), weight.packed.numpy(), weight.in_features, weight.scale,
                 None if bias is None else bias.numpy(), [ad.native for ad in adapters],
-                mixm.numpy(),
+                mixm.numpy(), None if bw is None else bw.numpy(),
             )
         )
     return y.reshape(*lead, weight.out_features)
@@ -453,6 +479,7 @@ def dora_linear_reference(
     adapters: list[DoRAKernelAdapter],
     mix: torch.Tensor,
     bias: torch.Tensor | None = None,
+    base_weight: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The unfused plain-torch definition of :func:`dora_linear` (x [M, in] -> [M, out]):
     each adapter's DoRA output ``g_e * (base + s_e B_e A_e x)`` separately, then the mix."""
@@ -461,8 +488,12 @@ def dora_linear_reference(
     mixm = _check_mix(mix, x2.shape[0], len(adapters)).expand(x2.shape[0], len(adapters))
     y = torch.zeros_like(base)
     for e, ad in enumerate(adapters):
-        dora_e = ad.g * (base + ad.scaling * ((x2 @ ad.lora_A.t()) @ ad.lora_B.t()))
+        a, b = ad.effective()
+        dora_e = ad.g * (base + ad.scaling * ((x2 @ a.t()) @ b.t()))
         y = y + mixm[:, e : e + 1] * dora_e
+    bw = _check_base_weight(base_weight, x2.shape[0])
+    if bw is not None:
+        y = y + bw.reshape(-1, 1) * base
     no_expert = (mixm != 0).sum(dim=1, keepdim=True) == 0
     y = torch.where(no_expert, base, y)
     if bias is not None:

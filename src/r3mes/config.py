@@ -1,0 +1,367 @@
+"""The r3mes configuration: one YAML file, validated, overridable by environment and flags.
+
+The packaged defaults live in ``r3mes/serving/dora_config.yaml`` (the seed's
+``config/dora_config.yaml``, extended with generation, post-processing and server
+settings). :func:`load_config` layers, later winning:
+
+1. the packaged defaults;
+2. a user file: ``path``, else ``$R3MES_CONFIG``, else ``<home>/config.yaml`` when it exists
+   (it need only hold the keys it changes);
+3. environment variables ``R3MES_<SECTION>__<KEY>[__<SUBKEY>...]`` whose values are parsed
+   as YAML (``R3MES_SERVER__PORT=9000``, ``R3MES_RAG__INDICES="[medical, general]"``), and the
+   shortcuts ``R3MES_MODEL`` (``model.path``) and ``R3MES_API_KEY`` (``server.api_key``);
+4. ``overrides``: a mapping of dotted keys (``{"router.gating.vram_gb": 24}``), which is how
+   command-line flags arrive.
+
+Every layer is validated as it is applied, so a bad value raises :class:`ConfigError` naming
+where it came from (the file, the environment variable or the flag) and the dotted field.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from r3mes.utils.paths import r3mes_home
+
+ENV_PREFIX = "R3MES_"
+#: environment shortcuts -> dotted key
+ENV_SHORTCUTS = {"R3MES_MODEL": "model.path", "R3MES_API_KEY": "server.api_key"}
+DEFAULT_CONFIG_FILE = "dora_config.yaml"  # next to r3mes/serving/__init__.py
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the source (file, env var, flag) and
+    the dotted field."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are errors: a typo must not silently fall back to a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- schema
+
+
+class ModelSection(_Section):
+    path: str | None = None
+    experts_dir: str | None = None
+    knowledge_dir: str | None = None
+
+
+class DoraSection(_Section):
+    default_rank: int = Field(16, ge=1)
+    default_alpha: float = Field(32, gt=0)
+
+
+class KeywordSection(_Section):
+    confidence_threshold: float = Field(0.3, ge=0, le=1)
+
+
+class SemanticSection(_Section):
+    model: str | None = None
+    device: str = "cpu"
+
+
+class HybridSection(_Section):
+    keyword_weight: float = Field(0.3, ge=0)
+    semantic_weight: float = Field(0.7, ge=0)
+    fast_path_threshold: float = Field(0.85, ge=0, le=1)
+    adaptive_weighting: bool = True
+
+    @model_validator(mode="after")
+    def _weights(self) -> HybridSection:
+        if self.keyword_weight + self.semantic_weight <= 0:
+            raise ValueError("keyword_weight and semantic_weight must not both be 0")
+        return self
+
+
+class GatingSection(_Section):
+    vram_8gb_max_experts: int = Field(1, ge=1)
+    vram_16gb_max_experts: int = Field(2, ge=1)
+    vram_24gb_max_experts: int = Field(3, ge=1)
+    general_fallback_threshold: float = Field(0.5, ge=0, le=1)
+    min_weight: float = Field(0.1, ge=0, lt=1)
+    vram_gb: float | None = Field(None, ge=0)
+    fill_with_general: bool = True
+    general_fill_score: float = Field(0.3, gt=0, le=1)
+
+
+class RouterSection(_Section):
+    strategy: Literal["keyword", "semantic", "hybrid"] = "hybrid"
+    registry: str | None = None
+    keyword: KeywordSection = KeywordSection()
+    semantic: SemanticSection = SemanticSection()
+    hybrid: HybridSection = HybridSection()
+    gating: GatingSection = GatingSection()
+
+
+class Tier1Section(_Section):
+    preload: list[str] = Field(default_factory=lambda: ["turkish_dora", "general_dora"])
+    capacity_mb: float = Field(512, ge=0)
+
+
+class Tier2Section(_Section):
+    capacity_mb: float = Field(2048, ge=0)
+    eviction_policy: Literal["lru"] = "lru"
+
+
+class Tier3Section(_Section):
+    max_size_gb: float | None = Field(10, gt=0)
+
+
+class CacheSection(_Section):
+    tier1_vram: Tier1Section = Tier1Section()
+    tier2_ram: Tier2Section = Tier2Section()
+    tier3_disk: Tier3Section = Tier3Section()
+    predictive_loading: bool = True
+
+
+class InferenceSection(_Section):
+    backend: Literal["auto", "pytorch", "bitnet_cpp"] = "auto"
+    fallback_backend: Literal["pytorch", "bitnet_cpp"] = "pytorch"
+    device: str = "cpu"
+    max_batch_size: int = Field(8, ge=1, le=256)
+
+
+class ServingNodeSection(_Section):
+    indices: list[str] = Field(default_factory=lambda: ["general", "news", "medical", "code"])
+
+
+class RagSection(_Section):
+    enabled: bool = True
+    vector_store: Literal["faiss"] = "faiss"
+    embedding_model: str = "all-MiniLM-L6-v2"
+    chunk_size: int = Field(512, ge=16)
+    chunk_overlap: int = Field(50, ge=0)
+    top_k: int = Field(5, ge=1, le=100)
+    hybrid_search: bool = True
+    rerank: bool = False
+    reranker_model: str | None = None
+    indices: list[str] | None = None
+    max_context_chars: int = Field(4000, ge=0)
+    serving_node: ServingNodeSection = ServingNodeSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> RagSection:
+        if self.chunk_overlap >= self.chunk_size:
+            raise ValueError("chunk_overlap must be smaller than chunk_size")
+        if self.rerank and not self.reranker_model:
+            raise ValueError("rerank: true needs reranker_model (a local cross-encoder directory)")
+        if self.indices is not None:
+            from r3mes.rag.indices import INDEX_NAMES
+
+            bad = [n for n in self.indices if n not in INDEX_NAMES]
+            if bad:
+                raise ValueError(f"unknown index {bad} (the indices are {list(INDEX_NAMES)})")
+        return self
+
+
+class GenerationSection(_Section):
+    max_new_tokens: int = Field(128, ge=1, le=32768)
+    temperature: float = Field(0.0, ge=0, le=10)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    repetition_penalty: float = Field(1.0, gt=0)
+    stop: list[str] = Field(default_factory=list)
+    seed: int | None = None
+    system_prompt: str = ""
+
+
+class SafetySection(_Section):
+    enabled: bool = True
+    blocked_terms: list[str] = Field(default_factory=list)
+    replacement: str = "[filtered]"
+
+
+class PostprocessSection(_Section):
+    citations: bool = True
+    strip_whitespace: bool = True
+    safety: SafetySection = SafetySection()
+
+
+class ServerSection(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_key: str | None = None
+    max_request_bytes: int = Field(1_048_576, ge=1024)
+    max_prompt_chars: int = Field(16000, ge=1)
+    max_tokens_limit: int = Field(1024, ge=1)
+    max_concurrent_requests: int = Field(64, ge=1)
+    model_name: str = "r3mes-bitnet"
+
+
+class R3mesConfig(_Section):
+    """The whole configuration (the schema of ``dora_config.yaml``)."""
+
+    model: ModelSection = ModelSection()
+    dora: DoraSection = DoraSection()
+    router: RouterSection = RouterSection()
+    cache: CacheSection = CacheSection()
+    inference: InferenceSection = InferenceSection()
+    rag: RagSection = RagSection()
+    generation: GenerationSection = GenerationSection()
+    postprocess: PostprocessSection = PostprocessSection()
+    server: ServerSection = ServerSection()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, the YAML file's shape (the ``r3mes config show --json`` schema)."""
+        return self.model_dump(mode="json")
+
+    def get(self, dotted: str) -> Any:
+        """The value at a dotted key (``"router.hybrid.keyword_weight"``)."""
+        node: Any = self
+        for part in dotted.split("."):
+            node = getattr(node, part)
+        return node
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def default_config_path() -> Path:
+    """The packaged defaults file."""
+    import r3mes.serving
+
+    return Path(r3mes.serving.__file__).resolve().parent / DEFAULT_CONFIG_FILE
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc})") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _validate(data: Mapping[str, Any], source: str) -> R3mesConfig:
+    try:
+        return R3mesConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"]
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key (a typo?)"
+            problems.append(f"{field}: {msg} (got {err.get('input')!r})"
+                            if err["type"] != "extra_forbidden" else f"{field}: {msg}")
+        raise ConfigError(f"{source}: invalid configuration: " + "; ".join(problems)) from None
+
+
+def env_overrides(environ: Mapping[str, str] | None = None) -> dict[str, tuple[str, Any]]:
+    """Dotted key -> (variable name, parsed value) for every ``R3MES_*__*`` variable and
+    shortcut in ``environ``."""
+    environ = os.environ if environ is None else environ
+    out: dict[str, tuple[str, Any]] = {}
+    for name, raw in environ.items():
+        if name in ENV_SHORTCUTS:
+            dotted = ENV_SHORTCUTS[name]
+        elif name.startswith(ENV_PREFIX) and "__" in name[len(ENV_PREFIX):]:
+            dotted = ".".join(p.lower() for p in name[len(ENV_PREFIX):].split("__"))
+        else:
+            continue  # R3MES_HOME, R3MES_SIMD, R3MES_CONFIG ... belong to others
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"environment variable {name}: not a valid value ({exc})") from exc
+        out[dotted] = (name, value)
+    return out
+
+
+def user_config_path(path: str | os.PathLike[str] | None = None,
+                     home: str | os.PathLike[str] | None = None,
+                     environ: Mapping[str, str] | None = None) -> Path | None:
+    """The user's config file: ``path``, else ``$R3MES_CONFIG``, else ``<home>/config.yaml``
+    when it exists, else ``None``."""
+    environ = os.environ if environ is None else environ
+    if path is not None:
+        return Path(path).expanduser()
+    if environ.get("R3MES_CONFIG"):
+        return Path(environ["R3MES_CONFIG"]).expanduser()
+    candidate = r3mes_home(home) / "config.yaml"
+    return candidate if candidate.is_file() else None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    home: str | os.PathLike[str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> R3mesConfig:
+    """The effective configuration (see the module docstring for the layers).
+
+    Raises :class:`ConfigError` naming the file, variable or flag and the field at fault.
+    """
+    data = _read_yaml(default_config_path())
+    _validate(data, str(default_config_path()))
+    user = user_config_path(path, home, environ)
+    if user is not None:
+        data = _merge(data, _read_yaml(user))
+        _validate(data, str(user))
+    for dotted, (name, value) in sorted(env_overrides(environ).items()):
+        _set_dotted(data, dotted, value)
+        _validate(data, f"environment variable {name}")
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue  # an unset flag leaves the configured value
+        _set_dotted(data, dotted, value)
+        _validate(data, f"option {dotted}")
+    return _validate(data, "configuration")
+
+
+def config_sources(path: str | os.PathLike[str] | None = None,
+                   home: str | os.PathLike[str] | None = None,
+                   environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Where the effective configuration came from (for ``r3mes config show``)."""
+    user = user_config_path(path, home, environ)
+    return {
+        "defaults": str(default_config_path()),
+        "file": str(user) if user is not None else None,
+        "environment": sorted(name for name, _ in env_overrides(environ).values()),
+    }
+
+
+def dump_yaml(config: R3mesConfig) -> str:
+    """The configuration as YAML (loadable again with :func:`load_config`)."""
+    return yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)

@@ -1,0 +1,171 @@
+"""``InferenceBackend``: the one interface the serving layer uses to run a BitNet model.
+
+A backend loads a base model (:meth:`load_base_model`), DoRA experts
+(:meth:`load_dora_adapter`), and runs ``inference`` (logits) and ``generate``/``stream``
+with any mix of the loaded experts. Subclasses decide only *how* the forward pass runs
+(:meth:`_forward`) and what they report (:meth:`get_capabilities`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from r3mes.core.checkpoint import LoadInfo, load_model
+from r3mes.core.dora import dora_modules, set_adapter_mix
+from r3mes.core.generation import GenerationConfig, GenerationResult, TokenEvent
+from r3mes.core.generation import generate as _generate
+from r3mes.core.generation import stream as _stream
+from r3mes.core.model import BitNetForCausalLM, KVCache
+from r3mes.core.tokenizer import Tokenizer
+
+__all__ = ["InferenceBackend", "Prompt"]
+
+#: A prompt: token ids, a string, or chat messages ([{"role": ..., "content": ...}]).
+Prompt = Sequence[int] | str | Sequence[dict[str, str]]
+
+
+class InferenceBackend(ABC):
+    """Base model + DoRA experts + generation. Not thread-safe for concurrent calls on
+    the same instance (calls are serialised by an internal lock)."""
+
+    name = "abstract"
+    #: How loaded adapters are stored for the kernels ("fp16": compact, "fp32": exact).
+    adapter_storage = "fp32"
+
+    def __init__(self) -> None:
+        self.model: BitNetForCausalLM | None = None
+        self.tokenizer: Tokenizer | None = None
+        self.load_info: LoadInfo | None = None
+        self.adapters: dict[str, Path] = {}
+        self._lock = threading.RLock()
+
+    # ---- loading ---------------------------------------------------------------------
+    def load_base_model(self, path: str | os.PathLike[str], *, head: str = "int8",
+                        verify: bool = False) -> LoadInfo:
+        """Load a model directory (HF or r3mes packed) and its tokenizer if present."""
+        model, info = load_model(path, head=head, verify=verify)
+        tok = Tokenizer(path) if (Path(path) / "tokenizer.json").is_file() else None
+        for module in dora_modules(model).values():
+            module.storage = self.adapter_storage
+        with self._lock:
+            self.model, self.tokenizer, self.load_info = model, tok, info
+            self.adapters = {}
+        return info
+
+    def _require_model(self) -> BitNetForCausalLM:
+        if self.model is None:
+            raise RuntimeError(f"{self.name}: no base model loaded (call load_base_model)")
+        return self.model
+
+    def load_dora_adapter(self, adapter_id: str, path: str | os.PathLike[str]) -> None:
+        """Load a PEFT DoRA adapter directory as expert ``adapter_id`` (all or nothing)."""
+        from r3mes.core.adapter_io import load_peft_adapter
+
+        model = self._require_model()
+        with self._lock:
+            if adapter_id in self.adapters:
+                raise ValueError(f"adapter {adapter_id!r} is already loaded")
+            load_peft_adapter(model, path, adapter_id)
+            self.adapters[adapter_id] = Path(path)
+
+    def unload_dora_adapter(self, adapter_id: str) -> None:
+        with self._lock:
+            if adapter_id not in self.adapters:
+                raise KeyError(f"adapter {adapter_id!r} is not loaded")
+            for module in dora_modules(self._require_model()).values():
+                if adapter_id in module.adapter_names:
+                    module.remove_adapter(adapter_id)
+            del self.adapters[adapter_id]
+
+    # ---- the mix -----------------------------------------------------------------------
+    def _set_mix(self, adapter_ids: Sequence[str], adapter_weights: Sequence[float]) -> None:
+        ids = list(adapter_ids)
+        weights = list(adapter_weights) if adapter_weights else [1.0] * len(ids)
+        if len(weights) != len(ids):
+            raise ValueError(f"adapter_weights: {len(weights)} weights for {len(ids)} adapters")
+        for a in ids:
+            if a not in self.adapters:
+                raise KeyError(f"adapter {a!r} is not loaded (loaded: {sorted(self.adapters)})")
+        model = self._require_model()
+        set_adapter_mix(model, list(zip(ids, weights, strict=True)) if ids else None)
+
+    # ---- running -----------------------------------------------------------------------
+    @abstractmethod
+    def _forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+        """The forward pass on this backend's kernels."""
+
+    def inference(self, input_ids: torch.Tensor | Sequence[Sequence[int]],
+                  adapter_ids: Sequence[str] = (),
+                  adapter_weights: Sequence[float] = ()) -> torch.Tensor:
+        """Logits float32 [B, T, V] for token ids [B, T] with the given expert mix."""
+        model = self._require_model()
+        ids = torch.as_tensor(input_ids, dtype=torch.long)
+        if ids.dim() == 1:
+            ids = ids[None]
+        with self._lock:
+            self._set_mix(adapter_ids, adapter_weights)
+            try:
+                return self._forward(ids, model.new_cache(ids.shape[0], ids.shape[1]), False)
+            finally:
+                self._set_mix((), ())
+
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """Token ids of a prompt; chat messages go through the tokenizer's chat template."""
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], dict)):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer (tokenizer.json in the model "
+                                 "directory)")
+            if isinstance(prompt, str):
+                return self.tokenizer.encode(prompt)
+            text = self.tokenizer.apply_chat_template(list(prompt))
+            return self.tokenizer.encode(text, add_special_tokens=False)
+        return [int(t) for t in prompt]
+
+    def stream(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
+               adapter_ids: Sequence[str] = (),
+               adapter_weights: Sequence[float] = ()) -> Iterator[TokenEvent]:
+        """Generate for a batch of prompts, yielding :class:`TokenEvent` s as they come."""
+        model = self._require_model()
+        ids = [self.encode_prompt(p) for p in prompts]
+        with self._lock:
+            self._set_mix(adapter_ids, adapter_weights)
+            try:
+                yield from _stream(model, ids, config, self.tokenizer, self._forward)
+            finally:
+                self._set_mix((), ())
+
+    def generate(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
+                 adapter_ids: Sequence[str] = (),
+                 adapter_weights: Sequence[float] = ()) -> list[GenerationResult]:
+        """Generate to completion; one :class:`GenerationResult` per prompt."""
+        model = self._require_model()
+        ids = [self.encode_prompt(p) for p in prompts]
+        with self._lock:
+            self._set_mix(adapter_ids, adapter_weights)
+            try:
+                return _generate(model, ids, config, self.tokenizer, self._forward)
+            finally:
+                self._set_mix((), ())
+
+    # ---- reporting ---------------------------------------------------------------------
+    @abstractmethod
+    def get_capabilities(self) -> dict[str, Any]:
+        """device, memory, kernels, precision, features."""
+
+    def supports_feature(self, name: str) -> bool:
+        return name in self.get_capabilities().get("features", ())
+
+    def _model_capabilities(self) -> dict[str, Any]:
+        if self.model is None:
+            return {"model_loaded": False}
+        sizes = self.model.num_parameters_bytes()
+        return {"model_loaded": True, "model_bytes": sizes,
+                "head": self.model.lm_head.kind, "adapters": sorted(self.adapters),
+                "load": None if self.load_info is None else vars(self.load_info)}

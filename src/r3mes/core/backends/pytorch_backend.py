@@ -1,0 +1,70 @@
+"""``PyTorchBackend``: every forward pass on the torch reference kernels.
+
+This is the reference the native backend is tested against: the ternary GEMMs run as
+plain torch integer matmuls (:mod:`r3mes.kernels.reference`) and the int8 head as an exact
+float64 matmul, so its integer results equal the native ones and only float rounding may
+differ.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from r3mes.core.backends.base import InferenceBackend
+from r3mes.core.model import KVCache
+
+__all__ = ["PyTorchBackend", "torch_reference_kernels"]
+
+_ENV_LOCK = threading.Lock()
+
+
+@contextmanager
+def torch_reference_kernels() -> Iterator[None]:
+    """Route :mod:`r3mes.kernels` to the torch reference for the duration.
+
+    The kernels read ``R3MES_BACKEND`` at every call; this sets it under a process-wide lock
+    (so a native backend running in another thread at the same time would be affected:
+    the kernels have no per-thread override yet).
+    """
+    with _ENV_LOCK:
+        old = os.environ.get("R3MES_BACKEND")
+        os.environ["R3MES_BACKEND"] = "torch"
+        try:
+            yield
+        finally:
+            if old is None:
+                del os.environ["R3MES_BACKEND"]
+            else:
+                os.environ["R3MES_BACKEND"] = old
+
+
+class PyTorchBackend(InferenceBackend):
+    """Plain torch: the reference implementation (slow, exact integer arithmetic)."""
+
+    name = "pytorch"
+
+    def _forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+        model = self._require_model()
+        with torch_reference_kernels():
+            return model(input_ids, cache, last_only=last_only)
+
+    def get_capabilities(self) -> dict[str, Any]:
+        return {
+            "backend": self.name,
+            "device": "cpu",
+            "kernels": "torch-reference",
+            "precision": {"weights": "ternary (int8 unpacked at run time)",
+                          "activations": "int8 per token", "accumulate": "int64/float64",
+                          "float": "float32"},
+            "threads": torch.get_num_threads(),
+            "deterministic": True,
+            "features": ["generate", "stream", "dora", "dora_mix", "batch", "chat_template",
+                         "kv_cache"],
+            **self._model_capabilities(),
+        }

@@ -1,0 +1,666 @@
+"""Loading BitNet checkpoints (HF directories and the r3mes packed format) and converting.
+
+:func:`load_model` takes a local directory and returns a :class:`BitNetForCausalLM`:
+
+* an **HF directory** (``config.json``, ``model.safetensors`` or sharded
+  ``model-*.safetensors`` + ``model.safetensors.index.json``). Architectures:
+  ``BitNetForCausalLM`` (model_type ``bitnet``) and Llama-shaped ternary checkpoints
+  (model_type ``llama`` with a ``quantization_config`` of ``quant_method: bitnet``, as the
+  Falcon3-*-1.58bit models). Projection weights come in either form:
+
+  - *packed offline* (transformers' BitNet integration): uint8 ``[out/4, in]``, where bits
+    ``2i..2i+1`` of byte ``[r, c]`` hold the code ``w + 1`` of weight row ``i*out/4 + r``,
+    plus ``weight_scale``. With ``linear_class: bitlinear`` HF computes
+    ``y = (q . T^T) / (s_x * weight_scale)``, so ``weight_scale`` *is* our s_w (the
+    inverse of the dequantisation multiplier); with ``linear_class: autobitlinear`` it
+    multiplies, ``y = ... * weight_scale``, so s_w = 1 / weight_scale.
+  - *float* (bf16/fp16/fp32, no quantization_config or ``quantization_mode: online``):
+    quantised at load with absmean, one tensor at a time from the memory map.
+
+* an **r3mes packed directory** (written by :func:`convert`), which loads without any
+  conversion: every tensor is used in place from a memory map.
+
+FORMAT (r3mes packed, version 1)
+--------------------------------
+A directory holding::
+
+    r3mes_model.json          manifest (written last, atomically)
+    model.r3mes.safetensors   all tensors (a standard safetensors file)
+    tokenizer.json, tokenizer_config.json, special_tokens_map.json,
+    generation_config.json, chat_template.jinja      copied when present in the source
+
+``r3mes_model.json``::
+
+    {"format": "r3mes-bitnet", "format_version": 1,
+     "config": {BitNetConfig fields},
+     "weight_layout": "r3mes-2bit-g256",
+     "head": "int8-rowwise-base4" | "float32",
+     "weights_file": "model.r3mes.safetensors",
+     "weights_sha256": "<sha256 of the whole weights file>",
+     "weights_bytes": <size>,
+     "source": "<source directory name>"}
+
+Tensors in ``model.r3mes.safetensors`` (``L`` = a projection path such as
+``model.layers.0.self_attn.q_proj``):
+
+* ``L.packed``  uint8 [out, packed_row_bytes(in)]: ternary codes in the kernels' layout
+  ``r3mes-2bit-g256`` (``csrc/ternary/ternary.h``): rows padded to 256 weights, 2 bits a
+  weight, code = w + 1.
+* ``L.weight_scale``  float32 [1]: s_w (``y = acc / (s_x * s_w)``).
+* ``model.layers.N.{input_layernorm,post_attention_layernorm}.weight``,
+  ``...self_attn.attn_sub_norm.weight``, ``...mlp.ffn_sub_norm.weight``,
+  ``model.norm.weight``: float32.
+* ``model.embed_tokens.weight``: [V, H] in the source dtype (bf16/fp16/fp32); only the
+  rows looked up are ever read, so it costs disk, not memory.
+* head ``int8-rowwise-base4``: ``lm_head.planes`` uint8 [4*V, packed_row_bytes(H)] and
+  ``lm_head.row_scale`` float32 [V]: the int8 weight q (W ~= q * row_scale, row_scale =
+  max|W_row| / 127) as four 2-bit planes of u = q + 128 in base 4 (plane i holds digit i
+  for every row, plane-major), each in the g256 layout, so the ternary kernel computes
+  each plane's dot product (code c acts as weight c - 1). Head ``float32``:
+  ``lm_head.weight`` float32 [V, H].
+
+Tensors are stored widest dtype first and the data starts 64-byte aligned, so every tensor
+is naturally aligned in the memory map. The safetensors ``__metadata__`` repeats
+``format`` and ``format_version``. A reader refuses an unknown format or a newer version,
+a weights file whose size differs from the manifest, and (with ``verify=True``, or
+``r3mes generate --verify``) one whose sha256 differs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import shutil
+import struct
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from r3mes import kernels
+from r3mes.core.model import (
+    LINEAR_NAMES,
+    BitNetConfig,
+    BitNetForCausalLM,
+    LMHead,
+    bitlinear_from_packed,
+)
+from r3mes.utils.atomic import atomic_open, atomic_write_json
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "LoadInfo",
+    "SafetensorsFile",
+    "convert",
+    "load_model",
+    "read_config",
+]
+
+FORMAT_NAME = "r3mes-bitnet"
+FORMAT_VERSION = 1
+MANIFEST = "r3mes_model.json"
+WEIGHTS_FILE = "model.r3mes.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "tokenizer.model")
+HEAD_KINDS = {"int8": "int8-rowwise-base4", "float": "float32"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message names the file and the tensor."""
+
+
+# --------------------------------------------------------------------------- safetensors
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
+    "I64": torch.int64, "BOOL": torch.bool,
+}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class SafetensorsFile:
+    """A validated, memory-mapped safetensors file; :meth:`get` returns zero-copy tensors.
+
+    The header is checked completely on open (dtypes, shapes, offsets inside the file), so
+    a truncated or corrupt file fails here with the file and tensor named.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: file not found") from None
+        if size < 8:
+            raise CheckpointError(f"{self.path}: truncated ({size} bytes; a safetensors file "
+                                  "starts with an 8-byte header length)")
+        with open(self.path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8 or n > 100_000_000:
+                raise CheckpointError(f"{self.path}: truncated or not a safetensors file "
+                                      f"(header of {n} bytes, file of {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise CheckpointError(f"{self.path}: corrupt safetensors header ({exc})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: corrupt safetensors header (not an object)")
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
+        for name, e in header.items():
+            try:
+                dtype = _ST_DTYPES[e["dtype"]]
+                shape = tuple(int(s) for s in e["shape"])
+                begin, end = (int(o) for o in e["data_offsets"])
+            except (KeyError, TypeError, ValueError):
+                raise CheckpointError(f"{self.path}: tensor {name!r}: bad header entry "
+                                      f"{e!r}") from None
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            if end - begin != nbytes or begin < 0:
+                raise CheckpointError(f"{self.path}: tensor {name!r}: offsets {begin}..{end} "
+                                      f"do not match shape {list(shape)} {e['dtype']}")
+            if self.data_start + end > size:
+                raise CheckpointError(
+                    f"{self.path}: truncated: tensor {name!r} needs bytes up to "
+                    f"{self.data_start + end}, the file has {size}")
+            self.entries[name] = (dtype, shape, begin, end)
+        self._mm: mmap.mmap | None = None
+        if size > 0:
+            with open(self.path, "rb") as f:
+                # Copy-on-write private map: tensors are writable views, the file is never
+                # modified, and untouched pages cost no memory.
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.entries[name][1]
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.entries[name][0]
+
+    def get(self, name: str) -> torch.Tensor:
+        """The tensor, backed by the memory map (no copy)."""
+        try:
+            dtype, shape, begin, end = self.entries[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: missing tensor {name!r}") from None
+        count = (end - begin) // dtype.itemsize
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        t = torch.frombuffer(self._mm, dtype=dtype, count=count,
+                             offset=self.data_start + begin)
+        return t.view(shape)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
+                       metadata: dict[str, str]) -> tuple[str, int]:
+    """Stream tensors into a safetensors file atomically; returns (sha256, size).
+
+    Widest dtype first so every tensor is naturally aligned; the data starts 64-aligned.
+    """
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * ((-(8 + len(raw))) % 64)
+    digest = hashlib.sha256()
+    with atomic_open(path, "wb") as f:
+        for chunk in (struct.pack("<Q", len(raw)), raw):
+            f.write(chunk)
+            digest.update(chunk)
+        for name in order:
+            t = tensors[name].detach().contiguous()
+            if t.numel() == 0:
+                continue
+            # Raw bytes through a uint8 view: works for bf16, which numpy lacks.
+            buf = memoryview(t.view(-1).view(torch.uint8).numpy())
+            for s in range(0, len(buf), 1 << 26):
+                part = buf[s:s + (1 << 26)]
+                f.write(part)
+                digest.update(part)
+    return digest.hexdigest(), 8 + len(raw) + offset
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- HF config
+def read_config(path: str | os.PathLike[str]) -> tuple[BitNetConfig, dict[str, Any]]:
+    """Parse an HF ``config.json``; returns (config, quantization_config or {}).
+
+    Raises CheckpointError for an unknown architecture or unsupported options.
+    """
+    cfg_path = Path(path) / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{cfg_path}: missing (not an HF model directory?)") from None
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: expected a JSON object")
+    model_type = raw.get("model_type")
+    archs = raw.get("architectures") or []
+    quant = raw.get("quantization_config") or {}
+    if model_type == "bitnet":
+        sub_norms, act_default = True, "relu2"
+    elif model_type == "llama" and quant.get("quant_method") == "bitnet":
+        sub_norms, act_default = False, "silu"
+    else:
+        raise CheckpointError(
+            f"{cfg_path}: unknown architecture (model_type={model_type!r}, "
+            f"architectures={archs}); supported: BitNetForCausalLM (model_type 'bitnet') and "
+            "Llama with quantization_config.quant_method 'bitnet'")
+    if quant:
+        if quant.get("quant_method") != "bitnet":
+            raise CheckpointError(f"{cfg_path}: quantization_config.quant_method "
+                                  f"{quant.get('quant_method')!r} is not supported")
+        if quant.get("use_rms_norm"):
+            raise CheckpointError(f"{cfg_path}: quantization_config.use_rms_norm=true "
+                                  "(an RMSNorm inside every BitLinear) is not supported")
+        extra = [m for m in quant.get("modules_to_not_convert") or [] if "lm_head" not in m]
+        if extra:
+            raise CheckpointError(f"{cfg_path}: modules_to_not_convert={extra}: float "
+                                  "projections inside the layers are not supported")
+    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in (None, "default"):
+        raise CheckpointError(f"{cfg_path}: rope_type {rope_type!r} is not supported")
+    theta = rope.get("rope_theta", raw.get("rope_theta", 500000.0))
+    try:
+        config = BitNetConfig(
+            vocab_size=int(raw["vocab_size"]),
+            hidden_size=int(raw["hidden_size"]),
+            intermediate_size=int(raw["intermediate_size"]),
+            num_hidden_layers=int(raw["num_hidden_layers"]),
+            num_attention_heads=int(raw["num_attention_heads"]),
+            num_key_value_heads=int(raw.get("num_key_value_heads")
+                                    or raw["num_attention_heads"]),
+            head_dim=int(raw.get("head_dim") or 0),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(theta),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            hidden_act=str(raw.get("hidden_act", act_default)),
+            sub_norms=sub_norms,
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_id=raw.get("eos_token_id") or [],
+            pad_token_id=raw.get("pad_token_id"),
+        )
+    except KeyError as exc:
+        raise CheckpointError(f"{cfg_path}: missing field {exc.args[0]!r}") from None
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{cfg_path}: {exc}") from None
+    if raw.get("attention_bias") or raw.get("mlp_bias"):
+        raise CheckpointError(f"{cfg_path}: attention_bias / mlp_bias are not supported")
+    return config, quant
+
+
+# --------------------------------------------------------------------------- loading
+@dataclass
+class LoadInfo:
+    """What :func:`load_model` loaded and how long it took."""
+
+    path: str
+    format: str  # "hf-packed", "hf-float" or "r3mes"
+    head: str
+    seconds: float
+    weights_sha256: str | None = None
+    files: list[str] = field(default_factory=list)
+
+
+class _TensorSource:
+    """Tensors by name across one or more safetensors files of an HF directory."""
+
+    def __init__(self, root: Path) -> None:
+        index = root / "model.safetensors.index.json"
+        single = root / "model.safetensors"
+        self.files: dict[str, SafetensorsFile] = {}
+        self.where: dict[str, SafetensorsFile] = {}
+        if single.exists():
+            sf = SafetensorsFile(single)
+            self.files[single.name] = sf
+            self.where = dict.fromkeys(sf.keys(), sf)
+        elif index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index}: not a valid safetensors index "
+                                      "(needs a 'weight_map' object)") from None
+            for name, fname in weight_map.items():
+                if fname not in self.files:
+                    shard = root / fname
+                    if Path(fname).name != fname:
+                        raise CheckpointError(f"{index}: shard name {fname!r} is not a plain "
+                                              "file name")
+                    self.files[fname] = SafetensorsFile(shard)
+                sf = self.files[fname]
+                if name not in sf:
+                    raise CheckpointError(f"{sf.path}: missing tensor {name!r} (listed in "
+                                          f"{index.name})")
+                self.where[name] = sf
+        else:
+            raise CheckpointError(f"{root}: no model.safetensors or "
+                                  "model.safetensors.index.json (only safetensors is accepted)")
+
+    def has(self, name: str) -> bool:
+        return name in self.where
+
+    def get(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+        sf = self.where.get(name)
+        if sf is None:
+            files = ", ".join(str(f.path) for f in self.files.values())
+            raise CheckpointError(f"{files}: missing tensor {name!r}")
+        t = sf.get(name)
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{sf.path}: tensor {name!r} has shape {list(t.shape)}, "
+                                  f"expected {list(shape)}")
+        return t
+
+    def file_of(self, name: str) -> Path:
+        return self.where[name].path
+
+
+def _linear_shapes(cfg: BitNetConfig) -> dict[str, tuple[int, int]]:
+    q_out = cfg.num_attention_heads * cfg.head_dim
+    kv_out = cfg.num_key_value_heads * cfg.head_dim
+    return {
+        "self_attn.q_proj": (q_out, cfg.hidden_size),
+        "self_attn.k_proj": (kv_out, cfg.hidden_size),
+        "self_attn.v_proj": (kv_out, cfg.hidden_size),
+        "self_attn.o_proj": (cfg.hidden_size, q_out),
+        "mlp.gate_proj": (cfg.intermediate_size, cfg.hidden_size),
+        "mlp.up_proj": (cfg.intermediate_size, cfg.hidden_size),
+        "mlp.down_proj": (cfg.hidden_size, cfg.intermediate_size),
+    }
+
+
+def _norm_names(cfg: BitNetConfig, i: int) -> list[tuple[str, int]]:
+    p = f"model.layers.{i}."
+    out = [(p + "input_layernorm.weight", cfg.hidden_size),
+           (p + "post_attention_layernorm.weight", cfg.hidden_size)]
+    if cfg.sub_norms:
+        out += [(p + "self_attn.attn_sub_norm.weight", cfg.num_attention_heads * cfg.head_dim),
+                (p + "mlp.ffn_sub_norm.weight", cfg.intermediate_size)]
+    return out
+
+
+def unpack_hf_ternary(packed: torch.Tensor) -> torch.Tensor:
+    """transformers' offline packing, uint8 [R, in] -> int8 ternary [4R, in].
+
+    Bits ``2i..2i+1`` of byte ``[r, c]`` hold ``w[i*R + r, c] + 1``.
+    """
+    p = packed.to(torch.uint8)
+    codes = torch.stack([(p >> (2 * i)) & 3 for i in range(4)])  # [4, R, in]
+    t = codes.reshape(4 * p.shape[0], p.shape[1]).to(torch.int8) - 1
+    if bool((t > 1).any()):
+        raise ValueError("packed weight holds the invalid code 3")
+    return t
+
+
+def _load_hf(root: Path, head: str) -> tuple[BitNetForCausalLM, str]:
+    cfg, quant = read_config(root)
+    src = _TensorSource(root)
+    offline = bool(quant) and quant.get("quantization_mode", "offline") == "offline"
+    divide = quant.get("linear_class", "bitlinear") == "bitlinear"
+    shapes = _linear_shapes(cfg)
+    layer_linears = []
+    form = "hf-packed" if offline else "hf-float"
+    for i in range(cfg.num_hidden_layers):
+        lin = {}
+        for name in LINEAR_NAMES:
+            key = f"model.layers.{i}.{name}"
+            out_f, in_f = shapes[name]
+            w = src.get(key + ".weight")
+            try:
+                if w.dtype == torch.uint8:
+                    if tuple(w.shape) != ((out_f + 3) // 4, in_f) or out_f % 4:
+                        raise CheckpointError(
+                            f"{src.file_of(key + '.weight')}: tensor {key + '.weight'!r} has "
+                            f"shape {list(w.shape)}, expected packed [{out_f // 4}, {in_f}]")
+                    ws = src.get(key + ".weight_scale").float().reshape(-1)
+                    if ws.numel() != 1 or not bool(torch.isfinite(ws).all()) or ws.item() <= 0:
+                        raise CheckpointError(
+                            f"{src.file_of(key + '.weight_scale')}: tensor "
+                            f"{key + '.weight_scale'!r} must be one positive finite number")
+                    s_w = ws.item() if divide else 1.0 / ws.item()
+                    ternary = unpack_hf_ternary(w)
+                    tw = kernels.TernaryWeight.from_ternary(ternary, s_w)
+                    form = "hf-packed"
+                else:
+                    if tuple(w.shape) != (out_f, in_f):
+                        raise CheckpointError(
+                            f"{src.file_of(key + '.weight')}: tensor {key + '.weight'!r} has "
+                            f"shape {list(w.shape)}, expected [{out_f}, {in_f}]")
+                    if not w.is_floating_point():
+                        raise CheckpointError(f"{src.file_of(key + '.weight')}: tensor "
+                                              f"{key + '.weight'!r} has dtype {w.dtype}")
+                    tw = kernels.quantize_weight(w)
+            except (ValueError, TypeError) as exc:
+                if isinstance(exc, CheckpointError):
+                    raise
+                raise CheckpointError(f"{src.file_of(key + '.weight')}: tensor "
+                                      f"{key + '.weight'!r}: {exc}") from None
+            lin[name.split(".")[1]] = bitlinear_from_packed(tw)
+        layer_linears.append(lin)
+    embed = src.get("model.embed_tokens.weight", (cfg.vocab_size, cfg.hidden_size))
+    if not embed.is_floating_point():
+        raise CheckpointError(f"{src.file_of('model.embed_tokens.weight')}: tensor "
+                              f"'model.embed_tokens.weight' has dtype {embed.dtype}")
+    if cfg.tie_word_embeddings or not src.has("lm_head.weight"):
+        if not cfg.tie_word_embeddings:
+            src.get("lm_head.weight")  # raises: names the missing tensor
+        head_w = embed
+    else:
+        head_w = src.get("lm_head.weight", (cfg.vocab_size, cfg.hidden_size))
+    model = BitNetForCausalLM(cfg, embed, layer_linears, LMHead.from_float(head_w, head))
+    _load_norms(model, cfg, lambda name, n: src.get(name, (n,)))
+    return model, form
+
+
+def _load_norms(model: BitNetForCausalLM, cfg: BitNetConfig, get) -> None:
+    state = {"model.norm.weight": get("model.norm.weight", cfg.hidden_size)}
+    for i in range(cfg.num_hidden_layers):
+        for name, n in _norm_names(cfg, i):
+            state[name] = get(name, n)
+    for name, t in state.items():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        module.weight.data = t.float().contiguous()
+
+
+def _read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    found = manifest.get("format") if isinstance(manifest, dict) else None
+    if found != FORMAT_NAME:
+        raise CheckpointError(f"{path}: not an r3mes model manifest (format {found!r})")
+    version = manifest.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
+        raise CheckpointError(f"{path}: format_version {version!r} is not supported (this r3mes "
+                              f"reads up to {FORMAT_VERSION})")
+    for key in ("config", "weights_file", "weights_sha256", "head", "weight_layout"):
+        if key not in manifest:
+            raise CheckpointError(f"{path}: missing field {key!r}")
+    if manifest["weight_layout"] != "r3mes-2bit-g256":
+        raise CheckpointError(f"{path}: weight_layout {manifest['weight_layout']!r} unknown")
+    return manifest
+
+
+def _load_r3mes(root: Path, verify: bool) -> tuple[BitNetForCausalLM, str, dict[str, Any]]:
+    manifest = _read_manifest(root)
+    try:
+        cfg = BitNetConfig.from_dict(manifest["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{root / MANIFEST}: bad config: {exc}") from None
+    wpath = root / Path(manifest["weights_file"]).name
+    sf = SafetensorsFile(wpath)
+    if "weights_bytes" in manifest and wpath.stat().st_size != manifest["weights_bytes"]:
+        raise CheckpointError(f"{wpath}: size {wpath.stat().st_size} differs from the manifest "
+                              f"({manifest['weights_bytes']}): truncated or replaced")
+    if verify:
+        digest = _sha256_file(wpath)
+        if digest != manifest["weights_sha256"]:
+            raise CheckpointError(f"{wpath}: sha256 {digest} does not match the manifest "
+                                  f"({manifest['weights_sha256']}): the file is corrupt")
+
+    def get(name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+        t = sf.get(name)
+        if tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{wpath}: tensor {name!r} has shape {list(t.shape)}, "
+                                  f"expected {list(shape)}")
+        if dtype is not None and t.dtype != dtype:
+            raise CheckpointError(f"{wpath}: tensor {name!r} has dtype {t.dtype}, "
+                                  f"expected {dtype}")
+        return t
+
+    shapes = _linear_shapes(cfg)
+    layer_linears = []
+    for i in range(cfg.num_hidden_layers):
+        lin = {}
+        for name in LINEAR_NAMES:
+            key = f"model.layers.{i}.{name}"
+            out_f, in_f = shapes[name]
+            packed = get(key + ".packed", (out_f, (in_f + 255) // 256 * 64), torch.uint8)
+            scale = float(get(key + ".weight_scale", (1,), torch.float32).item())
+            if not (scale > 0 and np.isfinite(scale)):
+                raise CheckpointError(f"{wpath}: tensor {key + '.weight_scale'!r} must be "
+                                      "positive and finite")
+            tw = kernels.TernaryWeight(packed, scale, out_f, in_f)
+            lin[name.split(".")[1]] = bitlinear_from_packed(tw)
+        layer_linears.append(lin)
+    v, h = cfg.vocab_size, cfg.hidden_size
+    embed = get("model.embed_tokens.weight", (v, h))
+    if manifest["head"] == HEAD_KINDS["int8"]:
+        head = LMHead("int8", v, h,
+                      planes=get("lm_head.planes", (4 * v, (h + 255) // 256 * 64), torch.uint8),
+                      row_scale=get("lm_head.row_scale", (v,), torch.float32))
+    elif manifest["head"] == HEAD_KINDS["float"]:
+        head = LMHead("float", v, h, weight=get("lm_head.weight", (v, h), torch.float32))
+    else:
+        raise CheckpointError(f"{root / MANIFEST}: head {manifest['head']!r} unknown")
+    model = BitNetForCausalLM(cfg, embed, layer_linears, head)
+    _load_norms(model, cfg, lambda name, n: get(name, (n,), torch.float32))
+    return model, manifest["head"], manifest
+
+
+def load_model(path: str | os.PathLike[str], *, head: str = "int8",
+               verify: bool = False) -> tuple[BitNetForCausalLM, LoadInfo]:
+    """Load a BitNet model from a local directory (HF or r3mes packed).
+
+    Args:
+        path: the directory.
+        head: for HF directories, how to hold the LM head: ``"int8"`` (default, compact and
+            fast) or ``"float"`` (float32, exact). An r3mes directory has its head fixed at
+            conversion.
+        verify: for r3mes directories, also check the weights file's sha256 against the
+            manifest (reads the whole file: ~1 s per GB). Without it the header, every
+            tensor's shape/dtype/offsets and the file size are still checked.
+
+    Raises:
+        CheckpointError: naming the file (and tensor) that is missing, malformed or corrupt.
+    """
+    if head not in HEAD_KINDS:
+        raise ValueError(f"head: expected one of {sorted(HEAD_KINDS)}, got {head!r}")
+    root = Path(path)
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a directory")
+    t0 = time.perf_counter()
+    if (root / MANIFEST).exists():
+        model, head_kind, manifest = _load_r3mes(root, verify)
+        info = LoadInfo(str(root), "r3mes", head_kind, 0.0, manifest["weights_sha256"],
+                        [manifest["weights_file"]])
+    else:
+        model, form = _load_hf(root, head)
+        info = LoadInfo(str(root), form, HEAD_KINDS[head], 0.0)
+    info.seconds = time.perf_counter() - t0
+    return model, info
+
+
+# --------------------------------------------------------------------------- convert
+def model_tensors(model: BitNetForCausalLM) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the r3mes packed format, by name (see FORMAT)."""
+    for name, lin in model.base_linears().items():
+        yield name + ".packed", lin.ternary.packed
+        yield name + ".weight_scale", torch.tensor([lin.ternary.scale], dtype=torch.float32)
+    cfg = model.config
+    yield "model.norm.weight", model.model.norm.weight.data
+    for i in range(cfg.num_hidden_layers):
+        for name, _ in _norm_names(cfg, i):
+            yield name, model.get_submodule(name.rsplit(".", 1)[0]).weight.data
+    yield "model.embed_tokens.weight", model.model.embed_tokens.weight
+    if model.lm_head.kind == "int8":
+        yield "lm_head.planes", model.lm_head.planes
+        yield "lm_head.row_scale", model.lm_head.row_scale
+    else:
+        yield "lm_head.weight", model.lm_head.weight
+
+
+def save_model(model: BitNetForCausalLM, dst: str | os.PathLike[str],
+               source: str = "") -> dict[str, Any]:
+    """Write ``model`` in the r3mes packed format to directory ``dst``; returns the manifest."""
+    out = Path(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    head = HEAD_KINDS[model.lm_head.kind]
+    digest, size = _write_safetensors(out / WEIGHTS_FILE, dict(model_tensors(model)),
+                                      {"format": FORMAT_NAME,
+                                       "format_version": str(FORMAT_VERSION)})
+    manifest = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "config": model.config.to_dict(),
+        "weight_layout": "r3mes-2bit-g256",
+        "head": head,
+        "weights_file": WEIGHTS_FILE,
+        "weights_sha256": digest,
+        "weights_bytes": size,
+        "source": source,
+    }
+    atomic_write_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
+            head: str = "int8") -> dict[str, Any]:
+    """Convert an HF BitNet directory into the r3mes packed format (see FORMAT).
+
+    The tokenizer files are copied alongside. Returns the manifest written.
+    """
+    src_path, dst_path = Path(src), Path(dst)
+    if src_path.resolve() == dst_path.resolve():
+        raise ValueError("convert: SRC and DST must be different directories")
+    model, _ = load_model(src_path, head=head)
+    manifest = save_model(model, dst_path, source=src_path.name)
+    for name in TOKENIZER_FILES:
+        f = src_path / name
+        if f.is_file():
+            with open(f, "rb") as fin, atomic_open(dst_path / name, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
+    return manifest

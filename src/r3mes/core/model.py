@@ -1,0 +1,493 @@
+"""The BitNet b1.58 transformer, module for module as HF transformers' ``BitNetForCausalLM``.
+
+Block (one decoder layer)::
+
+    h = h + o_proj(attn_sub_norm(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))))
+        where n = input_layernorm(h)
+    h = h + down_proj(ffn_sub_norm(act(gate_proj(m)) * up_proj(m)))
+        where m = post_attention_layernorm(h)
+
+``act`` is relu² for BitNet (``silu`` for the Llama-shaped Falcon3-1.58bit checkpoints,
+which also have no sub-norms). Every projection is a ternary :class:`BitLinear` wrapped in
+``BitLinearDoRA`` so that experts apply everywhere; module paths are HF's
+(``model.layers.3.self_attn.q_proj`` ...) so PEFT adapter keys map one to one.
+
+All activations are float32. The LM head is not ternary (BitNet keeps it in bf16); it is
+held either in float32 (``LMHead.kind == "float"``) or, for speed, as int8 with one scale
+per vocabulary row (``"int8"``), see :class:`LMHead`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from r3mes import kernels
+from r3mes.core.bitlinear import BitLinear
+from r3mes.core.dora import BitLinearDoRA
+
+__all__ = [
+    "BitNetConfig",
+    "BitNetForCausalLM",
+    "KVCache",
+    "LMHead",
+    "LINEAR_NAMES",
+    "bitlinear_from_packed",
+    "pack_codes_g256",
+    "unpack_codes_g256",
+]
+
+# Projection names inside a decoder layer, as HF names them.
+LINEAR_NAMES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
+
+@dataclass
+class BitNetConfig:
+    """The architecture hyper-parameters (the subset of HF's ``BitNetConfig`` r3mes uses)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int = 0
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    hidden_act: str = "relu2"
+    sub_norms: bool = True
+    bos_token_id: int | None = None
+    eos_token_id: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.head_dim <= 0:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if isinstance(self.eos_token_id, int):
+            self.eos_token_id = [self.eos_token_id]
+        self.eos_token_id = list(self.eos_token_id or [])
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):
+            if int(getattr(self, name)) <= 0:
+                raise ValueError(f"config: {name} must be a positive integer")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError("config: num_attention_heads must be a multiple of "
+                             "num_key_value_heads")
+        if self.head_dim % 2:
+            raise ValueError("config: head_dim must be even (rotary embedding)")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"config: hidden_act {self.hidden_act!r} is not supported "
+                             f"(supported: {sorted(_ACTIVATIONS)})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> BitNetConfig:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _relu2(x: torch.Tensor) -> torch.Tensor:
+    return torch.square(F.relu(x))
+
+
+_ACTIVATIONS = {"relu2": _relu2, "silu": F.silu}
+
+
+class RMSNorm(nn.Module):
+    """``weight * x / sqrt(mean(x²) + eps)``, computed in float32 like HF's BitNetRMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.variance_epsilon = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def bitlinear_from_packed(weight: kernels.TernaryWeight) -> BitLinear:
+    """A frozen :class:`BitLinear` around an already packed weight (no repacking, no copy)."""
+    layer = BitLinear.__new__(BitLinear)
+    nn.Module.__init__(layer)
+    layer.in_features, layer.out_features = weight.in_features, weight.out_features
+    layer.weight = None  # type: ignore[assignment]
+    layer.bias = None
+    layer.ternary = weight
+    return layer
+
+
+def _wrap_linear(base: BitLinear) -> nn.Module:
+    """Every projection is a ``BitLinearDoRA`` so adapters attach by module path."""
+    return BitLinearDoRA(base)
+
+
+def _base_of(module: nn.Module) -> BitLinear:
+    return module if isinstance(module, BitLinear) else module.base
+
+
+# --------------------------------------------------------------------------- packing helpers
+def pack_codes_g256(codes: np.ndarray) -> np.ndarray:
+    """Pack 2-bit codes uint8 [N, K] (values 0..3) into the kernels' r3mes-2bit-g256 layout.
+
+    Matches ``csrc/ternary/ternary.h``: rows padded to a multiple of 256 (code 1), and in
+    each 32-byte block byte j holds codes j, 32+j, 64+j, 96+j at bits 0, 2, 4, 6.
+    """
+    n, k = codes.shape
+    kp = (k + 255) // 256 * 256
+    padded = np.ones((n, kp), dtype=np.uint8)
+    padded[:, :k] = codes
+    blocks = padded.reshape(n, kp // 128, 4, 32)
+    out = blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 2) | (blocks[:, :, 2, :] << 4) | (
+        blocks[:, :, 3, :] << 6)
+    return np.ascontiguousarray(out.reshape(n, kp // 4))
+
+
+def unpack_codes_g256(packed: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes_g256`: uint8 codes [N, K]."""
+    n, row_bytes = packed.shape
+    blocks = packed.reshape(n, row_bytes // 32, 1, 32)
+    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
+    codes = (blocks >> shifts) & 3
+    return np.ascontiguousarray(codes.reshape(n, row_bytes * 4)[:, :k])
+
+
+# --------------------------------------------------------------------------- LM head
+# int8 head weights are held as four 2-bit planes of u = w + 128 (base 4) in the ternary
+# kernels' layout, so the native ternary GEMM (which reads code c as weight c - 1, code 3
+# included) computes each plane's dot product exactly: sum_i 4^i P_i = (W + 43) . q.
+_PLANE_WEIGHTS = (1, 4, 16, 64)
+_PLANE_OFFSET = 43  # sum_i 4^i * 1 - 128 = 85 - 128
+
+
+class LMHead(nn.Module):
+    """The output projection ``logits = x @ W^T``, float32 or int8 with per-row scales.
+
+    ``kind == "int8"``: ``W ~= qweight * row_scale[:, None]`` with
+    ``row_scale = max|W_row| / 127``; the activations are quantised per token to int8
+    (absmax, as BitLinear does) and the integer dot products are exact, so the logits
+    ``acc * row_scale / s_x`` are bit-identical on every backend and thread count.
+    ``planes`` is uint8 [4 * V, packed_row_bytes(H)] (see ``_PLANE_WEIGHTS``).
+    """
+
+    def __init__(self, kind: str, vocab_size: int, hidden_size: int,
+                 weight: torch.Tensor | None = None, planes: torch.Tensor | None = None,
+                 row_scale: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if kind not in ("float", "int8"):
+            raise ValueError(f"head kind must be 'float' or 'int8', got {kind!r}")
+        self.kind = kind
+        self.vocab_size, self.hidden_size = vocab_size, hidden_size
+        self.weight = weight
+        self.planes = planes
+        self.row_scale = row_scale
+        self._int8_cache: torch.Tensor | None = None
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, kind: str = "int8",
+                   chunk_rows: int = 8192) -> LMHead:
+        """Build from a float weight [V, H] (any float dtype, e.g. a memory-mapped bf16)."""
+        v, h = weight.shape
+        if kind == "float":
+            return cls("float", v, h, weight=weight.detach().float().contiguous())
+        planes = np.empty((4, v, (h + 255) // 256 * 64), dtype=np.uint8)
+        row_scale = torch.empty(v, dtype=torch.float32)
+        for r0 in range(0, v, chunk_rows):
+            w = weight[r0:r0 + chunk_rows].detach().float()
+            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+            q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int16)
+            row_scale[r0:r0 + chunk_rows] = scale
+            u = (q + 128).to(torch.uint8).numpy()
+            for i in range(4):
+                planes[i, r0:r0 + chunk_rows] = pack_codes_g256((u >> (2 * i)) & 3)
+        return cls("int8", v, h, planes=torch.from_numpy(planes.reshape(4 * v, -1)),
+                   row_scale=row_scale)
+
+    def int8_weight(self) -> torch.Tensor:
+        """The int8 weight [V, H] decoded from the planes (cached: the reference path uses it)."""
+        if self._int8_cache is None:
+            planes = self.planes.numpy().reshape(4, self.vocab_size, -1)
+            u = np.zeros((self.vocab_size, self.hidden_size), dtype=np.int16)
+            for i in range(4):
+                u += unpack_codes_g256(planes[i], self.hidden_size).astype(np.int16) << (2 * i)
+            self._int8_cache = torch.from_numpy((u - 128).astype(np.int8))
+        return self._int8_cache
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.kind == "float":
+            return self.weight
+        return self.int8_weight().float() * self.row_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.hidden_size).float().contiguous()
+        if self.kind == "float":
+            return F.linear(x2, self.weight).reshape(*lead, self.vocab_size)
+        q, s_x = kernels.quantize_activations(x2)
+        if kernels.use_native():
+            weight = kernels.TernaryWeight(self.planes, 1.0, 4 * self.vocab_size,
+                                           self.hidden_size)
+            p = kernels.ternary_matmul_int(q, weight).view(-1, 4, self.vocab_size)
+            acc = p[:, 0] + 4 * p[:, 1] + 16 * p[:, 2] + 64 * p[:, 3]
+            acc -= _PLANE_OFFSET * q.sum(dim=-1, dtype=torch.int32)[:, None]
+        else:
+            acc = _int_matmul_reference(q, self.int8_weight())
+        logits = acc.float() * self.row_scale / s_x[:, None]
+        return logits.reshape(*lead, self.vocab_size)
+
+
+def _int_matmul_reference(q: torch.Tensor, w: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
+    """Exact int32 q [M, K] @ w[N, K]^T in float64 (exact below 2^53), chunked over N."""
+    qd = q.double()
+    out = torch.empty(q.shape[0], w.shape[0], dtype=torch.int32)
+    for n0 in range(0, w.shape[0], chunk):
+        out[:, n0:n0 + chunk] = (qd @ w[n0:n0 + chunk].double().t()).to(torch.int32)
+    return out
+
+
+# --------------------------------------------------------------------------- KV cache
+class KVCache:
+    """Preallocated keys/values [layers, B, kv_heads, max_len, head_dim] for left-padded rows.
+
+    ``pad[b]`` is the number of left-padding positions of row b (masked everywhere);
+    ``length`` is the number of positions written so far (the same for every row).
+    """
+
+    def __init__(self, config: BitNetConfig, batch_size: int, max_len: int,
+                 pad: Sequence[int] | torch.Tensor | None = None) -> None:
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
+                 config.head_dim)
+        self.k = torch.zeros(shape, dtype=torch.float32)
+        self.v = torch.zeros(shape, dtype=torch.float32)
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.length = 0
+        self.pad = (torch.zeros(batch_size, dtype=torch.long) if pad is None
+                    else torch.as_tensor(pad, dtype=torch.long))
+        if self.pad.shape != (batch_size,):
+            raise ValueError(f"pad: expected {batch_size} entries, got {tuple(self.pad.shape)}")
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Keep only the rows ``index`` (e.g. drop finished sequences)."""
+        self.k = self.k[:, index].contiguous()
+        self.v = self.v[:, index].contiguous()
+        self.pad = self.pad[index]
+        self.batch_size = int(index.numel())
+
+
+# --------------------------------------------------------------------------- the model
+class BitNetAttention(nn.Module):
+    def __init__(self, config: BitNetConfig, linears: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim ** -0.5
+        self.q_proj = linears["q_proj"]
+        self.k_proj = linears["k_proj"]
+        self.v_proj = linears["v_proj"]
+        self.o_proj = linears["o_proj"]
+        self.attn_sub_norm = (RMSNorm(config.num_attention_heads * config.head_dim,
+                                      config.rms_norm_eps) if config.sub_norms else None)
+
+
+class BitNetMLP(nn.Module):
+    def __init__(self, config: BitNetConfig, linears: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.gate_proj = linears["gate_proj"]
+        self.up_proj = linears["up_proj"]
+        self.down_proj = linears["down_proj"]
+        self.act_fn = _ACTIVATIONS[config.hidden_act]
+        self.ffn_sub_norm = (RMSNorm(config.intermediate_size, config.rms_norm_eps)
+                             if config.sub_norms else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)
+        if self.ffn_sub_norm is not None:
+            h = self.ffn_sub_norm(h)
+        return self.down_proj(h)
+
+
+class BitNetDecoderLayer(nn.Module):
+    def __init__(self, config: BitNetConfig, linears: dict[str, nn.Module]) -> None:
+        super().__init__()
+        self.self_attn = BitNetAttention(config, linears)
+        self.mlp = BitNetMLP(config, linears)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class BitNetModel(nn.Module):
+    def __init__(self, config: BitNetConfig, embed_weight: torch.Tensor,
+                 layer_linears: list[dict[str, nn.Module]]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Module()
+        # Kept in the checkpoint's dtype (often a memory map): a lookup touches only its rows.
+        self.embed_tokens.weight = embed_weight
+        self.layers = nn.ModuleList(BitNetDecoderLayer(config, lin) for lin in layer_linears)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class BitNetForCausalLM(nn.Module):
+    """The inference model. Build it with :func:`r3mes.core.checkpoint.load_model`.
+
+    Args:
+        config: the architecture.
+        embed_weight: token embeddings [V, H] (any float dtype; read row by row).
+        layer_linears: per layer, a dict ``{"q_proj": BitLinear, ...}`` (7 projections).
+        lm_head: the output projection.
+    """
+
+    def __init__(self, config: BitNetConfig, embed_weight: torch.Tensor,
+                 layer_linears: list[dict[str, BitLinear]], lm_head: LMHead) -> None:
+        super().__init__()
+        if len(layer_linears) != config.num_hidden_layers:
+            raise ValueError("layer_linears: one dict per layer expected")
+        wrapped = [{k: _wrap_linear(v) for k, v in lin.items()} for lin in layer_linears]
+        self.config = config
+        self.model = BitNetModel(config, embed_weight, wrapped)
+        self.lm_head = lm_head
+        inv_freq = 1.0 / (config.rope_theta ** (
+            torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._rope_len = 0
+        self._cos = torch.empty(0)
+        self._sin = torch.empty(0)
+        self.eval()
+
+    # ---------------------------------------------------------------- helpers
+    def linear_modules(self) -> dict[str, nn.Module]:
+        """``{"model.layers.0.self_attn.q_proj": module, ...}`` for every projection."""
+        out = {}
+        for i, layer in enumerate(self.model.layers):
+            for name in LINEAR_NAMES:
+                part, proj = name.split(".")
+                out[f"model.layers.{i}.{name}"] = getattr(getattr(layer, part), proj)
+        return out
+
+    def base_linears(self) -> dict[str, BitLinear]:
+        return {k: _base_of(m) for k, m in self.linear_modules().items()}
+
+    def new_cache(self, batch_size: int, max_len: int,
+                  pad: Sequence[int] | torch.Tensor | None = None) -> KVCache:
+        return KVCache(self.config, batch_size, max_len, pad)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        if needed > self._rope_len:
+            n = max(needed, 2 * self._rope_len, 256)
+            # Exactly HF's arithmetic: float positions times float32 inv_freq, cat, cos/sin.
+            freqs = torch.arange(n, dtype=torch.int64).float()[:, None] * self.inv_freq[None]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._cos, self._sin = emb.cos(), emb.sin()
+            self._rope_len = n
+        return self._cos[positions], self._sin[positions]
+
+    # ---------------------------------------------------------------- forward
+    @torch.no_grad()
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """Logits float32 [B, T, V] (or [B, 1, V] with ``last_only``) for ``input_ids`` [B, T].
+
+        With a cache the tokens are appended after ``cache.length`` positions; left-padding
+        positions (``cache.pad``) are masked. Without one, a fresh cache is used.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected [batch, seq], got {tuple(input_ids.shape)}")
+        bsz, seq = input_ids.shape
+        cfg = self.config
+        if cache is None:
+            cache = self.new_cache(bsz, seq)
+        if cache.batch_size != bsz:
+            raise ValueError(f"cache holds {cache.batch_size} rows, input has {bsz}")
+        start = cache.length
+        end = start + seq
+        if end > cache.max_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size:
+            raise ValueError(f"input_ids: token ids must be in [0, {cfg.vocab_size})")
+
+        positions = (torch.arange(start, end)[None, :] - cache.pad[:, None]).clamp(min=0)
+        cos, sin = self._rope(positions)  # [B, T, hd]
+        cos, sin = cos[:, None], sin[:, None]
+        key_pos = torch.arange(end)
+        allowed = (key_pos[None, None, :] >= cache.pad[:, None, None]) & (
+            key_pos[None, None, :] <= torch.arange(start, end)[None, :, None])
+        # finfo.min, not -inf: a fully masked (padding) query row stays finite.
+        mask = torch.zeros(allowed.shape, dtype=torch.float32)
+        mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        mask = mask[:, None]  # [B, 1, T, S]
+
+        h = self.model.embed_tokens.weight[input_ids].float()
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        rep = nh // nkv
+        for li, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(bsz, seq, nh, hd).transpose(1, 2)
+            k = attn.k_proj(x).view(bsz, seq, nkv, hd).transpose(1, 2)
+            v = attn.v_proj(x).view(bsz, seq, nkv, hd).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            cache.k[li, :, :, start:end] = k
+            cache.v[li, :, :, start:end] = v
+            keys = cache.k[li, :, :, :end]
+            values = cache.v[li, :, :, :end]
+            if rep > 1:
+                keys = keys[:, :, None].expand(bsz, nkv, rep, end, hd).reshape(bsz, nh, end, hd)
+                values = values[:, :, None].expand(bsz, nkv, rep, end, hd).reshape(
+                    bsz, nh, end, hd)
+            scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + mask
+            probs = torch.softmax(scores, dim=-1)
+            o = torch.matmul(probs, values).transpose(1, 2).reshape(bsz, seq, nh * hd)
+            if attn.attn_sub_norm is not None:
+                o = attn.attn_sub_norm(o)
+            h = h + attn.o_proj(o)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        cache.length = end
+        if last_only:
+            h = h[:, -1:]
+        return self.lm_head(self.model.norm(h))
+
+    def num_parameters_bytes(self) -> dict[str, int]:
+        """Bytes held by each part (ternary packed, head, embedding)."""
+        tern = sum(b.ternary.packed.numel() for b in self.base_linears().values())
+        head = self.lm_head
+        head_bytes = (head.weight.numel() * 4 if head.kind == "float"
+                      else head.planes.numel() + head.row_scale.numel() * 4)
+        emb = self.model.embed_tokens.weight
+        return {"ternary": tern, "lm_head": head_bytes,
+                "embed_tokens": emb.numel() * emb.element_size()}
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def head_error(head: LMHead, reference: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
+    """How far ``head(x)`` is from ``x @ reference^T`` (max abs, and relative to the rms)."""
+    exact = x.float() @ reference.float().t()
+    err = (head(x) - exact).abs()
+    rms = float(exact.pow(2).mean().sqrt())
+    return {"max_abs": float(err.max()), "rel_rms": float(err.pow(2).mean().sqrt()) / rms,
+            "rms": rms, "sqrt_h": math.sqrt(x.shape[-1])}

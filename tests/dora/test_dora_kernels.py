@@ -1,0 +1,150 @@
+"""The DoRA kernels against plain torch: fp16 conversion, factored norms, fused mix."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from r3mes import kernels
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="native module not built")
+
+LEVELS = list(kernels.info()["supported_simd_levels"]) if kernels.available() else []
+
+
+@pytest.fixture(params=LEVELS)
+def simd(request):
+    before = kernels.simd_level()
+    kernels.set_simd_level(request.param)
+    yield request.param
+    kernels.set_simd_level(before)
+
+
+def _weight(out: int, inp: int, seed: int = 0) -> kernels.TernaryWeight:
+    g = torch.Generator().manual_seed(seed)
+    return kernels.quantize_weight(torch.randn(out, inp, generator=g))
+
+
+def _adapter(w, rank, seed, storage, scale=0.05):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rank, w.in_features, generator=g) * scale
+    b = torch.randn(w.out_features, rank, generator=g) * scale
+    m = torch.rand(w.out_features, generator=g) + 0.5
+    s = 2.0 / rank
+    gain = kernels.dora_gain(m, kernels.dora_row_norms(w, a, b, s))
+    return kernels.prepare_dora_adapter(a, b, gain, s, storage), (a, b, m, s)
+
+
+def test_fp16_conversion_matches_ieee_round_to_nearest_even():
+    x = np.concatenate([
+        np.random.default_rng(0).standard_normal(10000) * 10.0 ** np.arange(-7, 3).repeat(1000),
+        np.array([0.0, -0.0, 65504.0, 65520.0, 1e-8, 5.96e-8, 6.1e-5, -3.0e-5, np.inf], np.float32),
+    ]).astype(np.float32)
+    ours = kernels._native.fp16_round(x)
+    with np.errstate(over="ignore"):  # 65520 and inf overflow to inf on purpose
+        want = x.astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(ours, want)
+
+
+@pytest.mark.parametrize("out,inp,rank", [(33, 300, 4), (64, 256, 16), (7, 513, 64), (100, 40, 8)])
+def test_factored_row_norms_match_dense_float64(simd, out, inp, rank):
+    w = _weight(out, inp, seed=rank)
+    g = torch.Generator().manual_seed(7)
+    a = torch.randn(rank, inp, generator=g)
+    b = torch.randn(out, rank, generator=g) * 0.1
+    s = 1.7
+    dense = torch.linalg.vector_norm(w.dequantize().double() + s * (b.double() @ a.double()), dim=1)
+    torch.testing.assert_close(kernels.dora_row_norms(w, a, b, s), dense, rtol=2e-6, atol=0)
+
+
+def test_ternary_float_matmul_matches_dense(simd):
+    w = _weight(77, 300)
+    a = torch.randn(5, 300)
+    torch.testing.assert_close(kernels.ternary_float_matmul(w, a),
+                               (w.dequantize().double() @ a.double().t()).float(),
+                               rtol=1e-5, atol=1e-5)
+
+
+def _unfused(x, w, raw, mix, bias=None):
+    """Each expert's DoRA output from the raw fp32 tensors, then the weighted sum."""
+    base = kernels.reference.ternary_linear(x, w.unpack(), w.scale)
+    w0 = w.dequantize().double()
+    y = torch.zeros_like(base)
+    mix = mix.expand(x.shape[0], len(raw))
+    for e, (a, b, m, s) in enumerate(raw):
+        gain = m.double() / torch.linalg.vector_norm(w0 + s * (b.double() @ a.double()), dim=1)
+        y = y + mix[:, e:e + 1] * (gain.float() * (base + s * (x @ a.t()) @ b.t()))
+    y = torch.where((mix == 0).all(dim=1, keepdim=True), base, y)
+    return y if bias is None else y + bias
+
+
+@pytest.mark.parametrize("n_experts", [1, 2, 3])
+@pytest.mark.parametrize("rank", [4, 8, 16, 64])
+def test_fused_kernel_matches_unfused_reference(simd, n_experts, rank):
+    w = _weight(70, 300, seed=rank)  # odd sizes: 70 rows (not a tile multiple), K=300
+    made = [_adapter(w, rank, 10 * rank + e, "fp32") for e in range(n_experts)]
+    x = torch.randn(3, 300)
+    mix = torch.softmax(torch.randn(1, n_experts), dim=1)
+    y = kernels.dora_linear(x, w, [m[0] for m in made], mix)
+    torch.testing.assert_close(y, _unfused(x, w, [m[1] for m in made], mix), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_kernel_heterogeneous_batch_with_bias(simd):
+    w = _weight(129, 520, seed=3)
+    made = [_adapter(w, r, 40 + r, "fp32") for r in (4, 16, 8)]
+    x = torch.randn(6, 520)
+    mix = torch.tensor([[1.0, 0, 0], [0, 0, 0], [0.2, 0.3, 0.5], [0, 1.0, 0], [0, 0.5, 0.5],
+                        [0, 0, 1.0]])
+    bias = torch.randn(129)
+    y = kernels.dora_linear(x, w, [m[0] for m in made], mix, bias)
+    ref = _unfused(x, w, [m[1] for m in made], mix, bias)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    # the expert-free row is exactly the bare layer
+    torch.testing.assert_close(y[1], kernels.ternary_linear(x[1:2], w, bias)[0], rtol=0, atol=0)
+
+
+def test_fused_kernel_fp16_storage_matches_its_reference_and_stays_close_to_fp32(simd):
+    w = _weight(200, 256, seed=5)
+    made16 = [_adapter(w, 16, 90 + e, "fp16") for e in range(3)]
+    made32 = [_adapter(w, 16, 90 + e, "fp32") for e in range(3)]
+    x = torch.randn(4, 256)
+    mix = torch.tensor([[0.5, 0.25, 0.25]])
+    y16 = kernels.dora_linear(x, w, [m[0] for m in made16], mix)
+    ref16 = kernels.dora_linear_reference(x, w, [m[0] for m in made16], mix)
+    torch.testing.assert_close(y16, ref16, rtol=1e-5, atol=1e-5)
+    y32 = kernels.dora_linear(x, w, [m[0] for m in made32], mix)
+    adapter_part = (y32 - kernels.ternary_linear(x, w)).abs().max()
+    assert (y16 - y32).abs().max() < 2e-3 * adapter_part + 1e-6
+
+
+def test_fp16_storage_halves_the_adapter_bytes():
+    w = _weight(64, 256)
+    a16, _ = _adapter(w, 16, 1, "fp16")
+    a32, _ = _adapter(w, 16, 1, "fp32")
+    assert a16.nbytes < 0.6 * a32.nbytes
+
+
+def test_no_adapters_is_the_bare_ternary_layer():
+    w = _weight(50, 300)
+    x = torch.randn(2, 300)
+    y = kernels.dora_linear(x, w, [], torch.zeros(1, 0))
+    assert torch.equal(y, kernels.ternary_linear(x, w))
+
+
+def test_fused_kernel_refuses_bad_mix_and_bad_input():
+    w = _weight(50, 300)
+    ad, _ = _adapter(w, 4, 0, "fp32")
+    x = torch.randn(2, 300)
+    with pytest.raises(ValueError, match="mix"):
+        kernels.dora_linear(x, w, [ad], torch.ones(3, 1))
+    with pytest.raises(ValueError, match="mix"):
+        kernels.dora_linear(x, w, [ad], torch.tensor([[float("nan")]]))
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.dora_linear(torch.full((1, 300), float("inf")), w, [ad], torch.ones(1, 1))
+    other, _ = _adapter(_weight(51, 300), 4, 0, "fp32")
+    with pytest.raises(ValueError, match="adapter.*0.*out_features|adapters\\[0\\]"):
+        kernels.dora_linear(x, w, [other], torch.ones(1, 1))
+    with pytest.raises(ValueError, match="lora_A"):
+        kernels.prepare_dora_adapter(torch.full((4, 300), float("nan")), torch.zeros(50, 4),
+                                     torch.ones(50), 1.0)

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import json
+
+from r3mes.cli import main
+
+
+def test_convert_and_generate_json(hf_dirs, tmp_path, capsys):
+    dst = tmp_path / "conv"
+    assert main(["convert", str(hf_dirs["packed"]), str(dst), "--json"]) == 0
+    conv = json.loads(capsys.readouterr().out)
+    assert conv["format"] == "r3mes-bitnet" and len(conv["weights_sha256"]) == 64
+    assert main(["generate", "--model", str(dst), "--json", "--max-tokens", "5",
+                 "hello world", "the fox"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["backend"] == "bitnet_cpp"
+    assert [len(r["tokens"]) <= 5 for r in out["results"]] == [True, True]
+    assert out["results"][0]["finish_reason"] in ("eos", "length")
+
+
+def test_generate_streams_text(r3mes_dir, capsys):
+    assert main(["generate", "--model", str(r3mes_dir), "--max-tokens", "4", "hello"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_bad_model_dir_is_a_clean_error(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path), "--json", "hi"]) == 2
+    assert "config.json" in json.loads(capsys.readouterr().out)["error"]

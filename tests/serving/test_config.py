@@ -1,0 +1,94 @@
+"""The YAML configuration: defaults, layering, validation errors that name their source."""
+
+from __future__ import annotations
+
+import pytest
+
+from r3mes.config import ConfigError, R3mesConfig, dump_yaml, load_config
+
+
+def test_defaults_are_the_seeds():
+    cfg = load_config(environ={})
+    assert cfg.router.strategy == "hybrid"
+    assert (cfg.router.hybrid.keyword_weight, cfg.router.hybrid.semantic_weight) == (0.3, 0.7)
+    assert cfg.router.hybrid.fast_path_threshold == 0.85
+    assert cfg.router.gating.general_fallback_threshold == 0.5
+    assert cfg.cache.tier1_vram.preload == ["turkish_dora", "general_dora"]
+    assert cfg.rag.top_k == 5 and cfg.rag.chunk_size == 512 and cfg.rag.chunk_overlap == 50
+    assert cfg.server.host == "127.0.0.1" and cfg.server.api_key is None
+
+
+def test_a_user_file_changes_only_its_keys(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("router:\n  hybrid:\n    fast_path_threshold: 0.9\nserver:\n  port: 9100\n")
+    cfg = load_config(path, environ={})
+    assert cfg.router.hybrid.fast_path_threshold == 0.9 and cfg.server.port == 9100
+    assert cfg.router.hybrid.keyword_weight == 0.3
+
+
+def test_home_config_yaml_is_picked_up(tmp_path):
+    (tmp_path / "config.yaml").write_text("rag:\n  top_k: 7\n")
+    assert load_config(home=tmp_path, environ={}).rag.top_k == 7
+
+
+def test_environment_overrides_the_file_and_flags_override_the_environment(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("server:\n  port: 9100\n")
+    env = {"R3MES_SERVER__PORT": "9200", "R3MES_RAG__INDICES": "[medical, general]",
+           "R3MES_MODEL": "/models/bitnet", "R3MES_HOME": "/ignored"}
+    cfg = load_config(path, environ=env)
+    assert cfg.server.port == 9200 and cfg.rag.indices == ["medical", "general"]
+    assert cfg.model.path == "/models/bitnet"
+    cfg = load_config(path, environ=env, overrides={"server.port": 9300, "model.path": None})
+    assert cfg.server.port == 9300 and cfg.model.path == "/models/bitnet"
+
+
+def test_a_bad_value_names_the_file_and_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("router:\n  hybrid:\n    keyword_weight: lots\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*router\.hybrid\.keyword_weight"):
+        load_config(path, environ={})
+
+
+def test_an_unknown_key_is_refused_as_a_typo(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("rag:\n  topk: 3\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml.*rag\.topk.*unknown key"):
+        load_config(path, environ={})
+
+
+def test_a_bad_environment_variable_is_named():
+    with pytest.raises(ConfigError, match="R3MES_SERVER__PORT.*server.port"):
+        load_config(environ={"R3MES_SERVER__PORT": "eighty"})
+    with pytest.raises(ConfigError, match="R3MES_NOPE__X"):
+        load_config(environ={"R3MES_NOPE__X": "1"})
+
+
+def test_invalid_yaml_and_missing_files_are_named(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("router: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"broken\.yaml: not valid YAML"):
+        load_config(path, environ={})
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "absent.yaml", environ={})
+    path.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(path, environ={})
+
+
+def test_cross_field_rules_are_checked():
+    with pytest.raises(ConfigError, match="chunk_overlap"):
+        load_config(environ={}, overrides={"rag.chunk_overlap": 600})
+    with pytest.raises(ConfigError, match="reranker_model"):
+        load_config(environ={}, overrides={"rag.rerank": True})
+    with pytest.raises(ConfigError, match="unknown index"):
+        load_config(environ={}, overrides={"rag.indices": ["medicine"]})
+
+
+def test_the_dump_loads_back_to_the_same_config(tmp_path):
+    cfg = load_config(environ={}, overrides={"generation.temperature": 0.7})
+    path = tmp_path / "round.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(path, environ={}) == cfg
+    assert cfg.get("generation.temperature") == 0.7
+    assert isinstance(R3mesConfig().to_dict()["router"]["gating"], dict)
