@@ -298,3 +298,9 @@ def test_int8_rows_are_an_embedding_lookup() -> None:
     idx = torch.tensor([[3, 0], [49, 3]])
     torch.testing.assert_close(iw.rows(idx), iw.dequantize()[idx], rtol=0, atol=0)
     torch.testing.assert_close(iw.dequantize(), w, rtol=0, atol=float(w.abs().max()) / 127)
+
+
+def test_torch_reference_unpack_reads_the_native_layout() -> None:
+    for n, k in [(3, 13), (33, 257), (5, 700)]:
+        tw = kernels.quantize_weight(_weights(n, k, seed=n + k))
+        assert torch.equal(reference.unpack_ternary(tw.packed, k), tw.unpack())

@@ -57,7 +57,7 @@ def test_greedy_continuation_matches_transformers(hf_dirs):
 def test_int8_head_stays_close_to_the_float_head(hf_dirs):
     exact, _ = load_model(hf_dirs["packed"], head="float")
     compact, info = load_model(hf_dirs["packed"], head="int8")
-    assert info.head == "int8-rowwise-base4"
+    assert info.head == "int8-rowwise"
     a, b = exact(PROMPT), compact(PROMPT)
     rel = float((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt())
     assert rel < 0.02

@@ -31,10 +31,10 @@ A directory holding::
 
 ``r3mes_model.json``::
 
-    {"format": "r3mes-bitnet", "format_version": 1,
+    {"format": "r3mes-bitnet", "format_version": 2,
      "config": {BitNetConfig fields},
      "weight_layout": "r3mes-2bit-g256",
-     "head": "int8-rowwise-base4" | "float32",
+     "head": "int8-rowwise" | "float32",
      "weights_file": "model.r3mes.safetensors",
      "weights_sha256": "<sha256 of the whole weights file>",
      "weights_bytes": <size>,
@@ -52,12 +52,15 @@ Tensors in ``model.r3mes.safetensors`` (``L`` = a projection path such as
   ``model.norm.weight``: float32.
 * ``model.embed_tokens.weight``: [V, H] in the source dtype (bf16/fp16/fp32); only the
   rows looked up are ever read, so it costs disk, not memory.
-* head ``int8-rowwise-base4``: ``lm_head.planes`` uint8 [4*V, packed_row_bytes(H)] and
-  ``lm_head.row_scale`` float32 [V]: the int8 weight q (W ~= q * row_scale, row_scale =
-  max|W_row| / 127) as four 2-bit planes of u = q + 128 in base 4 (plane i holds digit i
-  for every row, plane-major), each in the g256 layout, so the ternary kernel computes
-  each plane's dot product (code c acts as weight c - 1). Head ``float32``:
+* head ``int8-rowwise``: ``lm_head.qweight`` int8 [V, H padded to a multiple of 64],
+  ``lm_head.weight_scale`` float32 [V] and ``lm_head.row_sums`` int32 [V]: per-row absmax
+  int8 (``W ~= qweight / weight_scale``, ``weight_scale = 127 / max|W_row|``), the form the
+  native int8 kernel reads (:class:`r3mes.kernels.Int8Weight`). Head ``float32``:
   ``lm_head.weight`` float32 [V, H].
+
+Version history: 1 held the int8 head as four base-4 planes on the ternary kernel; 2
+stores it for the dedicated int8 kernel. A version-1 directory is refused with a message
+to run ``r3mes convert`` again.
 
 Tensors are stored widest dtype first and the data starts 64-byte aligned, so every tensor
 is naturally aligned in the memory map. The safetensors ``__metadata__`` repeats
@@ -105,12 +108,12 @@ __all__ = [
 ]
 
 FORMAT_NAME = "r3mes-bitnet"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "r3mes_model.json"
 WEIGHTS_FILE = "model.r3mes.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "tokenizer.model")
-HEAD_KINDS = {"int8": "int8-rowwise-base4", "float": "float32"}
+HEAD_KINDS = {"int8": "int8-rowwise", "float": "float32"}
 
 
 class CheckpointError(ValueError):
@@ -503,6 +506,9 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     if found != FORMAT_NAME:
         raise CheckpointError(f"{path}: not an r3mes model manifest (format {found!r})")
     version = manifest.get("format_version")
+    if isinstance(version, int) and 1 <= version < FORMAT_VERSION:
+        raise CheckpointError(f"{path}: format_version {version} is an older r3mes format; "
+                              "convert the source checkpoint again with `r3mes convert`")
     if not isinstance(version, int) or version > FORMAT_VERSION or version < 1:
         raise CheckpointError(f"{path}: format_version {version!r} is not supported (this r3mes "
                               f"reads up to {FORMAT_VERSION})")
@@ -559,9 +565,11 @@ def _load_r3mes(root: Path, verify: bool) -> tuple[BitNetForCausalLM, str, dict[
     v, h = cfg.vocab_size, cfg.hidden_size
     embed = get("model.embed_tokens.weight", (v, h))
     if manifest["head"] == HEAD_KINDS["int8"]:
-        head = LMHead("int8", v, h,
-                      planes=get("lm_head.planes", (4 * v, (h + 255) // 256 * 64), torch.uint8),
-                      row_scale=get("lm_head.row_scale", (v,), torch.float32))
+        kp = (h + 63) // 64 * 64
+        head = LMHead("int8", v, h, int8=kernels.Int8Weight(
+            get("lm_head.qweight", (v, kp), torch.int8),
+            get("lm_head.weight_scale", (v,), torch.float32),
+            get("lm_head.row_sums", (v,), torch.int32), v, h))
     elif manifest["head"] == HEAD_KINDS["float"]:
         head = LMHead("float", v, h, weight=get("lm_head.weight", (v, h), torch.float32))
     else:
@@ -617,8 +625,9 @@ def model_tensors(model: BitNetForCausalLM) -> Iterator[tuple[str, torch.Tensor]
             yield name, model.get_submodule(name.rsplit(".", 1)[0]).weight.data
     yield "model.embed_tokens.weight", model.model.embed_tokens.weight
     if model.lm_head.kind == "int8":
-        yield "lm_head.planes", model.lm_head.planes
-        yield "lm_head.row_scale", model.lm_head.row_scale
+        yield "lm_head.qweight", model.lm_head.int8.data
+        yield "lm_head.weight_scale", model.lm_head.int8.scale
+        yield "lm_head.row_sums", model.lm_head.int8.row_sums
     else:
         yield "lm_head.weight", model.lm_head.weight
 

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -40,8 +39,6 @@ __all__ = [
     "LMHead",
     "LINEAR_NAMES",
     "bitlinear_from_packed",
-    "pack_codes_g256",
-    "unpack_codes_g256",
 ]
 
 # Projection names inside a decoder layer, as HF names them.
@@ -121,8 +118,8 @@ class RMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.pow(2).mean(-1, keepdim=True)
-        return self.weight * (x * torch.rsqrt(variance + self.variance_epsilon))
+        # One fused op instead of five: decode runs four norms a layer on one token.
+        return F.rms_norm(x, self.weight.shape, self.weight, self.variance_epsilon)
 
 
 def bitlinear_from_packed(weight: kernels.TernaryWeight) -> BitLinear:
@@ -145,114 +142,66 @@ def _base_of(module: nn.Module) -> BitLinear:
     return module if isinstance(module, BitLinear) else module.base
 
 
-# --------------------------------------------------------------------------- packing helpers
-def pack_codes_g256(codes: np.ndarray) -> np.ndarray:
-    """Pack 2-bit codes uint8 [N, K] (values 0..3) into the kernels' r3mes-2bit-g256 layout.
-
-    Matches ``csrc/ternary/ternary.h``: rows padded to a multiple of 256 (code 1), and in
-    each 32-byte block byte j holds codes j, 32+j, 64+j, 96+j at bits 0, 2, 4, 6.
-    """
-    n, k = codes.shape
-    kp = (k + 255) // 256 * 256
-    padded = np.ones((n, kp), dtype=np.uint8)
-    padded[:, :k] = codes
-    blocks = padded.reshape(n, kp // 128, 4, 32)
-    out = blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 2) | (blocks[:, :, 2, :] << 4) | (
-        blocks[:, :, 3, :] << 6)
-    return np.ascontiguousarray(out.reshape(n, kp // 4))
-
-
-def unpack_codes_g256(packed: np.ndarray, k: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes_g256`: uint8 codes [N, K]."""
-    n, row_bytes = packed.shape
-    blocks = packed.reshape(n, row_bytes // 32, 1, 32)
-    shifts = np.array([0, 2, 4, 6], dtype=np.uint8).reshape(1, 1, 4, 1)
-    codes = (blocks >> shifts) & 3
-    return np.ascontiguousarray(codes.reshape(n, row_bytes * 4)[:, :k])
-
-
 # --------------------------------------------------------------------------- LM head
-# int8 head weights are held as four 2-bit planes of u = w + 128 (base 4) in the ternary
-# kernels' layout, so the native ternary GEMM (which reads code c as weight c - 1, code 3
-# included) computes each plane's dot product exactly: sum_i 4^i P_i = (W + 43) . q.
-_PLANE_WEIGHTS = (1, 4, 16, 64)
-_PLANE_OFFSET = 43  # sum_i 4^i * 1 - 128 = 85 - 128
-
-
 class LMHead(nn.Module):
-    """The output projection ``logits = x @ W^T``, float32 or int8 with per-row scales.
+    """The output projection [V, H]; BitNet keeps it out of the ternary quantisation.
 
-    ``kind == "int8"``: ``W ~= qweight * row_scale[:, None]`` with
-    ``row_scale = max|W_row| / 127``; the activations are quantised per token to int8
-    (absmax, as BitLinear does) and the integer dot products are exact, so the logits
-    ``acc * row_scale / s_x`` are bit-identical on every backend and thread count.
-    ``planes`` is uint8 [4 * V, packed_row_bytes(H)] (see ``_PLANE_WEIGHTS``).
+    ``kind == "int8"``: per-row absmax int8 (:class:`r3mes.kernels.Int8Weight`,
+    ``W ~= qweight / weight_scale[:, None]``) on the native int8 x int8 kernel; the
+    activations are quantised per token as BitLinear does and the integer dot products are
+    exact, so the logits ``acc / (s_x * weight_scale)`` are bit-identical on every backend
+    and thread count. It reads a quarter of the bytes of an fp32 head, half of bf16.
+    ``kind == "float"``: a float32 weight and ``F.linear``.
     """
 
     def __init__(self, kind: str, vocab_size: int, hidden_size: int,
-                 weight: torch.Tensor | None = None, planes: torch.Tensor | None = None,
-                 row_scale: torch.Tensor | None = None) -> None:
+                 weight: torch.Tensor | None = None,
+                 int8: kernels.Int8Weight | None = None) -> None:
         super().__init__()
         if kind not in ("float", "int8"):
             raise ValueError(f"head kind must be 'float' or 'int8', got {kind!r}")
+        if (kind == "float") != (weight is not None) or (kind == "int8") != (int8 is not None):
+            raise ValueError(f"a {kind} head needs {'weight' if kind == 'float' else 'int8'}")
         self.kind = kind
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.weight = weight
-        self.planes = planes
-        self.row_scale = row_scale
-        self._int8_cache: torch.Tensor | None = None
+        self.int8 = int8
 
     @classmethod
     def from_float(cls, weight: torch.Tensor, kind: str = "int8",
-                   chunk_rows: int = 8192) -> LMHead:
-        """Build from a float weight [V, H] (any float dtype, e.g. a memory-mapped bf16)."""
+                   chunk_rows: int = 16384) -> LMHead:
+        """Build from a float weight [V, H] (any float dtype, e.g. a memory-mapped bf16),
+        converting ``chunk_rows`` rows at a time so a float32 copy never exists whole."""
         v, h = weight.shape
         if kind == "float":
             return cls("float", v, h, weight=weight.detach().float().contiguous())
-        planes = np.empty((4, v, (h + 255) // 256 * 64), dtype=np.uint8)
-        row_scale = torch.empty(v, dtype=torch.float32)
-        for r0 in range(0, v, chunk_rows):
-            w = weight[r0:r0 + chunk_rows].detach().float()
-            scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-            q = (w / scale[:, None]).round().clamp(-127, 127).to(torch.int16)
-            row_scale[r0:r0 + chunk_rows] = scale
-            u = (q + 128).to(torch.uint8).numpy()
-            for i in range(4):
-                planes[i, r0:r0 + chunk_rows] = pack_codes_g256((u >> (2 * i)) & 3)
-        return cls("int8", v, h, planes=torch.from_numpy(planes.reshape(4 * v, -1)),
-                   row_scale=row_scale)
+        parts = [kernels.quantize_int8_weight(weight[r0:r0 + chunk_rows].detach().float())
+                 for r0 in range(0, v, chunk_rows)]
+        int8 = kernels.Int8Weight(
+            torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]),
+            torch.cat([p.row_sums for p in parts]), v, h)
+        return cls("int8", v, h, int8=int8)
 
     def int8_weight(self) -> torch.Tensor:
-        """The int8 weight [V, H] decoded from the planes (cached: the reference path uses it)."""
-        if self._int8_cache is None:
-            planes = self.planes.numpy().reshape(4, self.vocab_size, -1)
-            u = np.zeros((self.vocab_size, self.hidden_size), dtype=np.int16)
-            for i in range(4):
-                u += unpack_codes_g256(planes[i], self.hidden_size).astype(np.int16) << (2 * i)
-            self._int8_cache = torch.from_numpy((u - 128).astype(np.int8))
-        return self._int8_cache
+        """The int8 weight [V, H] (without the kernel's row padding)."""
+        return self.int8.data[:, : self.hidden_size]
 
     def dequantized_weight(self) -> torch.Tensor:
         if self.kind == "float":
             return self.weight
-        return self.int8_weight().float() * self.row_scale[:, None]
+        return self.int8.dequantize()
+
+    def nbytes(self) -> int:
+        if self.kind == "float":
+            return self.weight.numel() * 4
+        return self.int8.data.numel() + self.int8.scale.numel() * 4 + self.int8.row_sums.numel() * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.hidden_size).float().contiguous()
         if self.kind == "float":
             return F.linear(x2, self.weight).reshape(*lead, self.vocab_size)
-        q, s_x = kernels.quantize_activations(x2)
-        if kernels.use_native():
-            weight = kernels.TernaryWeight(self.planes, 1.0, 4 * self.vocab_size,
-                                           self.hidden_size)
-            p = kernels.ternary_matmul_int(q, weight).view(-1, 4, self.vocab_size)
-            acc = p[:, 0] + 4 * p[:, 1] + 16 * p[:, 2] + 64 * p[:, 3]
-            acc -= _PLANE_OFFSET * q.sum(dim=-1, dtype=torch.int32)[:, None]
-        else:
-            acc = _int_matmul_reference(q, self.int8_weight())
-        logits = acc.float() * self.row_scale / s_x[:, None]
-        return logits.reshape(*lead, self.vocab_size)
+        return kernels.int8_linear(x2, self.int8).reshape(*lead, self.vocab_size)
 
 
 def _int_matmul_reference(q: torch.Tensor, w: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
@@ -452,13 +401,15 @@ class BitNetForCausalLM(nn.Module):
             cache.v[li, :, :, start:end] = v
             keys = cache.k[li, :, :, :end]
             values = cache.v[li, :, :, :end]
-            if rep > 1:
-                keys = keys[:, :, None].expand(bsz, nkv, rep, end, hd).reshape(bsz, nh, end, hd)
-                values = values[:, :, None].expand(bsz, nkv, rep, end, hd).reshape(
-                    bsz, nh, end, hd)
-            scores = torch.matmul(q, keys.transpose(2, 3)) * attn.scaling + mask
-            probs = torch.softmax(scores, dim=-1)
-            o = torch.matmul(probs, values).transpose(1, 2).reshape(bsz, seq, nh * hd)
+            # Grouped-query attention without materialising repeated keys/values: the
+            # rep query heads that share a kv head (HF's repeat_kv order: head = kv*rep + r)
+            # become rows of one matmul against that kv head.
+            qg = q.reshape(bsz, nkv, rep * seq, hd)
+            scores = torch.matmul(qg, keys.transpose(2, 3)).view(bsz, nkv, rep, seq, end)
+            scores = scores * attn.scaling + mask[:, :, None]
+            probs = torch.softmax(scores, dim=-1).view(bsz, nkv, rep * seq, end)
+            o = torch.matmul(probs, values).view(bsz, nh, seq, hd)
+            o = o.transpose(1, 2).reshape(bsz, seq, nh * hd)
             if attn.attn_sub_norm is not None:
                 o = attn.attn_sub_norm(o)
             h = h + attn.o_proj(o)
@@ -472,8 +423,7 @@ class BitNetForCausalLM(nn.Module):
         """Bytes held by each part (ternary packed, head, embedding)."""
         tern = sum(b.ternary.packed.numel() for b in self.base_linears().values())
         head = self.lm_head
-        head_bytes = (head.weight.numel() * 4 if head.kind == "float"
-                      else head.planes.numel() + head.row_scale.numel() * 4)
+        head_bytes = head.nbytes()
         emb = self.model.embed_tokens.weight
         return {"ternary": tern, "lm_head": head_bytes,
                 "embed_tokens": emb.numel() * emb.element_size()}

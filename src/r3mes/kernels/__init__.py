@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -161,6 +161,11 @@ class TernaryWeight:
     scale: float
     out_features: int
     in_features: int
+    # The numpy view the native kernel takes, made once: decode calls each layer per token.
+    _packed_np: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_packed_np", self.packed.numpy())
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -168,8 +173,9 @@ class TernaryWeight:
 
     def unpack(self) -> torch.Tensor:
         """The ternary values as int8 [out_features, in_features]."""
-        t = _require_native().unpack_ternary(self.packed.numpy(), self.in_features)
-        return torch.from_numpy(t)
+        if _native is None:
+            return reference.unpack_ternary(self.packed, self.in_features)
+        return torch.from_numpy(_native.unpack_ternary(self.packed.numpy(), self.in_features))
 
     def dequantize(self) -> torch.Tensor:
         """W0 = T / s_w as float32."""
@@ -211,6 +217,21 @@ def ternary_linear(
     Float in (fp32/fp16/bf16), float32 out. The integer part is exact; the result
     equals :func:`r3mes.kernels.reference.ternary_linear` bit for bit.
     """
+    if (
+        bias is None
+        and type(x) is torch.Tensor
+        and x.dtype is torch.float32
+        and x.dim() >= 1
+        and x.shape[-1] == weight.in_features
+        and x.is_contiguous()
+        and not x.requires_grad
+        and x.device.type == "cpu"
+        and use_native()
+    ):
+        # Decode's hot path: the checks above are all the slow path would do for this input.
+        y = _native.ternary_linear(x.numpy().reshape(-1, weight.in_features), weight._packed_np,
+                                   weight.in_features, weight.scale)
+        return torch.from_numpy(y).view(*x.shape[:-1], weight.out_features)
     x2 = _as_float32_matrix(x, "x")
     if x2.shape[1] != weight.in_features:
         raise ValueError(
@@ -231,7 +252,7 @@ def ternary_linear(
         y = torch.from_numpy(
             _native.ternary_linear(
                 x2.numpy(),
-                weight.packed.numpy(),
+                weight._packed_np,
                 weight.in_features,
                 weight.scale,
                 None if bias is None else bias.numpy(),

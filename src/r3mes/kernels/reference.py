@@ -67,3 +67,16 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) ->
     acc = (q.to(torch.int64) @ w_int8.to(torch.int64).t()).float()
     y = acc / (s_x.unsqueeze(-1) * w_scale.unsqueeze(0))
     return y.reshape(*lead, w_int8.shape[0])
+
+
+def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """Ternary int8 [N, K] from the kernels' ``r3mes-2bit-g256`` layout, in plain torch.
+
+    Each 32-byte block holds 128 weights: byte j carries codes of weights j, 32+j, 64+j,
+    96+j at bits 0, 2, 4, 6 (``csrc/ternary/ternary.h``); code c is weight c - 1.
+    """
+    n, row_bytes = packed.shape
+    blocks = packed.reshape(n, row_bytes // 32, 1, 32).to(torch.int16)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16).reshape(1, 1, 4, 1)
+    codes = (blocks >> shifts) & 3
+    return (codes.reshape(n, row_bytes * 4)[:, :in_features] - 1).to(torch.int8)

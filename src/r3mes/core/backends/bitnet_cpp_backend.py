@@ -70,7 +70,7 @@ class BitNetCppBackend(InferenceBackend):
                         "cpu_features": info.get("cpu_features")},
             "precision": {"weights": "ternary 2-bit packed", "activations": "int8 per token",
                           "accumulate": "int32 exact", "float": "float32",
-                          "lm_head": "int8 per row (base-4 planes on the ternary kernel)"},
+                          "lm_head": "int8 per row (native int8 x int8 kernel)"},
             "threads": info.get("num_threads"),
             "deterministic": True,
             "features": ["generate", "stream", "dora", "dora_mix", "batch", "chat_template",
