@@ -26,17 +26,16 @@ inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0) {
   const int8_t* qs[T];
   for (int t = 0; t < T; ++t) qs[t] = a.q + (m0 + t) * kp;
 
-  // Decode (T == 1) streams weights from memory: fetch the next row tile while this
-  // one is computed, so its rows are in cache when the hardware prefetcher would
-  // only be warming up (rows are short: K/4 bytes).
-  const bool prefetch_next_tile = T == 1 && n + 2 * R <= a.N;
+  // Decode (T == 1) streams weights from memory: prefetch ahead (see kPrefetchTiles).
+  const bool prefetch_ahead = T == 1 && n + (kPrefetchTiles + 1) * R <= a.N;
   for (std::size_t g = 0; g < kp / kGroupWeights; ++g) {
     __m512i v[R];
     for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(rows[r] + g * kGroupBytes);
-    if (prefetch_next_tile)
+    if (prefetch_ahead)
       for (int r = 0; r < R; ++r)
-        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * row_bytes + g * kGroupBytes),
-                     _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchTiles * R * row_bytes +
+                                                         g * kGroupBytes),
+                     _MM_HINT_T1);
     typename Dot::Partial part[R][T];
     for (int p = 0; p < 4; ++p) {
       __m512i x[T];

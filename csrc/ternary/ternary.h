@@ -32,6 +32,11 @@ namespace r3mes {
 
 constexpr int kGroupWeights = 256;
 constexpr int kGroupBytes = 64;
+// Decode streams weights: the kernels prefetch (into L2) the row tile this many tiles
+// ahead of the one being computed. Rows are only K/4 bytes, too short for the hardware
+// prefetcher to ramp up; measured at 2560x6912 on 2 threads: no prefetch 55% of the read
+// bandwidth, 1 tile ahead into L1 79%, 2 tiles ahead into L2 84%.
+constexpr std::size_t kPrefetchTiles = 2;
 
 inline std::size_t padded_k(std::size_t k) {
   return (k + kGroupWeights - 1) / kGroupWeights * kGroupWeights;

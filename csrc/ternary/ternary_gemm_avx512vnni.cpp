@@ -33,7 +33,7 @@ inline void gemv_tile(const GemmArgs& a, std::size_t n) {
   const uint8_t* rows[R];
   for (int r = 0; r < R; ++r) rows[r] = a.packed + (n + r) * row_bytes;
   const int8_t* q = a.q;
-  const bool prefetch_next_tile = n + 2 * R <= a.N;
+  const bool prefetch_ahead = n + (kPrefetchTiles + 1) * R <= a.N;
   for (std::size_t g = 0; g < kp / kGroupWeights; ++g) {
     const __m512i x0 = _mm512_loadu_si512(q + g * kGroupWeights);
     const __m512i x1 = _mm512_loadu_si512(q + g * kGroupWeights + 64);
@@ -41,9 +41,10 @@ inline void gemv_tile(const GemmArgs& a, std::size_t n) {
     const __m512i x3 = _mm512_loadu_si512(q + g * kGroupWeights + 192);
     for (int r = 0; r < R; ++r) {
       const __m512i v = _mm512_loadu_si512(rows[r] + g * kGroupBytes);
-      if (prefetch_next_tile)
-        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * row_bytes + g * kGroupBytes),
-                     _MM_HINT_T0);
+      if (prefetch_ahead)
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchTiles * R * row_bytes +
+                                                         g * kGroupBytes),
+                     _MM_HINT_T1);
       acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(v, m0), x0);
       acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(v, m1), x1);
       acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(v, m2), x2);
