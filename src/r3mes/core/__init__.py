@@ -1,5 +1,16 @@
 """Core model pieces: BitLinear, DoRA, the BitNet transformer, checkpoints."""
 
-from r3mes.core.fingerprint import fingerprint
+from __future__ import annotations
+
+from typing import Any
 
 __all__ = ["fingerprint"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so `import r3mes.core.cli` (every `r3mes` command) does not pay for torch.
+    if name == "fingerprint":
+        from r3mes.core.fingerprint import fingerprint
+
+        return fingerprint
+    raise AttributeError(f"module 'r3mes.core' has no attribute {name!r}")
