@@ -10,7 +10,7 @@ __all__ = ["fingerprint"]
 def __getattr__(name: str) -> Any:
     # Lazy, so `import r3mes.core.cli` (every `r3mes` command) does not pay for torch.
     if name == "fingerprint":
-        from r3mes.core.fingerprint import fingerprint
+        from r3mes.core.logit_fingerprint import fingerprint
 
         return fingerprint
     raise AttributeError(f"module 'r3mes.core' has no attribute {name!r}")

@@ -3,7 +3,7 @@
 Determinism: the ternary and int8-head dot products are exact integers whatever the
 thread count; the float parts (norms, rotary, attention, softmax) run in torch pinned to
 one thread so their reduction order never changes. Same input, same logits, bit for bit,
-on every run and every ``num_threads``; :func:`r3mes.core.fingerprint` checks it.
+on every run and every ``num_threads``; :func:`r3mes.core.logit_fingerprint` checks it.
 """
 
 from __future__ import annotations
