@@ -35,7 +35,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``convert`` and ``generate`` to the main ``r3mes`` parser."""
+    """Add ``convert``, ``generate`` and ``train-adapter`` to the main ``r3mes`` parser."""
     conv = subparsers.add_parser("convert", help="convert an HF BitNet directory to the r3mes "
                                  "packed format")
     conv.add_argument("src", help="HF model directory (config.json + safetensors)")
@@ -66,6 +66,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="weight of each --adapter, in order (default equal)")
     _common(gen)
     gen.set_defaults(func=_cmd_generate)
+
+    train = subparsers.add_parser("train-adapter", help="train a DoRA expert on a text file "
+                                  "against a frozen BitNet model (PEFT-format output)")
+    train.add_argument("--model", required=True, help="model directory (HF or r3mes packed)")
+    train.add_argument("--data", required=True, help="training text (.txt or .jsonl)")
+    train.add_argument("--name", required=True, help="adapter id, e.g. medical_dora")
+    train.add_argument("--out", required=True, help="output PEFT adapter directory")
+    train.add_argument("--steps", type=int, default=200)
+    train.add_argument("--rank", type=int, default=16)
+    train.add_argument("--alpha", type=float, default=32.0)
+    train.add_argument("--seq-len", type=int, default=128)
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--targets", default=None,
+                       help="comma-separated projection names (default: all seven)")
+    train.add_argument("--no-resume", action="store_true",
+                       help="start over instead of continuing from OUT/checkpoint")
+    _common(train)
+    train.set_defaults(func=_cmd_train_adapter)
 
 
 def _fail(args: argparse.Namespace, message: str) -> int:
@@ -105,6 +125,37 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     else:
         print(f"converted {src} -> {dst} ({out['weights_bytes'] / 1e6:.1f} MB, head "
               f"{out['head']}, sha256 {out['weights_sha256'][:16]}..., {out['seconds']} s)")
+    return 0
+
+
+def _cmd_train_adapter(args: argparse.Namespace) -> int:
+    from r3mes.core.checkpoint import CheckpointError, load_model
+    from r3mes.core.tokenizer import Tokenizer, TokenizerError
+    from r3mes.core.trainer import train_adapter
+
+    model_dir = _resolve(args.model, args.home)
+    t0 = time.perf_counter()
+    try:
+        model, _ = load_model(model_dir)
+        tokenizer = Tokenizer(model_dir)
+        result = train_adapter(
+            model, Path(args.data), tokenizer=tokenizer, output_dir=Path(args.out),
+            resume=not args.no_resume, progress=not args.json, adapter_name=args.name,
+            steps=args.steps, rank=args.rank, alpha=args.alpha, seq_len=args.seq_len,
+            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            target_modules=args.targets.split(",") if args.targets else None)
+    except (CheckpointError, TokenizerError, ValueError, OSError) as exc:
+        return _fail(args, str(exc))
+    out = {"adapter": args.name, "output_dir": str(result.output_dir), "steps": result.steps,
+           "resumed_from": result.resumed_from,
+           "first_loss": result.losses[0] if result.losses else None,
+           "last_loss": result.losses[-1] if result.losses else None,
+           "seconds": round(time.perf_counter() - t0, 3)}
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"trained {args.name}: {out['steps']} steps, loss {out['first_loss']} -> "
+              f"{out['last_loss']}, saved to {out['output_dir']}")
     return 0
 
 

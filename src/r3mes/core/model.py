@@ -201,6 +201,10 @@ class LMHead(nn.Module):
         x2 = x.reshape(-1, self.hidden_size).float().contiguous()
         if self.kind == "float":
             return F.linear(x2, self.weight).reshape(*lead, self.vocab_size)
+        if x2.requires_grad and torch.is_grad_enabled():
+            # Training an adapter: the frozen head passes gradients to x through its
+            # dequantised weight (the kernel path is integer and not differentiable).
+            return F.linear(x2, self.int8.dequantize()).reshape(*lead, self.vocab_size)
         return kernels.int8_linear(x2, self.int8).reshape(*lead, self.vocab_size)
 
 
@@ -352,7 +356,6 @@ class BitNetForCausalLM(nn.Module):
         return self._cos[positions], self._sin[positions]
 
     # ---------------------------------------------------------------- forward
-    @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits float32 [B, T, V] (or [B, 1, V] with ``last_only``) for ``input_ids`` [B, T].
@@ -364,8 +367,14 @@ class BitNetForCausalLM(nn.Module):
             raise ValueError(f"input_ids: expected [batch, seq], got {tuple(input_ids.shape)}")
         bsz, seq = input_ids.shape
         cfg = self.config
+        # Training an adapter through the model (grad enabled, no cache): keys and values
+        # are used directly, since writing them into a shared cache tensor in place would
+        # invalidate what autograd saved for earlier layers. Nothing in the frozen model
+        # requires grad, so inference outside no_grad records no graph either.
+        direct_kv = cache is None and torch.is_grad_enabled()
         if cache is None:
-            cache = self.new_cache(bsz, seq)
+            cache = self.new_cache(bsz, 0 if direct_kv else seq)
+            cache.max_len = max(cache.max_len, seq)
         if cache.batch_size != bsz:
             raise ValueError(f"cache holds {cache.batch_size} rows, input has {bsz}")
         start = cache.length
@@ -397,10 +406,13 @@ class BitNetForCausalLM(nn.Module):
             v = attn.v_proj(x).view(bsz, seq, nkv, hd).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
-            cache.k[li, :, :, start:end] = k
-            cache.v[li, :, :, start:end] = v
-            keys = cache.k[li, :, :, :end]
-            values = cache.v[li, :, :, :end]
+            if direct_kv:
+                keys, values = k, v
+            else:
+                cache.k[li, :, :, start:end] = k
+                cache.v[li, :, :, start:end] = v
+                keys = cache.k[li, :, :, :end]
+                values = cache.v[li, :, :, :end]
             # Grouped-query attention without materialising repeated keys/values: the
             # rep query heads that share a kv head (HF's repeat_kv order: head = kv*rep + r)
             # become rows of one matmul against that kv head.
@@ -414,7 +426,8 @@ class BitNetForCausalLM(nn.Module):
                 o = attn.attn_sub_norm(o)
             h = h + attn.o_proj(o)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        cache.length = end
+        if not direct_kv:
+            cache.length = end
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))
