@@ -285,10 +285,14 @@ class BitLinearDoRA(nn.Module):
     def _versions(self, name: str, with_m: bool) -> tuple[int, ...]:
         # In-place updates (optimizer steps, load_state_dict) bump a tensor's version, so
         # a cache keyed on versions is invalidated by every training step.
-        key = (id(self.lora_A[name]), self.lora_A[name]._version,
-               id(self.lora_B[name]), self.lora_B[name]._version)
+        # Plain dict lookups: this runs for every adapter on every decode step, and
+        # nn.Module.__getattr__ would cost more than the rest of the step's Python.
+        tables = self._modules
+        a = tables["lora_A"]._parameters[name]
+        b = tables["lora_B"]._parameters[name]
+        key = (id(a), a._version, id(b), b._version)
         if with_m:
-            mv = self.lora_magnitude_vector[name]
+            mv = tables["lora_magnitude_vector"]._parameters[name]
             key += (id(mv), mv._version)
         return key
 

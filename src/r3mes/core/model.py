@@ -360,9 +360,18 @@ class BitNetForCausalLM(nn.Module):
                 last_only: bool = False) -> torch.Tensor:
         """Logits float32 [B, T, V] (or [B, 1, V] with ``last_only``) for ``input_ids`` [B, T].
 
-        With a cache the tokens are appended after ``cache.length`` positions; left-padding
-        positions (``cache.pad``) are masked. Without one, a fresh cache is used.
+        With a cache (generation) this runs without autograd; without one and with grad
+        enabled it is differentiable, which is how adapters train through the model.
         """
+        if cache is not None:
+            with torch.no_grad():
+                return self._forward(input_ids, cache, last_only)
+        return self._forward(input_ids, cache, last_only)
+
+    def _forward(self, input_ids: torch.Tensor, cache: KVCache | None,
+                 last_only: bool) -> torch.Tensor:
+        # With a cache the tokens are appended after ``cache.length`` positions; left-padding
+        # positions (``cache.pad``) are masked. Without one, a fresh cache is used.
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [batch, seq], got {tuple(input_ids.shape)}")
         bsz, seq = input_ids.shape
