@@ -22,8 +22,15 @@ void rows_tokens(const GemmArgs& a, std::size_t n, std::size_t m0) {
   const __m256i ones = _mm256_set1_epi16(1);
   __m256i acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_si256();
+  // Decode streams weights: prefetch the row kPrefetchTiles * 4 rows ahead (as the
+  // AVX-512 kernels do for their 4-row tiles).
+  const std::size_t ahead = kPrefetchTiles * 4;
+  const bool prefetch_ahead = T == 1 && n + ahead < a.N;
+  const std::size_t row_bytes = packed_row_bytes(a.K);
   for (std::size_t b = 0; b < kp / 128; ++b) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b));
+    if (prefetch_ahead && (b & 1) == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(row + ahead * row_bytes + 32 * b), _MM_HINT_T1);
     __m256i codes[4];
     codes[0] = _mm256_and_si256(v, mask);
     codes[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);
