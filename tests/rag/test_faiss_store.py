@@ -137,3 +137,21 @@ def test_truncated_vectors_file_is_refused(tmp_path, data):
     (tmp_path / "vectors.npy").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(IndexCorruptedError, match="vectors.npy"):
         FaissStore.load(tmp_path)
+
+
+def test_hnsw_deletes_are_skipped_without_rebuilding_the_graph(tmp_path, data):
+    vecs, q = data
+    s = FaissStore(DIM, "hnsw")
+    s.add(np.arange(len(vecs)), vecs)
+    s.search(q[:1], 10)
+    graph = s._index
+    gone = list(range(0, 300, 3))  # 100 of 3000: well under the rebuild threshold
+    s.remove(gone)
+    _, found = s.search(vecs[gone], 10)
+    assert s._index is graph  # no rebuild
+    assert not set(found.ravel().tolist()) & set(gone)
+    assert recall_at_k(s, q, 10) >= 0.9
+    s.save(tmp_path)  # the saved graph holds exactly the stored vectors
+    loaded = FaissStore.load(tmp_path)
+    assert loaded._index.ntotal == len(vecs) - len(gone)
+    assert not set(loaded.search(vecs[gone], 10)[1].ravel().tolist()) & set(gone)

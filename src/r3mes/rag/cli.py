@@ -1,20 +1,30 @@
-"""``r3mes rag ...``: add documents, search, list indices and snapshots, snapshot, restore,
-purge.
+"""``r3mes index ...`` (also spelled ``r3mes rag ...``): add documents, search, stats, list
+snapshots, snapshot, restore, purge, export, import.
 
-Every sub-command takes ``--home`` (the data directory) and ``--json``. JSON schemas (stable):
+Both names are registered on the same implementation. Every sub-command takes ``--home`` (the
+data directory) and ``--json``. JSON schemas (stable):
 
 - ``add``:      ``{"index", "files": [..], "documents", "replaced", "chunks",
   "expired": [doc ids already past their time-to-live], "snapshot": S}``
 - ``search``:   ``{"query", "mode", "indices": [..], "hits": [H, ...]}`` with
   ``H = {"doc_id", "chunk_id", "text", "score", "index", "position", "metadata"}``
+- ``stats``:    ``{"indices": [T, ...], "totals": {"documents", "chunks", "disk_bytes"}}`` with
+  ``T = {"name", "snapshot", "snapshot_kind", "deltas", "base", "documents", "chunks", "kind",
+  "ttl_s", "created", "disk_bytes", "embedding_model", "error"}`` (only indices with a
+  snapshot; read from the manifests; ``--verify`` also checks every digest and puts a failure
+  in ``error``, then exits 1)
 - ``list``:     ``{"indices": [{"name", "documents", "chunks", "kind", "active_kind",
   "ttl_s", "snapshot", "snapshots": [S, ...]}]}`` (only indices with a snapshot)
 - ``snapshot``: ``{"snapshot": S}``
 - ``restore``:  ``{"restored": S}``
 - ``purge``:    ``{"index", "expired": [doc ids], "deleted": [doc ids], "snapshot": S}``
+- ``export``:   ``{"index", "digest", "snapshots": [digests, base first], "path",
+  "format": "directory" | "tar" | "tar.gz", "bytes"}``
+- ``import``:   ``{"imported": S, "replaced": digest | null, "snapshots": [digests]}``
 
-``S = {"digest", "index", "created", "documents", "chunks", "parent"}``. Errors print
-``error: ...`` to stderr (or ``{"error": ...}`` with ``--json``) and exit with status 2.
+``S = {"digest", "index", "created", "documents", "chunks", "parent", "kind": "full" |
+"delta", "base", "deltas"}``. Errors print ``error: ...`` to stderr (or ``{"error": ...}`` with
+``--json``) and exit with status 2.
 """
 
 from __future__ import annotations
@@ -27,12 +37,20 @@ from typing import Any
 from r3mes.rag.errors import RagError
 from r3mes.rag.indices import INDEX_NAMES
 
+# The issue's name first; ``rag`` stays as an alias of the same commands.
+GROUP_NAMES = ("index", "rag")
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add the ``rag`` command group to the main parser."""
-    rag = subparsers.add_parser("rag", help="retrieval: index documents and search them")
-    sub = rag.add_subparsers(dest="rag_command", required=True)
+    """Add the ``index`` command group, and ``rag`` as a second name for it."""
+    for name in GROUP_NAMES:
+        group = subparsers.add_parser(
+            name, help="retrieval: index documents and search them" if name == "index"
+            else "same as 'r3mes index'")
+        _add_commands(group.add_subparsers(dest="rag_command", required=True))
 
+
+def _add_commands(sub: argparse._SubParsersAction) -> None:
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--home", help="data directory (default $R3MES_HOME or ~/.r3mes)")
         p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -57,6 +75,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank-model", help="local cross-encoder directory: rerank the results")
     p.set_defaults(func=_cmd_search)
 
+    p = common(sub.add_parser("stats", help="sizes of the indices and their current snapshots"))
+    p.add_argument("--verify", action="store_true",
+                   help="also load every index, checking each digest (exit 1 on a failure)")
+    p.set_defaults(func=_cmd_stats)
+
     p = common(sub.add_parser("list", help="indices, their sizes and snapshots"))
     p.set_defaults(func=_cmd_list)
 
@@ -73,6 +96,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--index", default="news", choices=INDEX_NAMES)
     p.add_argument("--doc-id", action="append", default=[], help="also delete this document")
     p.set_defaults(func=_cmd_purge)
+
+    p = common(sub.add_parser(
+        "export", help="write a verified snapshot to a directory or .tar/.tar.gz archive"))
+    p.add_argument("out", help="new directory, or a path ending in .tar, .tar.gz or .tgz")
+    p.add_argument("--index", default="general", choices=INDEX_NAMES)
+    p.add_argument("--snapshot", help="digest (prefix) to export (default: the current one)")
+    p.set_defaults(func=_cmd_export)
+
+    p = common(sub.add_parser(
+        "import", help="verify an exported snapshot and make it current for its index"))
+    p.add_argument("path", help="a directory or archive written by 'r3mes index export'")
+    p.set_defaults(func=_cmd_import)
 
 
 def _store(args: argparse.Namespace, configs: dict[str, Any] | None = None):
@@ -170,7 +205,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
             stats = store.index(name).stats()
             stats["snapshots"] = [s.to_dict() for s in store.snapshots(name)]
             rows.append(stats)
-        lines = [] if rows else ["no indices yet (add documents with `r3mes rag add`)"]
+        lines = [] if rows else ["no indices yet (add documents with `r3mes index add`)"]
         for r in rows:
             lines.append(f"{r['name']}: {r['documents']} document(s), {r['chunks']} chunk(s), "
                          f"{r['active_kind']}, current {str(r['snapshot'])[:12]}")
@@ -216,5 +251,61 @@ def _cmd_purge(args: argparse.Namespace) -> int:
                 "snapshot": info.to_dict()}
         return data, (f"purged {len(expired)} expired and deleted {len(present)} document(s) "
                       f"from '{args.index}'; snapshot {info.digest[:12]}")
+
+    return _run(args, body)
+
+
+def _cmd_stats(args: argparse.Namespace) -> int:
+    failed = False
+
+    def body():
+        nonlocal failed
+        rows = _store(args).stats(verify=args.verify)
+        failed = any(r["error"] for r in rows)
+        totals = {k: sum(r[k] or 0 for r in rows) for k in ("documents", "chunks", "disk_bytes")}
+        lines = [] if rows else ["no indices yet (add documents with `r3mes index add`)"]
+        for r in rows:
+            if r["error"] and r["documents"] is None:
+                lines.append(f"{r['name']}: ERROR {r['error']}")
+                continue
+            lines.append(
+                f"{r['name']}: {r['documents']} document(s), {r['chunks']} chunk(s), "
+                f"{r['kind']}, {r['disk_bytes'] / 2**20:.2f} MiB, snapshot "
+                f"{str(r['snapshot'])[:12]} ({r['snapshot_kind']}"
+                + (f", {r['deltas']} delta(s)" if r["deltas"] else "") + ")"
+                + (f"\n    ERROR {r['error']}" if r["error"] else ""))
+        if rows:
+            lines.append(f"total: {totals['documents']} document(s), {totals['chunks']} "
+                         f"chunk(s), {totals['disk_bytes'] / 2**20:.2f} MiB")
+        return {"indices": rows, "totals": totals}, "\n".join(lines)
+
+    code = _run(args, body)
+    return 1 if code == 0 and failed else code
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    def body():
+        store = _store(args)
+        with store.lock():
+            data = store.export(args.index, args.out, args.snapshot)
+        return data, (f"exported '{args.index}' snapshot {data['digest'][:12]} "
+                      f"({len(data['snapshots'])} snapshot dir(s), {data['bytes']} bytes) to "
+                      f"{data['path']}")
+
+    return _run(args, body)
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    def body():
+        store = _store(args)
+        with store.lock():
+            data = store.import_snapshot(args.path)
+        s = data["imported"]
+        data["imported"] = s.to_dict()
+        text = (f"imported snapshot {s.digest[:12]} as the current '{s.index}' "
+                f"({s.documents} document(s), {s.chunks} chunk(s))")
+        if data["replaced"]:
+            text += f"; the previous one ({data['replaced'][:12]}) can be restored"
+        return data, text
 
     return _run(args, body)

@@ -5,12 +5,14 @@ index is a search structure built from them, so it can always be rebuilt, traine
 checked against exact search. Kinds:
 
 - ``flat``: ``IndexIDMap2(IndexFlatIP)``, exact inner product (cosine on unit vectors).
-- ``hnsw``: ``IndexIDMap2(IndexHNSWFlat)``; HNSW cannot remove vectors, so a delete marks the
-  graph stale and it is rebuilt on the next search.
+- ``hnsw``: ``IndexIDMap2(IndexHNSWFlat)``; HNSW cannot remove vectors, so a deleted id stays
+  in the graph as a tombstone that searches skip (a FAISS ``IDSelector``); the graph is rebuilt
+  only once tombstones pass :data:`HNSW_TOMBSTONE_FRACTION` of it, or when it is saved.
 - ``ivfpq``: ``IndexIDMap2(IndexIVFPQ)`` with exact re-ranking of ``refine x k`` candidates
   from the stored vectors. It needs training data, so until the store holds ``ivf_min_train``
   vectors it searches exactly (``active_kind`` says which is in use) and trains itself the first
-  time it is large enough.
+  time it is large enough. ``nlist`` defaults to ~4 sqrt(n) lists, ``nprobe`` to a quarter of
+  them.
 
 ``save(dir)`` writes ``index.faiss`` (``faiss.serialize_index``), ``vectors.npy``, ``ids.npy``
 and ``store.json`` (parameters + per-id metadata), each atomically; ``load(dir)`` maps the
@@ -35,6 +37,9 @@ from r3mes.utils.atomic import atomic_write_bytes, atomic_write_json
 
 KINDS = ("flat", "hnsw", "ivfpq")
 STORE_FORMAT = 1
+# Deleted HNSW vectors are skipped at search time until they are this share of the graph; past
+# it, searching through the dead nodes costs more than rebuilding once.
+HNSW_TOMBSTONE_FRACTION = 0.2
 
 
 def _faiss():
@@ -58,6 +63,7 @@ class FaissStore:
         pq_m: int | None = None,
         nprobe: int | None = None,
         refine: int = 8,
+        nlist: int | None = None,
     ) -> None:
         if kind not in KINDS:
             raise ValueError(f"unknown index kind '{kind}' (choose one of {', '.join(KINDS)})")
@@ -68,6 +74,7 @@ class FaissStore:
         self.params: dict[str, Any] = {
             "hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search,
             "ivf_min_train": ivf_min_train, "pq_m": pq_m, "nprobe": nprobe, "refine": refine,
+            "nlist": nlist,
         }
         self._vecs = np.empty((0, dim), dtype=np.float32)
         self._ids = np.empty((0,), dtype=np.int64)
@@ -76,6 +83,8 @@ class FaissStore:
         self._index = None
         self._stale = True
         self._trained_kind: str | None = None  # what the built index actually is
+        self._tombstones: set[int] = set()  # ids removed from the store, still in the HNSW graph
+        self._search_params = None  # FAISS search parameters skipping the tombstones
 
     # -- size and state ------------------------------------------------------------------
 
@@ -133,9 +142,11 @@ class FaissStore:
             for i, meta in zip(ids_arr, metadata, strict=True):
                 if meta is not None:
                     self.metadata[int(i)] = dict(meta)
-        if self._index is not None and not self._stale and self._trained_kind == self.active_kind:
+        if self._index is not None and not self._stale and \
+                self._trained_kind == self.active_kind and \
+                not self._tombstones.intersection(int(i) for i in ids_arr):
             self._index.add_with_ids(vecs, ids_arr)
-        else:
+        else:  # (re-adding a tombstoned id would leave two graph nodes with that id)
             self._stale = True
 
     def remove(self, ids: Iterable[int]) -> int:
@@ -151,7 +162,12 @@ class FaissStore:
         self._pos = {int(i): r for r, i in enumerate(self._ids)}
         for i in gone:
             self.metadata.pop(i, None)
-        if self._index is not None and not self._stale and self._trained_kind != "hnsw":
+        if self._index is not None and not self._stale and self._trained_kind == "hnsw":
+            self._tombstones.update(gone)
+            self._search_params = None
+            if len(self._tombstones) > HNSW_TOMBSTONE_FRACTION * max(1, self._index.ntotal):
+                self._stale = True
+        elif self._index is not None and not self._stale:
             self._index.remove_ids(np.array(gone, dtype=np.int64))
         else:
             self._stale = True
@@ -184,7 +200,10 @@ class FaissStore:
             n_cand = min(len(self), k * max(1, int(self.params["refine"])))
             _, cand = index.search(q, n_cand)
             return self._rerank(q, cand, k)
-        scores, found = index.search(q, min(k, len(self)))
+        if self._tombstones:
+            scores, found = index.search(q, min(k, len(self)), params=self._skip_tombstones())
+        else:
+            scores, found = index.search(q, min(k, len(self)))
         return _pad(scores, found, k)
 
     def exact_search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -194,6 +213,13 @@ class FaissStore:
     def get_vector(self, id_: int) -> np.ndarray:
         return np.array(self._vecs[self._pos[int(id_)]])
 
+    def get_vectors(self, ids: Sequence[int]) -> np.ndarray:
+        """``(len(ids), dim)`` float32 copy of the stored vectors of ``ids``, in order."""
+        rows = np.array([self._pos[int(i)] for i in ids], dtype=np.int64)
+        if not len(rows):
+            return np.empty((0, self.dim), dtype=np.float32)
+        return np.ascontiguousarray(np.asarray(self._vecs)[rows])
+
     # -- persistence ---------------------------------------------------------------------
 
     def save(self, directory: str | os.PathLike[str]) -> list[str]:
@@ -201,11 +227,13 @@ class FaissStore:
         faiss = _faiss()
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
+        if self._tombstones:
+            self._stale = True  # the file must hold exactly the stored vectors
         index = self._ensure_index() if len(self) else None
         if index is not None:
             atomic_write_bytes(d / "index.faiss", faiss.serialize_index(index).tobytes())
-        atomic_write_bytes(d / "vectors.npy", _npy_bytes(np.asarray(self._vecs)))
-        atomic_write_bytes(d / "ids.npy", _npy_bytes(np.asarray(self._ids)))
+        atomic_write_bytes(d / "vectors.npy", npy_bytes(np.asarray(self._vecs)))
+        atomic_write_bytes(d / "ids.npy", npy_bytes(np.asarray(self._ids)))
         atomic_write_json(d / "store.json", {
             "format": STORE_FORMAT, "dim": self.dim, "kind": self.kind,
             "built_kind": self._trained_kind if index is not None else None,
@@ -230,8 +258,8 @@ class FaissStore:
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexCorruptedError(f"{d / 'store.json'}: invalid store description ({exc})") \
                 from exc
-        vecs = _read_npy(d / "vectors.npy", mmap)
-        ids = _read_npy(d / "ids.npy", False)
+        vecs = read_npy(d / "vectors.npy", mmap)
+        ids = read_npy(d / "ids.npy", False)
         if vecs.dtype != np.float32 or vecs.ndim != 2 or vecs.shape != (count, store.dim):
             raise IndexCorruptedError(
                 f"{d / 'vectors.npy'}: expected float32 ({count}, {store.dim}), got "
@@ -278,9 +306,24 @@ class FaissStore:
         self._stale = False
         return self._index
 
+    def _skip_tombstones(self):
+        if self._search_params is None:
+            faiss = _faiss()
+            dead = np.array(sorted(self._tombstones), dtype=np.int64)
+            params = faiss.SearchParametersHNSW()
+            # the selector objects must outlive the parameters that point at them
+            params._batch = faiss.IDSelectorBatch(dead)
+            params._not = faiss.IDSelectorNot(params._batch)
+            params.sel = params._not
+            params.efSearch = int(self.params["ef_search"])
+            self._search_params = params
+        return self._search_params
+
     def _build(self, kind: str):
         faiss = _faiss()
         p = self.params
+        self._tombstones = set()
+        self._search_params = None
         vecs = np.ascontiguousarray(np.asarray(self._vecs))
         if kind == "flat":
             inner = faiss.IndexFlatIP(self.dim)
@@ -303,7 +346,8 @@ class FaissStore:
         n = len(vecs)
         # ~4 sqrt(n) lists, but at least 39 training points per list (FAISS's guidance), and
         # codebooks of 2^nbits centroids that the data can train (<= 8 bits).
-        nlist = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        # ``nlist`` (when given) trades recall for a cheaper k-means, e.g. at a million vectors.
+        nlist = max(1, min(int(p.get("nlist") or 4 * math.sqrt(n)), n // 39))
         nbits = int(max(4, min(8, math.floor(math.log2(max(16, n // 39))))))
         pq_m = p["pq_m"] or _default_pq_m(self.dim)
         quantizer = faiss.IndexFlatIP(self.dim)
@@ -331,6 +375,7 @@ class FaissStore:
             inner = faiss.downcast_index(inner.index)
         if isinstance(inner, faiss.IndexHNSW):
             inner.hnsw.efSearch = int(self.params["ef_search"])
+            self._search_params = None
         elif isinstance(inner, faiss.IndexIVF):
             nprobe = self.params["nprobe"] or max(8, inner.nlist // 4)
             inner.nprobe = min(int(nprobe), inner.nlist)
@@ -402,13 +447,15 @@ def _default_pq_m(dim: int) -> int:
     return 1
 
 
-def _npy_bytes(arr: np.ndarray) -> bytes:
+def npy_bytes(arr: np.ndarray) -> bytes:
+    """``arr`` as ``.npy`` file bytes (``allow_pickle=False``)."""
     buf = io.BytesIO()
     np.save(buf, arr, allow_pickle=False)
     return buf.getvalue()
 
 
-def _read_npy(path: Path, mmap: bool) -> np.ndarray:
+def read_npy(path: Path, mmap: bool = False) -> np.ndarray:
+    """A ``.npy`` array (never pickled objects); a bad file is :class:`IndexCorruptedError`."""
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except FileNotFoundError as exc:

@@ -102,6 +102,7 @@ class BM25Index:
         self.b = b
         self._tokens: dict[int, list[str]] = {}
         self._order: list[int] = []
+        self._order_arr = np.empty(0, dtype=np.int64)
         self._bm25 = None
         self._stale = True
 
@@ -145,7 +146,7 @@ class BM25Index:
             return []
         self._ensure()
         scores = self._bm25.get_scores(q)
-        order = np.asarray(self._order, dtype=np.int64)
+        order = self._order_arr
         if allowed_ids is not None:
             allowed = {int(i) for i in allowed_ids}
             mask = np.fromiter((i in allowed for i in self._order), dtype=bool,
@@ -166,6 +167,7 @@ class BM25Index:
         import bm25s
 
         self._order = sorted(self._tokens)
+        self._order_arr = np.asarray(self._order, dtype=np.int64)  # not per query: O(n)
         bm25 = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
         bm25.index([self._tokens[i] for i in self._order], show_progress=False)
         self._bm25 = bm25
