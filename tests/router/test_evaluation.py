@@ -1,4 +1,4 @@
-"""Routing accuracy on the labelled evaluation set (``data/router_eval.yaml``).
+"""Routing accuracy on the labelled evaluation set (``tests/data/router_eval.yaml``).
 
 Measured on the held-out ``test`` split with the defaults (all-MiniLM-L6-v2, CPU):
 
@@ -23,7 +23,7 @@ from r3mes.router.hybrid_router import HybridRouter
 from r3mes.router.keyword_router import language_detector
 from r3mes.router.registry import load_registry
 
-EVAL_FILE = Path(__file__).parent / "data" / "router_eval.yaml"
+EVAL_FILE = Path(__file__).parent.parent / "data" / "router_eval.yaml"
 FLOORS = {  # stage: (top-1, top-3 recall) on the test split
     "keyword": (0.83, 0.91),
     "semantic": (0.47, 0.82),
