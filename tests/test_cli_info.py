@@ -33,3 +33,20 @@ def test_cuda_module_is_built_when_nvcc_is_present() -> None:
     from r3mes import _native_cuda
 
     assert _native_cuda.device_count() >= 0
+
+
+def test_bench_reports_each_shape_and_token_count() -> None:
+    out = subprocess.run(["r3mes", "bench", "--json", "--shape", "64x300", "--tokens", "1",
+                          "--tokens", "5", "--seconds", "0.01"],
+                         capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    assert [(r["shape"], r["tokens"]) for r in data["results"]] == [("64x300", 1), ("64x300", 5)]
+    assert all(r["r3mes_us"] > 0 and r["torch_fp32_us"] > 0 for r in data["results"])
+    assert data["read_bandwidth_gb_s"] > 0
+
+
+def test_bench_rejects_a_malformed_shape() -> None:
+    out = subprocess.run(["r3mes", "bench", "--json", "--shape", "64by300"],
+                         capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "OUTxIN" in json.loads(out.stdout)["error"]

@@ -44,6 +44,7 @@ def _registrars() -> list[CommandRegistrar]:
         "r3mes.rag.cli",
         "r3mes.serving.cli",
         "r3mes.core.cli",
+        "r3mes.kernels.cli",
     ):
         try:
             mod = importlib.import_module(module)
