@@ -109,3 +109,22 @@ def test_backend_generates_from_text_and_chat(backends):
     b = native.generate([[{"role": "user", "content": "hello"}]], cfg)[0]
     assert len(a.tokens) == 4 and isinstance(a.text, str)
     assert b.prompt_tokens > a.prompt_tokens - 2
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_heterogeneous_batch_gives_each_row_its_own_experts(backends, which):
+    backend = backends[which]
+    assert backend.supports_feature("heterogeneous_batch")
+    prompts = [IDS[0], IDS[0][:5], IDS[0]]
+    mixes = [[("alpha", 1.0)], [], [("alpha", 0.5), ("beta", 0.5)]]
+    cfg = GenerationConfig(max_new_tokens=6, stop_token_ids=())
+    batched = backend.generate(prompts, cfg, adapter_mixes=mixes)
+    for prompt, mix, got in zip(prompts, mixes, batched, strict=True):
+        alone = backend.generate([prompt], cfg, [a for a, _ in mix], [w for _, w in mix])[0]
+        assert got.tokens == alone.tokens
+
+
+def test_heterogeneous_batch_needs_one_mix_per_prompt(backends):
+    with pytest.raises(ValueError, match="2 mixes for 3 prompts"):
+        backends[0].generate([IDS[0]] * 3, GenerationConfig(max_new_tokens=1),
+                             adapter_mixes=[[], []])

@@ -96,6 +96,28 @@ class InferenceBackend(ABC):
         model = self._require_model()
         set_adapter_mix(model, list(zip(ids, weights, strict=True)) if ids else None)
 
+    def _set_mixes(self, adapter_mixes: Sequence[Sequence[tuple[str, float]]]) -> None:
+        """One expert mix per batch row (a heterogeneous batch); an empty row is the base."""
+        rows = []
+        for row in adapter_mixes:
+            for a, _ in row:
+                if a not in self.adapters:
+                    raise KeyError(f"adapter {a!r} is not loaded (loaded: {sorted(self.adapters)})")
+            rows.append([(a, float(w)) for a, w in row])
+        set_adapter_mix(self._require_model(), rows)
+
+    def _apply_mix(self, n_rows: int, adapter_ids: Sequence[str],
+                   adapter_weights: Sequence[float],
+                   adapter_mixes: Sequence[Sequence[tuple[str, float]]] | None) -> None:
+        if adapter_mixes is None:
+            self._set_mix(adapter_ids, adapter_weights)
+            return
+        if adapter_ids:
+            raise ValueError("pass either adapter_ids/adapter_weights or adapter_mixes, not both")
+        if len(adapter_mixes) != n_rows:
+            raise ValueError(f"adapter_mixes: {len(adapter_mixes)} mixes for {n_rows} prompts")
+        self._set_mixes(adapter_mixes)
+
     # ---- running -----------------------------------------------------------------------
     @abstractmethod
     def _forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
@@ -130,12 +152,18 @@ class InferenceBackend(ABC):
 
     def stream(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
                adapter_ids: Sequence[str] = (),
-               adapter_weights: Sequence[float] = ()) -> Iterator[TokenEvent]:
-        """Generate for a batch of prompts, yielding :class:`TokenEvent` s as they come."""
+               adapter_weights: Sequence[float] = (),
+               adapter_mixes: Sequence[Sequence[tuple[str, float]]] | None = None,
+               ) -> Iterator[TokenEvent]:
+        """Generate for a batch of prompts, yielding :class:`TokenEvent` s as they come.
+
+        ``adapter_mixes`` gives each prompt its own ``[(adapter_id, weight)]`` (a
+        heterogeneous batch: one forward pass, a different expert mix per row).
+        """
         model = self._require_model()
         ids = [self.encode_prompt(p) for p in prompts]
         with self._lock:
-            self._set_mix(adapter_ids, adapter_weights)
+            self._apply_mix(len(ids), adapter_ids, adapter_weights, adapter_mixes)
             try:
                 yield from _stream(model, ids, config, self.tokenizer, self._forward)
             finally:
@@ -143,12 +171,15 @@ class InferenceBackend(ABC):
 
     def generate(self, prompts: Sequence[Prompt], config: GenerationConfig | None = None,
                  adapter_ids: Sequence[str] = (),
-                 adapter_weights: Sequence[float] = ()) -> list[GenerationResult]:
-        """Generate to completion; one :class:`GenerationResult` per prompt."""
+                 adapter_weights: Sequence[float] = (),
+                 adapter_mixes: Sequence[Sequence[tuple[str, float]]] | None = None,
+                 ) -> list[GenerationResult]:
+        """Generate to completion; one :class:`GenerationResult` per prompt (see
+        :meth:`stream` for ``adapter_mixes``)."""
         model = self._require_model()
         ids = [self.encode_prompt(p) for p in prompts]
         with self._lock:
-            self._set_mix(adapter_ids, adapter_weights)
+            self._apply_mix(len(ids), adapter_ids, adapter_weights, adapter_mixes)
             try:
                 return _generate(model, ids, config, self.tokenizer, self._forward)
             finally:

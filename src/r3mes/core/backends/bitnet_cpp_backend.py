@@ -73,7 +73,8 @@ class BitNetCppBackend(InferenceBackend):
                           "lm_head": "int8 per row (native int8 x int8 kernel)"},
             "threads": info.get("num_threads"),
             "deterministic": True,
-            "features": ["generate", "stream", "dora", "dora_mix", "batch", "chat_template",
-                         "kv_cache", "native_kernels", "fingerprint"],
+            "features": ["generate", "stream", "dora", "dora_mix", "batch",
+                         "heterogeneous_batch", "chat_template", "kv_cache", "native_kernels",
+                         "fingerprint"],
             **self._model_capabilities(),
         }

@@ -64,7 +64,7 @@ class PyTorchBackend(InferenceBackend):
                           "float": "float32"},
             "threads": torch.get_num_threads(),
             "deterministic": True,
-            "features": ["generate", "stream", "dora", "dora_mix", "batch", "chat_template",
-                         "kv_cache"],
+            "features": ["generate", "stream", "dora", "dora_mix", "batch",
+                         "heterogeneous_batch", "chat_template", "kv_cache"],
             **self._model_capabilities(),
         }
