@@ -165,10 +165,10 @@ class RagSection(_Section):
 
 class GenerationSection(_Section):
     max_new_tokens: int = Field(128, ge=1, le=32768)
-    temperature: float = Field(0.0, ge=0, le=10)
+    temperature: float = Field(0.7, ge=0, le=10)
     top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    repetition_penalty: float = Field(1.1, gt=0)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
     system_prompt: str = ""

@@ -38,7 +38,9 @@ def pipeline_factory(assets):
 
     def make(**overrides):
         fields = {"home": str(assets["home"]), "model_path": str(assets["model"]),
-                  "experts_dir": str(assets["experts"]), "max_new_tokens": 12}
+                  "experts_dir": str(assets["experts"]), "max_new_tokens": 12,
+                  # greedy: the tests compare outputs across runs and code paths
+                  "temperature": 0.0, "repetition_penalty": 1.0}
         fields.update(overrides)
         return create_pipeline(**fields)
 

@@ -55,5 +55,7 @@ def server_settings(assets, **server):
     overrides = {"model.path": str(assets["model"]), "model.experts_dir": str(assets["experts"]),
                  "generation.max_new_tokens": 8, "server.max_request_bytes": 65536,
                  "server.max_prompt_chars": 4000, "server.max_tokens_limit": 64}
+    # Greedy decoding: these tests compare outputs (streamed vs whole, batched vs alone).
+    overrides.update({"generation.temperature": 0.0, "generation.repetition_penalty": 1.0})
     overrides.update({f"server.{k}": v for k, v in server.items()})
     return load_config(home=str(assets["home"]), overrides=overrides, environ={})

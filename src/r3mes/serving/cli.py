@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.add_argument("--index", action="append", dest="indices",
                        help="RAG index to search (repeatable; default: all with content)")
         p.add_argument("--max-tokens", type=int, help="tokens to generate at most")
-        p.add_argument("--temperature", type=float, help="0 (default) is greedy")
+        p.add_argument("--temperature", type=float,
+                       help="sampling temperature (0 is greedy; default from the config, 0.7)")
         p.add_argument("--seed", type=int, help="sampling seed")
 
     ask = subparsers.add_parser("ask", help="answer one question (router + RAG + experts)")

@@ -125,10 +125,10 @@ class PipelineConfig:
     home: str | None = None
     # generation
     max_new_tokens: int = 128
-    temperature: float = 0.0
+    temperature: float = 0.7  # as dora_config.yaml: sampling; 0 is greedy
     top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    top_p: float = 0.95
+    repetition_penalty: float = 1.1
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     system_prompt: str = ("You are a helpful assistant. Answer using the context when it is "
