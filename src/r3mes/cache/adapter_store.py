@@ -38,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from r3mes.core.peft_config import CONFIG_NAME, AdapterFormatError, read_dora_config
 from r3mes.utils.atomic import atomic_write_json
 from r3mes.utils.paths import r3mes_home
 
@@ -49,7 +50,6 @@ try:  # POSIX only; on other systems the store is safe within one process.
 except ImportError:  # pragma: no cover
     fcntl = None  # type: ignore[assignment]
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_FILES: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME)
 MANIFEST_FORMAT = "r3mes-adapter-store"
@@ -68,7 +68,7 @@ class AdapterStoreError(Exception):
     """Base class of every error the adapter store raises."""
 
 
-class AdapterValidationError(AdapterStoreError, ValueError):
+class AdapterValidationError(AdapterStoreError, AdapterFormatError):
     """An adapter directory is not a valid PEFT DoRA adapter (the message names file and key)."""
 
 
@@ -131,35 +131,13 @@ def _split_key(key: str) -> tuple[str, str] | None:
 
 
 def read_adapter_config(path: Path) -> dict[str, Any]:
-    """Parse and check ``adapter_config.json``: a PEFT LoRA config with ``use_dora: true``."""
-    file = path / CONFIG_NAME
-    if not file.is_file():
-        raise AdapterValidationError(f"{file}: missing (an adapter directory needs {CONFIG_NAME})")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterValidationError(f"{file}: not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise AdapterValidationError(f"{file}: expected a JSON object")
-    if str(config.get("peft_type", "")).upper() != "LORA":
-        raise AdapterValidationError(
-            f"{file}: peft_type is {config.get('peft_type')!r}, expected 'LORA'")
-    if config.get("use_dora") is not True:
-        raise AdapterValidationError(f"{file}: use_dora must be true for a DoRA adapter")
-    rank = config.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise AdapterValidationError(f"{file}: 'r' must be a positive integer, got {rank!r}")
-    alpha = config.get("lora_alpha", rank)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or alpha <= 0:
-        raise AdapterValidationError(f"{file}: 'lora_alpha' must be a positive number")
-    targets = config.get("target_modules")
-    if isinstance(targets, str):
-        targets = [targets]
-    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
-        raise AdapterValidationError(f"{file}: 'target_modules' must be a non-empty list of names")
+    """Parse and check ``adapter_config.json`` with the model loader's own validator, then
+    the store's extra rule: one rank for every module (the store checks tensor ranks
+    against ``r``)."""
+    config = read_dora_config(path, AdapterValidationError)
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        # Per-module ranks are legal PEFT but not part of our DoRA contract.
-        raise AdapterValidationError(f"{file}: rank_pattern/alpha_pattern are not supported")
+        raise AdapterValidationError(
+            f"{path / CONFIG_NAME}: rank_pattern/alpha_pattern are not supported in the store")
     return config
 
 

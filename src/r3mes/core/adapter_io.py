@@ -16,7 +16,6 @@ Everything is validated before anything is applied, and every error
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from collections import Counter
@@ -29,6 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
 from r3mes.core.dora import dora_modules
+from r3mes.core.peft_config import CONFIG_NAME, AdapterFormatError, read_dora_config
 from r3mes.utils.atomic import atomic_write_bytes, atomic_write_json
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "save_peft_adapter",
 ]
 
-CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _SUFFIXES = {
@@ -52,10 +51,6 @@ _SUFFIXES = {
     ".lora_magnitude_vector.weight": "lora_magnitude_vector",
 }
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-class AdapterFormatError(ValueError):
-    """An adapter directory that cannot be used; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -92,47 +87,7 @@ def _pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
 
 
 def _read_config(path: Path) -> dict[str, Any]:
-    file = path / CONFIG_NAME
-    if not file.is_file():
-        raise AdapterFormatError(f"{file}: missing (an adapter directory needs {CONFIG_NAME})")
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{file}: expected a JSON object")
-    if config.get("peft_type") != "LORA":
-        raise AdapterFormatError(
-            f"{file}: key 'peft_type' is {config.get('peft_type')!r}, expected 'LORA'"
-        )
-    if config.get("use_dora") is not True:
-        raise AdapterFormatError(
-            f"{file}: key 'use_dora' is {config.get('use_dora')!r}; this is a plain LoRA "
-            "adapter, r3mes experts are DoRA adapters (use_dora: true)"
-        )
-    r = config.get("r")
-    if not isinstance(r, int) or isinstance(r, bool) or r < 1:
-        raise AdapterFormatError(f"{file}: key 'r' must be a positive integer, got {r!r}")
-    alpha = config.get("lora_alpha")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise AdapterFormatError(f"{file}: key 'lora_alpha' must be a number, got {alpha!r}")
-    if not isinstance(config.get("use_rslora", False), bool):
-        raise AdapterFormatError(f"{file}: key 'use_rslora' must be true or false")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise AdapterFormatError(f"{file}: key {key!r} must be an object")
-    # Features whose tensors or semantics r3mes does not implement: refuse, never ignore.
-    if config.get("fan_in_fan_out"):
-        raise AdapterFormatError(f"{file}: key 'fan_in_fan_out' = true is not supported")
-    if config.get("bias", "none") != "none":
-        raise AdapterFormatError(
-            f"{file}: key 'bias' = {config.get('bias')!r} is not supported (only 'none')"
-        )
-    if config.get("modules_to_save"):
-        raise AdapterFormatError(
-            f"{file}: key 'modules_to_save' is not supported (the base model stays frozen)"
-        )
-    return config
+    return read_dora_config(path)
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
