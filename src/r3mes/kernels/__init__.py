@@ -461,7 +461,7 @@ def dora_linear(
             and all(ad.native is not None for ad in adapters)):
         # Decode fast path: the native call validates shapes, dims and finiteness itself;
         # Python-side checks would cost more than the rank-r work of a decode step.
-        y = _native.dora_linear(x2.numpy(), weight.packed.numpy(), weight.in_features,
+        y = _native.dora_linear(x2.numpy(), weight._packed_np, weight.in_features,
                                 weight.scale, None, [ad.native for ad in adapters],
                                 mix.numpy(), None)
         return torch.from_numpy(y).reshape(*lead, weight.out_features)
@@ -486,7 +486,7 @@ def dora_linear(
     else:
         y = torch.from_numpy(
             _native.dora_linear(
-                x2.numpy(), weight.packed.numpy(), weight.in_features, weight.scale,
+                x2.numpy(), weight._packed_np, weight.in_features, weight.scale,
                 None if bias is None else bias.numpy(), [ad.native for ad in adapters],
                 mixm.numpy(), None if bw is None else bw.numpy(),
             )
