@@ -7,6 +7,7 @@
 #include <cmath>
 #include <vector>
 
+#include "attention/decode_attention.h"
 #include "common/array_check.h"
 #include "common/cpu_features.h"
 #include "common/thread_pool.h"
@@ -245,6 +246,36 @@ py::array_t<float> py_int8_linear(const py::array& x, const py::array& w, const 
   return out;
 }
 
+py::array_t<float> py_decode_attention(const py::array& q, const py::array& k, const py::array& v,
+                                       const py::array& pad, std::size_t length, float scaling) {
+  check_array<float>(q, "q", 3);
+  check_array<float>(k, "k_cache", 4);
+  check_array<float>(v, "v_cache", 4);
+  if (!pad.dtype().is(py::dtype::of<int64_t>()) || pad.ndim() != 1 ||
+      !(pad.flags() & py::array::c_style))
+    throw std::invalid_argument("pad: expected a contiguous 1-D int64 array");
+  const std::size_t batch = q.shape(0), heads = q.shape(1), dim = q.shape(2);
+  const std::size_t kv_heads = k.shape(1), max_len = k.shape(2);
+  for (int i = 0; i < 4; ++i)
+    if (k.shape(i) != v.shape(i))
+      throw std::invalid_argument("k_cache and v_cache must have the same shape");
+  if (static_cast<std::size_t>(k.shape(0)) != batch || static_cast<std::size_t>(k.shape(3)) != dim)
+    throw std::invalid_argument("k_cache: expected [batch, kv_heads, max_len, head_dim] "
+                                "matching q [batch, heads, head_dim]");
+  if (kv_heads == 0 || heads % kv_heads != 0)
+    throw std::invalid_argument("heads must be a multiple of kv_heads");
+  if (static_cast<std::size_t>(pad.shape(0)) != batch)
+    throw std::invalid_argument("pad: one entry per batch row expected");
+  if (length == 0 || length > max_len)
+    throw std::invalid_argument("length must be in [1, max_len]");
+  py::array_t<float> out({batch, heads, dim});
+  py::gil_scoped_release release;
+  decode_attention(data_of<float>(q), data_of<float>(k), data_of<float>(v),
+                   static_cast<const int64_t*>(pad.data()), batch, heads, kv_heads, dim,
+                   max_len, length, scaling, out.mutable_data());
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_native, mod) {
@@ -275,5 +306,8 @@ PYBIND11_MODULE(_native, mod) {
   mod.def("int8_linear", &py_int8_linear, py::arg("x"), py::arg("weight"), py::arg("weight_scale"),
           py::arg("row_sums"), py::arg("k"),
           "float32 x [M, K] -> int8 activations x int8 weights -> y = acc / (s_x * s_w[n]).");
+  mod.def("decode_attention", &py_decode_attention, py::arg("q"), py::arg("k_cache"),
+          py::arg("v_cache"), py::arg("pad"), py::arg("length"), py::arg("scaling"),
+          "Single-token GQA attention over a float32 KV cache [B, KV, S_max, D].");
   register_dora_bindings(mod);
 }

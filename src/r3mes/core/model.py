@@ -393,16 +393,12 @@ class BitNetForCausalLM(nn.Module):
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size:
             raise ValueError(f"input_ids: token ids must be in [0, {cfg.vocab_size})")
 
+        # Decode on the native backend: attention runs as one kernel over the cache.
+        fused_decode = seq == 1 and not direct_kv and kernels.use_native()
         positions = (torch.arange(start, end)[None, :] - cache.pad[:, None]).clamp(min=0)
         cos, sin = self._rope(positions)  # [B, T, hd]
         cos, sin = cos[:, None], sin[:, None]
-        key_pos = torch.arange(end)
-        allowed = (key_pos[None, None, :] >= cache.pad[:, None, None]) & (
-            key_pos[None, None, :] <= torch.arange(start, end)[None, :, None])
-        # finfo.min, not -inf: a fully masked (padding) query row stays finite.
-        mask = torch.zeros(allowed.shape, dtype=torch.float32)
-        mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
-        mask = mask[:, None]  # [B, 1, T, S]
+        mask = None if fused_decode else self._attention_mask(cache.pad, start, end)
 
         h = self.model.embed_tokens.weight[input_ids].float()
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -422,6 +418,12 @@ class BitNetForCausalLM(nn.Module):
                 cache.v[li, :, :, start:end] = v
                 keys = cache.k[li, :, :, :end]
                 values = cache.v[li, :, :, :end]
+            if fused_decode:
+                # One native pass per head instead of a dozen framework ops per layer.
+                o = kernels.decode_attention(q.reshape(bsz, nh, hd), cache.k[li], cache.v[li],
+                                             cache.pad, end, attn.scaling)
+                h = self._finish_layer(layer, h, o.view(bsz, 1, nh * hd))
+                continue
             # Grouped-query attention without materialising repeated keys/values: the
             # rep query heads that share a kv head (HF's repeat_kv order: head = kv*rep + r)
             # become rows of one matmul against that kv head.
@@ -431,15 +433,32 @@ class BitNetForCausalLM(nn.Module):
             probs = torch.softmax(scores, dim=-1).view(bsz, nkv, rep * seq, end)
             o = torch.matmul(probs, values).view(bsz, nh, seq, hd)
             o = o.transpose(1, 2).reshape(bsz, seq, nh * hd)
-            if attn.attn_sub_norm is not None:
-                o = attn.attn_sub_norm(o)
-            h = h + attn.o_proj(o)
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
+            h = self._finish_layer(layer, h, o)
         if not direct_kv:
             cache.length = end
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))
+
+    @staticmethod
+    def _attention_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Additive mask [B, 1, T, S]: causal, and left padding masked."""
+        key_pos = torch.arange(end)
+        allowed = (key_pos[None, None, :] >= pad[:, None, None]) & (
+            key_pos[None, None, :] <= torch.arange(start, end)[None, :, None])
+        # finfo.min, not -inf: a fully masked (padding) query row stays finite.
+        mask = torch.zeros(allowed.shape, dtype=torch.float32)
+        mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        return mask[:, None]
+
+    @staticmethod
+    def _finish_layer(layer: nn.Module, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The rest of a decoder layer after attention: sub-norm, o_proj, residual, MLP."""
+        attn = layer.self_attn
+        if attn.attn_sub_norm is not None:
+            o = attn.attn_sub_norm(o)
+        h = h + attn.o_proj(o)
+        return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def num_parameters_bytes(self) -> dict[str, int]:
         """Bytes held by each part (ternary packed, head, embedding)."""

@@ -35,6 +35,7 @@ __all__ = [
     "TernaryWeight",
     "available",
     "cpu_features",
+    "decode_attention",
     "get_num_threads",
     "info",
     "int8_linear",
@@ -589,3 +590,20 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
             weight.in_features,
         ))
     return y.reshape(*lead, weight.out_features)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     pad: torch.Tensor, length: int, scaling: float) -> torch.Tensor:
+    """Single-token (decode) grouped-query attention straight from a KV cache.
+
+    q float32 [B, H, D]; k_cache, v_cache float32 [B, KV, S_max, D]; pad int64 [B] (left
+    padding of each row: keys before it are masked); keys [pad_b, length) are attended.
+    Returns float32 [B, H, D]. Native: one fused pass per head, independent of the thread
+    count; agrees with :func:`r3mes.kernels.reference.decode_attention` to float rounding.
+    """
+    if not use_native():
+        return reference.decode_attention(q, k_cache, v_cache, pad, length, scaling)
+    out = _native.decode_attention(q.detach().contiguous().numpy(), k_cache.detach().numpy(),
+                                   v_cache.detach().numpy(), pad.contiguous().numpy(),
+                                   int(length), float(scaling))
+    return torch.from_numpy(out)

@@ -80,3 +80,20 @@ def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     shifts = torch.tensor([0, 2, 4, 6], dtype=torch.int16).reshape(1, 1, 4, 1)
     codes = (blocks >> shifts) & 3
     return (codes.reshape(n, row_bytes * 4)[:, :in_features] - 1).to(torch.int8)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     pad: torch.Tensor, length: int, scaling: float) -> torch.Tensor:
+    """Single-token GQA attention: q [B, H, D] over cache rows [pad_b, length) of
+    k/v [B, KV, S_max, D]; query head h reads kv head h // (H // KV). Returns [B, H, D]
+    (zeros for a row with nothing to attend)."""
+    bsz, heads, dim = q.shape
+    kv = k_cache.shape[1]
+    rep = heads // kv
+    keys = k_cache[:, :, :length].repeat_interleave(rep, dim=1)
+    values = v_cache[:, :, :length].repeat_interleave(rep, dim=1)
+    scores = torch.einsum("bhd,bhsd->bhs", q.float(), keys.float()) * scaling
+    valid = torch.arange(length)[None, :] >= pad[:, None]
+    scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return torch.einsum("bhs,bhsd->bhd", probs, values.float())
