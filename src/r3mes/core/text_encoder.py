@@ -10,7 +10,9 @@ import os
 import threading
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -66,3 +68,47 @@ def model_fingerprint(name: str | None = None) -> str:
             stat = file.stat()
             digest.update(f"{file.relative_to(path)}:{stat.st_size}".encode())
     return digest.hexdigest()[:16]
+
+
+_query_lock = threading.Lock()
+_query_cache: dict[tuple[str, str], Any] = {}  # (model path, text) -> ndarray or Future
+_QUERY_CACHE_SIZE = 256
+
+
+def encode_query(text: str, name: str | None = None) -> np.ndarray:
+    """The unit-norm float32 embedding of one query, shared by the router and RAG.
+
+    The pipeline routes and retrieves the same query at the same time on two threads; the
+    first caller computes the embedding and the other waits for it (single flight), and
+    recent queries are kept (LRU of 256), so one query costs one forward pass of the model.
+    """
+    from concurrent.futures import Future
+
+    key = (str(resolve_model_path(name)), text)
+    with _query_lock:
+        entry = _query_cache.get(key)
+        if entry is None:
+            entry = Future()
+            _query_cache[key] = entry
+            owner = True
+        else:
+            _query_cache[key] = _query_cache.pop(key)  # most recently used last
+            owner = False
+    if not owner:
+        return entry.result() if isinstance(entry, Future) else entry
+    try:
+        vector = load_sentence_model(name).encode(
+            [text], normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+        vector = np.ascontiguousarray(vector[0], dtype=np.float32)
+    except BaseException as exc:
+        with _query_lock:
+            _query_cache.pop(key, None)
+        entry.set_exception(exc)
+        raise
+    vector.setflags(write=False)  # shared between callers: nobody may change it in place
+    entry.set_result(vector)
+    with _query_lock:
+        _query_cache[key] = vector
+        while len(_query_cache) > _QUERY_CACHE_SIZE:
+            _query_cache.pop(next(iter(_query_cache)))
+    return vector

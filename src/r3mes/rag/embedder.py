@@ -96,9 +96,11 @@ class Embedder:
         return out
 
     def embed_query(self, text: str) -> np.ndarray:
-        """``(dim,)`` float32 unit vector for one query (queries are not cached on disk)."""
-        vec = self._encode([text])[0]
-        return vec
+        """``(dim,)`` float32 unit vector for one query (queries are not cached on disk; the
+        shared in-memory query cache lets the router and RAG embed a query once)."""
+        from r3mes.core.text_encoder import encode_query
+
+        return encode_query(text, self.model_name)
 
     # -- internals -----------------------------------------------------------------------
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from r3mes.core.text_encoder import (
     DEFAULT_MODEL,
+    encode_query,
     load_sentence_model,
     model_fingerprint,
     resolve_model_path,
@@ -270,16 +271,11 @@ class SemanticRouter:
             if previous != self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
         try:
-            vector = self._model.encode(
-                [query[: self.max_chars]],
-                normalize_embeddings=True,
-                convert_to_numpy=True,
-                show_progress_bar=False,
-            )
+            vector = encode_query(query[: self.max_chars], self.model_name)
         finally:
             if previous is not None and previous != self.torch_threads:
                 torch.set_num_threads(previous)
-        return np.asarray(vector[0], dtype=np.float32)
+        return vector
 
     def similarities(self, query: str) -> np.ndarray:
         """Per-expert max cosine similarity, in registry order (values in [-1, 1])."""
