@@ -304,3 +304,29 @@ def test_torch_reference_unpack_reads_the_native_layout() -> None:
     for n, k in [(3, 13), (33, 257), (5, 700)]:
         tw = kernels.quantize_weight(_weights(n, k, seed=n + k))
         assert torch.equal(reference.unpack_ternary(tw.packed, k), tw.unpack())
+
+
+def test_concurrent_python_threads_get_exact_results() -> None:
+    # The kernels share one worker pool; calls from several threads must queue, not mix.
+    from concurrent.futures import ThreadPoolExecutor
+
+    weights = [kernels.quantize_weight(_weights(300 + 7 * i, 513, seed=i)) for i in range(4)]
+    xs = [_acts(3, 513, seed=10 + i) for i in range(4)]
+    want = [reference.ternary_linear(x, w.unpack(), w.scale)
+            for x, w in zip(xs, weights, strict=True)]
+
+    def run(i: int) -> bool:
+        return all(torch.equal(kernels.ternary_linear(xs[i], weights[i]), want[i])
+                   for _ in range(25))
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert all(pool.map(run, range(4)))
+
+
+def test_thread_count_can_change_between_calls_without_losing_work() -> None:
+    tw = kernels.quantize_weight(_weights(777, 600, seed=3))
+    x = _acts(2, 600, seed=4)
+    want = kernels.ternary_linear(x, tw)
+    for n in (2, 1, 3, 2, 0):
+        kernels.set_num_threads(n)
+        assert torch.equal(kernels.ternary_linear(x, tw), want)
