@@ -19,7 +19,6 @@ per vocabulary row (``"int8"``), see :class:`LMHead`.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -182,10 +181,6 @@ class LMHead(nn.Module):
             torch.cat([p.row_sums for p in parts]), v, h)
         return cls("int8", v, h, int8=int8)
 
-    def int8_weight(self) -> torch.Tensor:
-        """The int8 weight [V, H] (without the kernel's row padding)."""
-        return self.int8.data[:, : self.hidden_size]
-
     def dequantized_weight(self) -> torch.Tensor:
         if self.kind == "float":
             return self.weight
@@ -206,15 +201,6 @@ class LMHead(nn.Module):
             # dequantised weight (the kernel path is integer and not differentiable).
             return F.linear(x2, self.int8.dequantize()).reshape(*lead, self.vocab_size)
         return kernels.int8_linear(x2, self.int8).reshape(*lead, self.vocab_size)
-
-
-def _int_matmul_reference(q: torch.Tensor, w: torch.Tensor, chunk: int = 16384) -> torch.Tensor:
-    """Exact int32 q [M, K] @ w[N, K]^T in float64 (exact below 2^53), chunked over N."""
-    qd = q.double()
-    out = torch.empty(q.shape[0], w.shape[0], dtype=torch.int32)
-    for n0 in range(0, w.shape[0], chunk):
-        out[:, n0:n0 + chunk] = (qd @ w[n0:n0 + chunk].double().t()).to(torch.int32)
-    return out
 
 
 # --------------------------------------------------------------------------- KV cache
@@ -473,12 +459,3 @@ class BitNetForCausalLM(nn.Module):
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def head_error(head: LMHead, reference: torch.Tensor, x: torch.Tensor) -> dict[str, float]:
-    """How far ``head(x)`` is from ``x @ reference^T`` (max abs, and relative to the rms)."""
-    exact = x.float() @ reference.float().t()
-    err = (head(x) - exact).abs()
-    rms = float(exact.pow(2).mean().sqrt())
-    return {"max_abs": float(err.max()), "rel_rms": float(err.pow(2).mean().sqrt()) / rms,
-            "rms": rms, "sqrt_h": math.sqrt(x.shape[-1])}
