@@ -90,36 +90,39 @@ void dora_epilogue_rows_avx2(const DoraMix& p, std::size_t n0, std::size_t n1) {
   if (v1 < n1) dora_epilogue_rows_scalar(p, v1, n1);
 }
 
-R3MES_F16C float dora_dot_f32_avx2(const float* x, const float* a, std::size_t k) {
+namespace {
+
+// A row of A as float32 or as fp16 (converted on load); the scalar tail likewise.
+R3MES_F16C inline __m256 load8(const float* a) { return _mm256_loadu_ps(a); }
+R3MES_F16C inline __m256 load8(const uint16_t* a) { return load_h8(a); }
+inline float scalar(float v) { return v; }
+inline float scalar(uint16_t v) { return half_to_float(v); }
+
+template <class T>
+R3MES_F16C float dot(const float* x, const T* a, std::size_t k) {
   __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(),
          s3 = _mm256_setzero_ps();
   std::size_t i = 0;
   for (; i + 32 <= k; i += 32) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(a + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(a + i + 8), s1);
-    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), _mm256_loadu_ps(a + i + 16), s2);
-    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), _mm256_loadu_ps(a + i + 24), s3);
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(a + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), load8(a + i + 8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), load8(a + i + 16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), load8(a + i + 24), s3);
   }
-  for (; i + 8 <= k; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(a + i), s0);
+  for (; i + 8 <= k; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load8(a + i), s0);
   float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-  for (; i < k; ++i) s += x[i] * a[i];
+  for (; i < k; ++i) s += x[i] * scalar(a[i]);
   return s;
 }
 
+}  // namespace
+
+R3MES_F16C float dora_dot_f32_avx2(const float* x, const float* a, std::size_t k) {
+  return dot(x, a, k);
+}
+
 R3MES_F16C float dora_dot_f16_avx2(const float* x, const uint16_t* a, std::size_t k) {
-  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps(), s2 = _mm256_setzero_ps(),
-         s3 = _mm256_setzero_ps();
-  std::size_t i = 0;
-  for (; i + 32 <= k; i += 32) {
-    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load_h8(a + i), s0);
-    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 8), load_h8(a + i + 8), s1);
-    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 16), load_h8(a + i + 16), s2);
-    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i + 24), load_h8(a + i + 24), s3);
-  }
-  for (; i + 8 <= k; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + i), load_h8(a + i), s0);
-  float s = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
-  for (; i < k; ++i) s += x[i] * half_to_float(a[i]);
-  return s;
+  return dot(x, a, k);
 }
 
 }  // namespace r3mes

@@ -73,46 +73,43 @@ void dora_epilogue_rows_avx512(const DoraMix& p, std::size_t n0, std::size_t n1)
   if (v1 < n1) dora_epilogue_rows_scalar(p, v1, n1);
 }
 
-float dora_dot_f32_avx512(const float* x, const float* a, std::size_t k) {
+namespace {
+
+// A row of A as float32 or as fp16 (converted on load); masked loads for the tail.
+inline __m512 load16(const float* a) { return _mm512_loadu_ps(a); }
+inline __m512 load16(const uint16_t* a) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a)));
+}
+inline __m512 load16_masked(__mmask16 m, const float* a) { return _mm512_maskz_loadu_ps(m, a); }
+inline __m512 load16_masked(__mmask16 m, const uint16_t* a) {
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, a));
+}
+
+template <class T>
+float dot(const float* x, const T* a, std::size_t k) {
   __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(),
          s3 = _mm512_setzero_ps();
   std::size_t i = 0;
   for (; i + 64 <= k; i += 64) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(a + i), s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), _mm512_loadu_ps(a + i + 16), s1);
-    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), _mm512_loadu_ps(a + i + 32), s2);
-    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), _mm512_loadu_ps(a + i + 48), s3);
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), load16(a + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), load16(a + i + 16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), load16(a + i + 32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), load16(a + i + 48), s3);
   }
-  for (; i + 16 <= k; i += 16)
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(a + i), s0);
+  for (; i + 16 <= k; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), load16(a + i), s0);
   if (i < k) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1);
-    s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + i), _mm512_maskz_loadu_ps(mask, a + i),
-                         s1);
+    s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + i), load16_masked(mask, a + i), s1);
   }
   return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
 }
 
+}  // namespace
+
+float dora_dot_f32_avx512(const float* x, const float* a, std::size_t k) { return dot(x, a, k); }
+
 float dora_dot_f16_avx512(const float* x, const uint16_t* a, std::size_t k) {
-  auto h = [a](std::size_t i) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i)));
-  };
-  __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(),
-         s3 = _mm512_setzero_ps();
-  std::size_t i = 0;
-  for (; i + 64 <= k; i += 64) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), h(i), s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 16), h(i + 16), s1);
-    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 32), h(i + 32), s2);
-    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i + 48), h(i + 48), s3);
-  }
-  for (; i + 16 <= k; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + i), h(i), s0);
-  if (i < k) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (k - i)) - 1);
-    const __m512 av = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, a + i));
-    s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, x + i), av, s1);
-  }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+  return dot(x, a, k);
 }
 
 }  // namespace r3mes
