@@ -12,6 +12,7 @@
 #include "common/cpu_features.h"
 #include "common/thread_pool.h"
 #include "dora/dora.h"
+#include "model/decode_layer.h"
 #include "ternary/int8_gemm.h"
 #include "ternary/ternary.h"
 
@@ -310,4 +311,5 @@ PYBIND11_MODULE(_native, mod) {
           py::arg("v_cache"), py::arg("pad"), py::arg("length"), py::arg("scaling"),
           "Single-token GQA attention over a float32 KV cache [B, KV, S_max, D].");
   register_dora_bindings(mod);
+  register_decode_layer_bindings(mod);
 }

@@ -16,6 +16,7 @@ template <> inline const char* dtype_name<float>() { return "float32"; }
 template <> inline const char* dtype_name<int8_t>() { return "int8"; }
 template <> inline const char* dtype_name<uint8_t>() { return "uint8"; }
 template <> inline const char* dtype_name<int32_t>() { return "int32"; }
+template <> inline const char* dtype_name<int64_t>() { return "int64"; }
 
 template <class T>
 inline void check_array(const py::array& a, const char* name, int ndim) {

@@ -36,6 +36,7 @@
 #include <vector>
 
 #include "common/cpu_features.h"
+#include "ternary/ternary.h"
 
 namespace r3mes {
 
@@ -92,6 +93,30 @@ float dora_dot_f32_avx2(const float* x, const float* a, std::size_t k);
 float dora_dot_f16_avx2(const float* x, const uint16_t* a, std::size_t k);
 float dora_dot_f32_avx512(const float* x, const float* a, std::size_t k);
 float dora_dot_f16_avx512(const float* x, const uint16_t* a, std::size_t k);
+
+// One fused DoRA product made ready for ternary_gemm / ternary_gemm_multi: the
+// activations quantised, the A pass done and the epilogue hooked into `args`. It owns
+// the buffers `args` points to, so it must stay in place (not copied or moved) until
+// the GEMM has run.
+class DoraCall {
+ public:
+  DoraCall() = default;
+  DoraCall(const DoraCall&) = delete;
+  DoraCall& operator=(const DoraCall&) = delete;
+  // Arguments as dora_linear's. Returns false if x holds NaN/Inf.
+  bool prepare(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
+               std::size_t N, float w_scale, const float* bias,
+               const std::vector<const DoraAdapter*>& adapters, const float* mix,
+               const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level);
+  GemmArgs args{};
+
+ private:
+  DoraMix mix_;
+  std::vector<const DoraAdapter*> adapters_;
+  std::vector<int8_t> q_;
+  std::vector<float> x_scale_;
+  std::vector<int32_t> qsum_;
+};
 
 // y [M, N] = the fused DoRA mix of x [M, K] (see above). mix is [mix_rows, E]
 // with mix_rows == 1 (same mix for every token) or M; base_weight (nullable) is

@@ -202,20 +202,26 @@ void decode_row_float(const uint8_t* row, std::size_t kp, float* t) {
 
 }  // namespace
 
-bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
-                 std::size_t N, float w_scale, const float* bias,
-                 const std::vector<const DoraAdapter*>& adapters, const float* mix,
-                 const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level) {
-  if (M == 0 || N == 0) return true;
+bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
+                       std::size_t N, float w_scale, const float* bias,
+                       const std::vector<const DoraAdapter*>& adapters, const float* mix,
+                       const float* base_weight, std::size_t mix_rows, float* out,
+                       SimdLevel level) {
   const std::size_t E = adapters.size();
   const Isa isa = isa_for(level);
-
-  DoraMix p;
+  args = GemmArgs{};
+  args.M = M;
+  args.N = N;
+  args.K = K;
+  if (M == 0 || N == 0) return true;
+  DoraMix& p = mix_;
+  p = DoraMix{};
   p.M = M;
   p.N = N;
   p.out = out;
   p.bias = bias;
-  p.adapters = adapters.data();
+  adapters_ = adapters;
+  p.adapters = adapters_.data();
   p.act_start.resize(M + 1);
   p.base_w.assign(M, 0.0f);
   p.z_off.resize(E);
@@ -238,10 +244,10 @@ bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* pa
 
   // Activations for the base path (per-token absmax int8, padded rows).
   const std::size_t kp = padded_k(K);
-  std::vector<int8_t> q(M * kp);
-  std::vector<float> x_scale(M);
-  std::vector<int32_t> qsum(M);
-  if (!quantize_activations(x, M, K, q.data(), kp, x_scale.data(), qsum.data(), level))
+  q_.resize(M * kp);
+  x_scale_.resize(M);
+  qsum_.resize(M);
+  if (!quantize_activations(x, M, K, q_.data(), kp, x_scale_.data(), qsum_.data(), level))
     return false;
 
   if (any_adapter) {
@@ -275,13 +281,24 @@ bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* pa
     }
   }
 
-  GemmArgs args{packed, q.data(), qsum.data(), M, N, K,
-                nullptr, out, x_scale.data(), w_scale, any_adapter ? nullptr : bias};
+  args = GemmArgs{packed, q_.data(), qsum_.data(), M, N, K,
+                  nullptr, out, x_scale_.data(), w_scale, any_adapter ? nullptr : bias};
   if (any_adapter) {
     args.epilogue = hook_for(isa.epilogue);
-    args.epilogue_ctx = &p;
+    args.epilogue_ctx = &mix_;
   }
-  ternary_gemm(args, level);
+  return true;
+}
+
+bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
+                 std::size_t N, float w_scale, const float* bias,
+                 const std::vector<const DoraAdapter*>& adapters, const float* mix,
+                 const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level) {
+  DoraCall call;
+  if (!call.prepare(x, M, K, packed, N, w_scale, bias, adapters, mix, base_weight, mix_rows, out,
+                    level))
+    return false;
+  ternary_gemm(call.args, level);
   return true;
 }
 

@@ -35,7 +35,7 @@ inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0) {
       for (int r = 0; r < R; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchTiles * R * row_bytes +
                                                          g * kGroupBytes),
-                     _MM_HINT_T1);
+                     R3MES_WEIGHT_PREFETCH_HINT);
     typename Dot::Partial part[R][T];
     for (int p = 0; p < 4; ++p) {
       __m512i x[T];

@@ -37,6 +37,7 @@ constexpr int kGroupBytes = 64;
 // prefetcher to ramp up; measured at 2560x6912 on 2 threads: no prefetch 55% of the read
 // bandwidth, 1 tile ahead into L1 79%, 2 tiles ahead into L2 84%.
 constexpr std::size_t kPrefetchTiles = 2;
+#define R3MES_WEIGHT_PREFETCH_HINT _MM_HINT_T1
 
 inline std::size_t padded_k(std::size_t k) {
   return (k + kGroupWeights - 1) / kGroupWeights * kGroupWeights;
@@ -83,6 +84,9 @@ struct GemmArgs {
   void* epilogue_ctx = nullptr;
 };
 void ternary_gemm(const GemmArgs& args, SimdLevel level);
+// Several independent products in one pool hand-off (a decode layer's q, k and v, or
+// gate and up): the same results as calling ternary_gemm on each, bit for bit.
+void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel level);
 
 // Per-ISA row-range kernels: rows [n0, n1) for all M tokens. q is in the
 // layout the ISA expects (natural for scalar/avx2, g256-permuted for avx512*).

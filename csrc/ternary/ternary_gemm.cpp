@@ -26,33 +26,75 @@ void ternary_gemm_rows_scalar(const GemmArgs& a, std::size_t n0, std::size_t n1)
   }
 }
 
-void ternary_gemm(const GemmArgs& args, SimdLevel level) {
-  if (args.M == 0 || args.N == 0) return;
-  GemmRowsFn rows_fn = ternary_gemm_rows_scalar;
-  GemmArgs a = args;
-  std::vector<int8_t> permuted;
-  const std::size_t kp = padded_k(a.K);
+namespace {
+
+GemmRowsFn rows_fn_for(SimdLevel level) {
+  if (level == SimdLevel::Avx512Vnni) return ternary_gemm_rows_avx512vnni;
+  if (level == SimdLevel::Avx512) return ternary_gemm_rows_avx512;
+  if (level == SimdLevel::Avx2) return ternary_gemm_rows_avx2;
+  return ternary_gemm_rows_scalar;
+}
+
+// One chunk of output rows of one of the products of a ternary_gemm_multi call.
+struct RowChunk {
+  std::size_t product, n0, n1;
+};
+
+}  // namespace
+
+void ternary_gemm(const GemmArgs& args, SimdLevel level) { ternary_gemm_multi(&args, 1, level); }
+
+void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel level) {
+  const GemmRowsFn rows_fn = rows_fn_for(level);
+  std::vector<GemmArgs> a(products, products + count);
+  // AVX-512 decodes a whole 256-group per register; reorder the (small) activations
+  // once instead of shuffling every weight register. Products that share their
+  // activations (q, k and v of one token) share the reordered copy.
+  std::vector<std::vector<int8_t>> permuted;
   if (level >= SimdLevel::Avx512) {
-    // AVX-512 decodes a whole 256-group per register; reorder the (small)
-    // activations once instead of shuffling every weight register.
-    permuted.resize(a.M * kp);
-    for (std::size_t m = 0; m < a.M; ++m)
-      permute_activations_g256(a.q + m * kp, permuted.data() + m * kp, kp);
-    a.q = permuted.data();
-    rows_fn = level == SimdLevel::Avx512Vnni ? ternary_gemm_rows_avx512vnni
-                                             : ternary_gemm_rows_avx512;
-  } else if (level == SimdLevel::Avx2) {
-    rows_fn = ternary_gemm_rows_avx2;
+    std::vector<const int8_t*> originals;
+    permuted.reserve(count);
+    for (auto& g : a) {
+      if (g.M == 0 || g.N == 0) continue;
+      const std::size_t kp = padded_k(g.K);
+      std::size_t found = originals.size();
+      for (std::size_t i = 0; i < originals.size(); ++i)
+        if (originals[i] == g.q && permuted[i].size() == g.M * kp) found = i;
+      if (found == originals.size()) {
+        originals.push_back(g.q);
+        permuted.emplace_back(g.M * kp);
+        for (std::size_t m = 0; m < g.M; ++m)
+          permute_activations_g256(g.q + m * kp, permuted.back().data() + m * kp, kp);
+      }
+      g.q = permuted[found].data();
+    }
   }
-  // Enough chunks to balance the threads, each a multiple of the 4-row tile.
+  // Chunks of every product in one list, each a multiple of the 4-row tile and small
+  // enough to balance the threads; one pool hand-off for all of them.
   const std::size_t threads = static_cast<std::size_t>(get_num_threads());
-  std::size_t grain = (a.N + threads * 4 - 1) / (threads * 4);
-  grain = std::max<std::size_t>(16, (grain + 15) / 16 * 16);
+  std::vector<RowChunk> chunks;
+  std::size_t total_bytes = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    const GemmArgs& g = a[i];
+    if (g.M == 0 || g.N == 0) continue;
+    total_bytes += g.N * packed_row_bytes(g.K) * g.M;
+    std::size_t grain = (g.N + threads * 4 - 1) / (threads * 4);
+    grain = std::max<std::size_t>(16, (grain + 15) / 16 * 16);
+    for (std::size_t n0 = 0; n0 < g.N; n0 += grain) chunks.push_back({i, n0, std::min(g.N, n0 + grain)});
+  }
+  auto run_chunk = [&](std::size_t c) {
+    const RowChunk& ch = chunks[c];
+    const GemmArgs& g = a[ch.product];
+    rows_fn(g, ch.n0, ch.n1);
+    if (g.epilogue != nullptr) g.epilogue(g.epilogue_ctx, ch.n0, ch.n1);
+  };
   // Small products finish before a second thread could start: run them inline.
-  if (a.N * packed_row_bytes(a.K) * a.M < kInlineBytes) grain = a.N;
-  parallel_for(a.N, grain, [&](std::size_t n0, std::size_t n1) {
-    rows_fn(a, n0, n1);
-    if (a.epilogue != nullptr) a.epilogue(a.epilogue_ctx, n0, n1);
+  if (total_bytes < kInlineBytes || chunks.size() == 1) {
+    for (std::size_t c = 0; c < chunks.size(); ++c) run_chunk(c);
+    return;
+  }
+  parallel_for(chunks.size(), 1, [&](std::size_t c0, std::size_t c1) {
+    for (std::size_t c = c0; c < c1; ++c) run_chunk(c);
   });
 }
 

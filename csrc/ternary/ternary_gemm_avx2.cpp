@@ -30,7 +30,7 @@ void rows_tokens(const GemmArgs& a, std::size_t n, std::size_t m0) {
   for (std::size_t b = 0; b < kp / 128; ++b) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b));
     if (prefetch_ahead && (b & 1) == 0)
-      _mm_prefetch(reinterpret_cast<const char*>(row + ahead * row_bytes + 32 * b), _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(row + ahead * row_bytes + 32 * b), R3MES_WEIGHT_PREFETCH_HINT);
     __m256i codes[4];
     codes[0] = _mm256_and_si256(v, mask);
     codes[1] = _mm256_and_si256(_mm256_srli_epi16(v, 2), mask);

@@ -44,7 +44,7 @@ inline void gemv_tile(const GemmArgs& a, std::size_t n) {
       if (prefetch_ahead)
         _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchTiles * R * row_bytes +
                                                          g * kGroupBytes),
-                     _MM_HINT_T1);
+                     R3MES_WEIGHT_PREFETCH_HINT);
       acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(v, m0), x0);
       acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(v, m1), x1);
       acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(v, m2), x2);

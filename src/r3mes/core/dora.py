@@ -393,7 +393,7 @@ class BitLinearDoRA(nn.Module):
         return self._mix
 
     def _mix_matrix(
-        self, x: torch.Tensor
+        self, x: torch.Tensor | torch.Size
     ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
         """Adapter names in use, the per-token weight matrix [1 or M, E] and the per-token
         weight of the bare base output [1 or M] (None when no entry is "base")."""
@@ -405,10 +405,11 @@ class BitLinearDoRA(nn.Module):
             return self._mix_cache
         if self._mix_hetero:
             rows = self._mix
-            if x.dim() < 2 or x.shape[0] != len(rows):
+            shape = x if isinstance(x, torch.Size) else x.shape
+            if len(shape) < 2 or shape[0] != len(rows):
                 raise ValueError(
                     f"heterogeneous mix has {len(rows)} entries but x has shape "
-                    f"{tuple(x.shape)} (the first dimension must match)"
+                    f"{tuple(shape)} (the first dimension must match)"
                 )
         else:
             rows = [self._mix]
@@ -426,7 +427,7 @@ class BitLinearDoRA(nn.Module):
                 else:
                     mat[b, names.index(n)] = w
         if self._mix_hetero:
-            per_elem = math.prod(x.shape[1:-1])
+            per_elem = math.prod(shape[1:-1])
             if per_elem != 1:
                 mat = mat.repeat_interleave(per_elem, dim=0)
                 base_w = base_w.repeat_interleave(per_elem, dim=0)
@@ -437,6 +438,30 @@ class BitLinearDoRA(nn.Module):
         if not self._mix_hetero:
             self._mix_cache = out
         return out
+
+    def runs_in_native_decode(self) -> bool:
+        """Whether the native decode layer can run this projection: a frozen ternary base
+        without bias, on the quantised-activation path."""
+        return self.quantize_activations and self.base.frozen and self.base.bias is None
+
+    def decode_kernel_mix(
+        self, batch: int
+    ) -> tuple[tuple[object, ...], torch.Tensor | None, torch.Tensor | None] | None:
+        """The mix as the native decode layer takes it for a batch of ``batch`` rows:
+        ``(kernel adapters, mix [1 or batch, E], base weight [1 or batch] or None)``, or
+        None when the layer runs the bare base. Raises RuntimeError when the layer cannot
+        run in the fused kernel (float base path, bias, no native kernel copy)."""
+        if not self.runs_in_native_decode():
+            raise RuntimeError("this layer cannot run in the native decode layer")
+        if self._mix is None:
+            return None
+        names, mat, base_w = self._mix_matrix(torch.Size((batch, 1, self.in_features)))
+        if not names:
+            return None
+        natives = tuple(self._kernel_adapter(n).native for n in names)
+        if any(n is None for n in natives):
+            raise RuntimeError("adapter has no native kernel copy")
+        return natives, mat, base_w
 
     # ---- forward ---------------------------------------------------------------------------
 

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -311,6 +312,11 @@ class BitNetForCausalLM(nn.Module):
         self._rope_len = 0
         self._cos = torch.empty(0)
         self._sin = torch.empty(0)
+        # Native decode layers (csrc/model/), built at the first decode step; False when
+        # this model cannot use them (then decode runs the layer ops below in torch).
+        self._native_layers: list[Any] | bool | None = None
+        self._native_modules: list[list[BitLinearDoRA]] = []
+        self._native_mixes: list[list[object]] = []
         self.eval()
 
     # ---------------------------------------------------------------- helpers
@@ -379,8 +385,13 @@ class BitNetForCausalLM(nn.Module):
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size:
             raise ValueError(f"input_ids: token ids must be in [0, {cfg.vocab_size})")
 
-        # Decode on the native backend: attention runs as one kernel over the cache.
+        # Decode on the native backend: attention runs as one kernel over the cache, and
+        # the whole layer runs natively where the model allows it.
         fused_decode = seq == 1 and not direct_kv and kernels.use_native()
+        if fused_decode and self._native_decode_layers():
+            logits = self._decode_native(input_ids, cache)
+            if logits is not None:
+                return logits
         positions = (torch.arange(start, end)[None, :] - cache.pad[:, None]).clamp(min=0)
         cos, sin = self._rope(positions)  # [B, T, hd]
         cos, sin = cos[:, None], sin[:, None]
@@ -425,6 +436,86 @@ class BitNetForCausalLM(nn.Module):
         if last_only:
             h = h[:, -1:]
         return self.lm_head(self.model.norm(h))
+
+    def _native_decode_layers(self) -> list[Any] | None:
+        """One ``_native.DecodeLayer`` per layer, or None when a layer needs the torch path
+        (a float base, a bias, an unfrozen base: adapters training through the model)."""
+        if self._native_layers is None:
+            self._native_layers = self._build_native_layers() or False
+        return self._native_layers or None
+
+    def _build_native_layers(self) -> list[Any] | None:
+        from r3mes.kernels import _native
+
+        cfg = self.config
+        built, all_modules = [], []
+        for layer in self.model.layers:
+            modules = [getattr(getattr(layer, part), proj)
+                       for part, proj in (n.split(".") for n in LINEAR_NAMES)]
+            projections = []
+            for m in modules:
+                if not isinstance(m, BitLinearDoRA) or not m.runs_in_native_decode():
+                    return None
+                tw = m.base.ternary
+                projections.append((tw._packed_np, tw.in_features, tw.scale))
+
+            def vec(norm: RMSNorm | None) -> np.ndarray | None:
+                return None if norm is None else norm.weight.detach().float().contiguous().numpy()
+
+            attn, mlp = layer.self_attn, layer.mlp
+            built.append(_native.DecodeLayer(
+                cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
+                cfg.num_key_value_heads, cfg.head_dim, float(cfg.rms_norm_eps),
+                float(attn.scaling), cfg.hidden_act, vec(layer.input_layernorm),
+                vec(layer.post_attention_layernorm), vec(attn.attn_sub_norm),
+                vec(mlp.ffn_sub_norm), projections))
+            all_modules.append(modules)
+        self._native_modules = all_modules
+        self._native_mixes = [[None] * len(LINEAR_NAMES) for _ in built]
+        return built
+
+    def _decode_native(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """One decode step with every layer in native code; logits [B, 1, V]. None (nothing
+        touched) when a projection has stopped qualifying since the layers were built."""
+        bsz = input_ids.shape[0]
+        try:
+            for li, native in enumerate(self._native_layers):
+                self._sync_native_mix(li, native, bsz)
+        except RuntimeError:
+            self._native_layers = False
+            return None
+        start = cache.length
+        positions = (start - cache.pad).clamp(min=0)
+        cos, sin = self._rope(positions)
+        cos_np, sin_np = cos.contiguous().numpy(), sin.contiguous().numpy()
+        pad_np = cache.pad.contiguous().numpy()
+        k_np, v_np = cache.k.numpy(), cache.v.numpy()
+        h = self.model.embed_tokens.weight[input_ids[:, 0]].float().contiguous()
+        h_np = h.numpy()
+        for li, native in enumerate(self._native_layers):
+            native.step(h_np, k_np, v_np, li, pad_np, start, cos_np, sin_np)
+        cache.length = start + 1
+        return self.lm_head(self.model.norm(h.view(bsz, 1, -1)))
+
+    def _sync_native_mix(self, li: int, native: Any, bsz: int) -> None:
+        """Hands the layer's current DoRA mixes to its native twin when they changed."""
+        applied = self._native_mixes[li]
+        for j, module in enumerate(self._native_modules[li]):
+            spec = module.decode_kernel_mix(bsz)
+            old = applied[j]
+            if spec is None:
+                if old is not None:
+                    native.set_mix(j, [], None, None)
+                    applied[j] = None
+                continue
+            natives, mat, base_w = spec
+            if (old is not None and old[1] is mat and old[2] is base_w
+                    and len(old[0]) == len(natives)
+                    and all(a is b for a, b in zip(old[0], natives, strict=True))):
+                continue
+            native.set_mix(j, list(natives), mat.numpy(),
+                           None if base_w is None else base_w.numpy())
+            applied[j] = spec
 
     @staticmethod
     def _attention_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:

@@ -1,0 +1,145 @@
+#include "model/decode_layer.h"
+
+#include <cmath>
+
+#include "attention/decode_attention.h"
+#include "ternary/ternary.h"
+
+namespace r3mes {
+namespace {
+
+// y = w * x / sqrt(mean(x^2) + eps) per row, as HF's BitNetRMSNorm (float32 result).
+// The mean of squares is accumulated in float64 in index order: deterministic and at
+// least as accurate as torch's float32 reduction.
+void rms_norm(const float* x, const float* w, std::size_t rows, std::size_t n, float eps,
+              float* y) {
+  for (std::size_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * n;
+    double sq = 0.0;
+    for (std::size_t i = 0; i < n; ++i) sq += static_cast<double>(xr[i]) * xr[i];
+    const float variance = static_cast<float>(sq / static_cast<double>(n));
+    const float inv = 1.0f / std::sqrt(variance + eps);
+    float* yr = y + r * n;
+    for (std::size_t i = 0; i < n; ++i) yr[i] = w[i] * (xr[i] * inv);
+  }
+}
+
+// q * cos + rotate_half(q) * sin over each head of each row, in place; rotate_half(q)
+// is cat(-q[half:], q[:half]) (HF's convention).
+void apply_rope(float* x, std::size_t rows, std::size_t heads, std::size_t head_dim,
+                const float* cos, const float* sin) {
+  const std::size_t half = head_dim / 2;
+  std::vector<float> tmp(head_dim);
+  for (std::size_t r = 0; r < rows; ++r) {
+    const float* c = cos + r * head_dim;
+    const float* s = sin + r * head_dim;
+    for (std::size_t hd = 0; hd < heads; ++hd) {
+      float* v = x + (r * heads + hd) * head_dim;
+      for (std::size_t i = 0; i < half; ++i) {
+        tmp[i] = v[i] * c[i] + (-v[i + half]) * s[i];
+        tmp[i + half] = v[i + half] * c[i + half] + v[i] * s[i + half];
+      }
+      for (std::size_t i = 0; i < head_dim; ++i) v[i] = tmp[i];
+    }
+  }
+}
+
+// Runs `count` projections of the same input x [B, in] in one pool hand-off.
+bool project(const DecodeLayerSpec& spec, const int* which, std::size_t count, const float* x,
+             std::size_t B, float* const* outs, DecodeScratch& scratch, SimdLevel level) {
+  GemmArgs args[kNumProjections];
+  for (std::size_t i = 0; i < count; ++i) {
+    const DecodeProjection& p = spec.proj[which[i]];
+    DoraCall& call = scratch.calls[which[i]];
+    if (!call.prepare(x, B, p.in, p.packed, p.out, p.w_scale, nullptr, p.adapters,
+                      p.mix.data(), p.base_w.empty() ? nullptr : p.base_w.data(), p.mix_rows,
+                      outs[i], level))
+      return false;
+    args[i] = call.args;
+  }
+  ternary_gemm_multi(args, count, level);
+  return true;
+}
+
+}  // namespace
+
+bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, float* k_cache,
+                       float* v_cache, std::size_t max_len, const int64_t* pad, std::size_t pos,
+                       const float* cos, const float* sin, DecodeScratch& s, SimdLevel level) {
+  const std::size_t H = spec.hidden, I = spec.intermediate, D = spec.head_dim;
+  const std::size_t qn = spec.heads * D, kvn = spec.kv_heads * D;
+  s.x.resize(B * H);
+  s.q.resize(B * qn);
+  s.k.resize(B * kvn);
+  s.v.resize(B * kvn);
+  s.o.resize(B * qn);
+  s.gate.resize(B * I);
+  s.up.resize(B * I);
+  s.y.resize(B * (H > I ? H : I));
+
+  // ---- attention
+  rms_norm(h, spec.input_norm, B, H, spec.eps, s.x.data());
+  {
+    const int which[3] = {kQ, kK, kV};
+    float* outs[3] = {s.q.data(), s.k.data(), s.v.data()};
+    if (!project(spec, which, 3, s.x.data(), B, outs, s, level)) return false;
+  }
+  apply_rope(s.q.data(), B, spec.heads, D, cos, sin);
+  apply_rope(s.k.data(), B, spec.kv_heads, D, cos, sin);
+  for (std::size_t b = 0; b < B; ++b)
+    for (std::size_t g = 0; g < spec.kv_heads; ++g) {
+      const std::size_t dst = ((b * spec.kv_heads + g) * max_len + pos) * D;
+      const std::size_t src = (b * spec.kv_heads + g) * D;
+      for (std::size_t d = 0; d < D; ++d) {
+        k_cache[dst + d] = s.k[src + d];
+        v_cache[dst + d] = s.v[src + d];
+      }
+    }
+  decode_attention(s.q.data(), k_cache, v_cache, pad, B, spec.heads, spec.kv_heads, D, max_len,
+                   pos + 1, spec.attn_scaling, s.o.data());
+  const float* o = s.o.data();
+  if (spec.attn_sub_norm != nullptr) {
+    rms_norm(s.o.data(), spec.attn_sub_norm, B, qn, spec.eps, s.q.data());
+    o = s.q.data();
+  }
+  {
+    const int which[1] = {kO};
+    float* outs[1] = {s.y.data()};
+    if (!project(spec, which, 1, o, B, outs, s, level)) return false;
+  }
+  for (std::size_t i = 0; i < B * H; ++i) h[i] = h[i] + s.y[i];
+
+  // ---- MLP
+  rms_norm(h, spec.post_norm, B, H, spec.eps, s.x.data());
+  {
+    const int which[2] = {kGate, kUp};
+    float* outs[2] = {s.gate.data(), s.up.data()};
+    if (!project(spec, which, 2, s.x.data(), B, outs, s, level)) return false;
+  }
+  float* a = s.gate.data();
+  for (std::size_t i = 0; i < B * I; ++i) {
+    const float g = a[i];
+    float act;
+    if (spec.activation == DecodeActivation::Relu2) {
+      const float r = g > 0.0f ? g : 0.0f;
+      act = r * r;
+    } else {
+      act = g / (1.0f + std::exp(-g));
+    }
+    a[i] = act * s.up[i];
+  }
+  const float* mlp_in = a;
+  if (spec.ffn_sub_norm != nullptr) {
+    rms_norm(a, spec.ffn_sub_norm, B, I, spec.eps, s.up.data());
+    mlp_in = s.up.data();
+  }
+  {
+    const int which[1] = {kDown};
+    float* outs[1] = {s.y.data()};
+    if (!project(spec, which, 1, mlp_in, B, outs, s, level)) return false;
+  }
+  for (std::size_t i = 0; i < B * H; ++i) h[i] = h[i] + s.y[i];
+  return true;
+}
+
+}  // namespace r3mes

@@ -1,0 +1,180 @@
+"""The native decode layer (csrc/model/) against the layer-by-layer torch decode path."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from r3mes import kernels
+from r3mes.core.dora import set_adapter_mix
+from r3mes.core.model import (
+    LINEAR_NAMES,
+    BitNetConfig,
+    BitNetForCausalLM,
+    LMHead,
+    bitlinear_from_packed,
+)
+
+pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs the native module")
+
+SHAPES = {"self_attn.q_proj": (96, 96), "self_attn.k_proj": (48, 96),
+          "self_attn.v_proj": (48, 96), "self_attn.o_proj": (96, 96),
+          "mlp.gate_proj": (200, 96), "mlp.up_proj": (200, 96), "mlp.down_proj": (96, 200)}
+
+
+def _model(hidden_act: str = "relu2", sub_norms: bool = True, seed: int = 0) -> BitNetForCausalLM:
+    cfg = BitNetConfig(vocab_size=300, hidden_size=96, intermediate_size=200,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       hidden_act=hidden_act, sub_norms=sub_norms)
+    g = torch.Generator().manual_seed(seed)
+    layers = [{name.split(".")[1]: bitlinear_from_packed(
+        kernels.quantize_weight(torch.randn(*SHAPES[name], generator=g))) for name in LINEAR_NAMES}
+        for _ in range(cfg.num_hidden_layers)]
+    model = BitNetForCausalLM(cfg, torch.randn(300, 96, generator=g), layers,
+                              LMHead.from_float(torch.randn(300, 96, generator=g)))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def _add_experts(model: BitNetForCausalLM, names: list[str], rank: int = 4) -> None:
+    g = torch.Generator().manual_seed(7)
+    for path, module in model.linear_modules().items():
+        for i, name in enumerate(names):
+            if i == 1 and "mlp" in path:
+                continue  # the second expert adapts attention only: "missing" -> base
+            module.load_adapter(name, torch.randn(rank, module.in_features, generator=g) * 0.1,
+                                torch.randn(module.out_features, rank, generator=g) * 0.1,
+                                torch.rand(module.out_features, generator=g) + 0.5, scaling=2.0)
+
+
+def _decode_logits(model: BitNetForCausalLM, prompts: list[list[int]], steps: int,
+                   native: bool) -> torch.Tensor:
+    """Logits of `steps` decode steps (greedy tokens fed back) after a left-padded prompt."""
+    model._native_layers = None if native else False
+    width = max(len(p) for p in prompts)
+    pad = [width - len(p) for p in prompts]
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    cache = model.new_cache(len(prompts), width + steps + 1, pad)
+    logits = model(ids, cache, last_only=True)
+    out = []
+    for _ in range(steps):
+        token = logits[:, -1].argmax(-1, keepdim=True)
+        logits = model(token, cache, last_only=True)
+        out.append(logits)
+    assert (model._native_layers not in (None, False)) == native
+    return torch.cat(out, dim=1)
+
+
+def _assert_close(native: torch.Tensor, torch_path: torch.Tensor) -> None:
+    # The int8 activation quantisation can round one value differently when the float
+    # norms differ in the last bit; a few logits then move by one quantisation step.
+    diff = (native - torch_path).abs()
+    scale = torch_path.abs().max()
+    assert float(diff.max()) <= 2e-2 * float(scale)
+    assert float(diff.mean()) <= 1e-3 * float(scale)
+
+
+@pytest.mark.parametrize("hidden_act,sub_norms", [("relu2", True), ("silu", False)])
+def test_native_decode_matches_the_torch_layer_path(hidden_act, sub_norms) -> None:
+    model = _model(hidden_act, sub_norms)
+    prompts = [[5, 6, 7, 8, 9], [11, 12]]
+    native = _decode_logits(model, prompts, 6, native=True)
+    reference = _decode_logits(model, prompts, 6, native=False)
+    _assert_close(native, reference)
+
+
+def test_native_decode_applies_expert_mixes_homogeneous_and_heterogeneous() -> None:
+    model = _model()
+    _add_experts(model, ["med", "law"])
+    prompts = [[5, 6, 7, 8, 9], [11, 12], [3, 4, 5]]
+    bare = _decode_logits(model, prompts, 4, native=True)
+    for mix in ([("med", 0.7), ("law", 0.3)],
+                [[("med", 1.0)], [], [("law", 0.5), ("med", 0.5)]]):
+        set_adapter_mix(model, mix)
+        native = _decode_logits(model, prompts, 4, native=True)
+        reference = _decode_logits(model, prompts, 4, native=False)
+        _assert_close(native, reference)
+        assert float((native - bare).abs().max()) > 1e-3  # the experts did something
+    set_adapter_mix(model, None)
+    _assert_close(_decode_logits(model, prompts, 4, native=True), bare)
+
+
+def test_changing_the_mix_between_steps_takes_effect_at_the_next_step() -> None:
+    model = _model()
+    _add_experts(model, ["med", "law"])
+    cache = model.new_cache(1, 16)
+    model(torch.tensor([[1, 2, 3]]), cache, last_only=True)
+    snapshot = (cache.k.clone(), cache.v.clone(), cache.length)
+    results = {}
+    for mix in (None, [("med", 1.0)], [("law", 1.0)]):
+        cache.k, cache.v, cache.length = snapshot[0].clone(), snapshot[1].clone(), snapshot[2]
+        set_adapter_mix(model, mix)
+        results[str(mix)] = model(torch.tensor([[4]]), cache, last_only=True)
+    values = list(results.values())
+    assert not torch.equal(values[0], values[1]) and not torch.equal(values[1], values[2])
+
+
+def test_native_decode_is_bit_identical_across_runs_and_thread_counts() -> None:
+    model = _model()
+    _add_experts(model, ["med"])
+    set_adapter_mix(model, [("med", 1.0)])
+    runs = []
+    for threads in (1, 2, 1):
+        kernels.set_num_threads(threads)
+        runs.append(_decode_logits(model, [[5, 6, 7], [8, 9]], 5, native=True))
+    kernels.set_num_threads(0)
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+
+
+def test_models_the_native_layer_cannot_run_fall_back_to_torch() -> None:
+    model = _model()
+    for module in model.linear_modules().values():
+        module.quantize_activations = False  # float base path: PEFT-parity mode
+    cache = model.new_cache(1, 8)
+    model(torch.tensor([[1, 2]]), cache, last_only=True)
+    model(torch.tensor([[3]]), cache, last_only=True)
+    assert model._native_layers is False
+
+
+def test_decode_layer_refuses_bad_arguments_by_name() -> None:
+    from r3mes import _native
+
+    model = _model()
+    layer = model._native_decode_layers()[0]
+    h = np.zeros((1, 96), dtype=np.float32)
+    cache = np.zeros((2, 1, 2, 8, 24), dtype=np.float32)
+    pad = np.zeros(1, dtype=np.int64)
+    cs = np.ones((1, 24), dtype=np.float32)
+    with pytest.raises(ValueError, match="h: expected"):
+        layer.step(np.zeros((1, 95), np.float32), cache, cache.copy(), 0, pad, 0, cs, cs)
+    with pytest.raises(ValueError, match="past the cache"):
+        layer.step(h, cache, cache.copy(), 0, pad, 8, cs, cs)
+    with pytest.raises(ValueError, match="k_cache"):
+        layer.step(h, cache[:, :, :1].copy(), cache.copy(), 0, pad, 0, cs, cs)
+    with pytest.raises(ValueError, match="cos/sin"):
+        layer.step(h, cache, cache.copy(), 0, pad, 0, cs[:, :12].copy(), cs)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        layer.step(np.full((1, 96), np.nan, np.float32), cache, cache.copy(), 0, pad, 0, cs, cs)
+    tw = model.model.layers[0].self_attn.q_proj.base.ternary
+    norm = np.ones(96, np.float32)
+    good = [(tw._packed_np, 96, tw.scale)] * 7
+    with pytest.raises(ValueError, match="k_proj: weight is"):
+        _native.DecodeLayer(96, 200, 4, 2, 24, 1e-5, 0.2, "relu2", norm, norm, None, None, good)
+    with pytest.raises(ValueError, match="activation"):
+        _native.DecodeLayer(96, 200, 4, 2, 24, 1e-5, 0.2, "gelu", norm, norm, None, None, good)
+
+
+def test_a_layer_that_stops_qualifying_sends_decode_back_to_torch() -> None:
+    model = _model()
+    cache = model.new_cache(1, 8)
+    model(torch.tensor([[1, 2]]), cache, last_only=True)
+    model(torch.tensor([[3]]), cache, last_only=True)
+    assert model._native_layers not in (None, False)
+    model.model.layers[1].mlp.down_proj.quantize_activations = False
+    length = cache.length
+    model(torch.tensor([[4]]), cache, last_only=True)
+    assert model._native_layers is False and cache.length == length + 1
