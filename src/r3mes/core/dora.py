@@ -33,6 +33,7 @@ one fused kernel call.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -48,6 +49,10 @@ from r3mes.core.bitlinear import BitLinear, _ste_quantize_activations, _ste_quan
 __all__ = ["BitLinearDoRA", "MixSpec", "apply_dora", "dora_modules", "set_adapter_mix"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+# Process-wide serials for "this layer's mix or adapter set changed": never reused, so a
+# cached view of the mixes (the native decode layers') is stale exactly when one moved.
+_SERIALS = itertools.count(1)
 
 #: A mix: None (base only), [(name, weight), ...] for every row, or one such list per batch
 #: element (an empty list there means base only for that element).
@@ -142,7 +147,8 @@ class BitLinearDoRA(nn.Module):
         base.requires_grad_(False)
         self.in_features = base.in_features
         self.out_features = base.out_features
-        self.quantize_activations = quantize_activations
+        self.mix_serial = next(_SERIALS)
+        self._quantize_activations = bool(quantize_activations)
         self.storage = storage
         self.lora_A = _ParamTable()
         self.lora_B = _ParamTable()
@@ -154,6 +160,16 @@ class BitLinearDoRA(nn.Module):
         # (names, matrix, base weights) of a homogeneous mix, built once per set_mix.
         self._mix_cache: tuple[list[str], torch.Tensor, torch.Tensor | None] | None = None
         self._w0: torch.Tensor | None = None  # dense W0, only for quantize_activations=False
+
+    @property
+    def quantize_activations(self) -> bool:
+        """int8-quantise x on the base path (BitLinear's arithmetic); False: float W0 x."""
+        return self._quantize_activations
+
+    @quantize_activations.setter
+    def quantize_activations(self, value: bool) -> None:
+        self._quantize_activations = bool(value)
+        self.mix_serial = next(_SERIALS)  # which path runs changed: cached plans are stale
 
     # ---- adapters ------------------------------------------------------------------
 
@@ -210,6 +226,7 @@ class BitLinearDoRA(nn.Module):
         scaling = self._scaling(rank, float(alpha), use_rslora)
         self._meta[name] = _AdapterMeta(rank, float(alpha), bool(use_rslora), scaling, True)
         self._prepared[name] = _Prepared()
+        self.mix_serial = next(_SERIALS)
 
     def load_adapter(
         self,
@@ -252,6 +269,7 @@ class BitLinearDoRA(nn.Module):
         self.lora_magnitude_vector[name] = nn.Parameter(m.clone(), requires_grad=False)
         self._meta[name] = _AdapterMeta(rank, float(alpha), bool(use_rslora), scaling, False)
         self._prepared[name] = _Prepared()
+        self.mix_serial = next(_SERIALS)
         try:
             self._kernel_adapter(name)
         except Exception:
@@ -263,6 +281,7 @@ class BitLinearDoRA(nn.Module):
         self._get_meta(name)
         del self.lora_A[name], self.lora_B[name], self.lora_magnitude_vector[name]
         del self._meta[name], self._prepared[name]
+        self.mix_serial = next(_SERIALS)
 
     def adapter_tensors(self, name: str) -> dict[str, torch.Tensor]:
         """Detached float32 copies: ``lora_A`` [r, in], ``lora_B`` [out, r],
@@ -359,6 +378,7 @@ class BitLinearDoRA(nn.Module):
             raise ValueError(f"missing: expected 'error' or 'base', got {missing!r}")
         if mix is None or (isinstance(mix, (list, tuple)) and len(mix) == 0):
             self._mix, self._mix_hetero, self._mix_cache = None, False, None
+            self.mix_serial = next(_SERIALS)
             return
         if not isinstance(mix, (list, tuple)):
             raise TypeError(f"mix: expected None or a list, got {type(mix).__name__}")
@@ -386,6 +406,7 @@ class BitLinearDoRA(nn.Module):
             rows = [resolve(r) for r in rows] if hetero else resolve(rows)
         self._mix, self._mix_hetero = rows, hetero
         self._mix_cache = None
+        self.mix_serial = next(_SERIALS)
 
     @property
     def mix(self) -> list[tuple[str, float]] | list[list[tuple[str, float]]] | None:
@@ -443,6 +464,17 @@ class BitLinearDoRA(nn.Module):
         """Whether the native decode layer can run this projection: a frozen ternary base
         without bias, on the quantised-activation path."""
         return self.quantize_activations and self.base.frozen and self.base.bias is None
+
+    def mix_parameters(self) -> list[torch.Tensor]:
+        """The parameters the current mix reads (an in-place update bumps their
+        ``_version``: training steps, ``load_state_dict``)."""
+        if self._mix is None:
+            return []
+        rows = self._mix if self._mix_hetero else [self._mix]
+        names = {n for row in rows for n, _ in row if n is not None}
+        tables = self._modules
+        return [tables[t]._parameters[n] for n in sorted(names)
+                for t in ("lora_A", "lora_B", "lora_magnitude_vector")]
 
     def decode_kernel_mix(
         self, batch: int
@@ -567,6 +599,7 @@ def set_adapter_mix(model: nn.Module, mix: MixSpec) -> int:
     except Exception:
         for m, (mx, het) in zip(mods, previous, strict=True):
             m._mix, m._mix_hetero, m._mix_cache = mx, het, None
+            m.mix_serial = next(_SERIALS)
         raise
     return len(mods)
 

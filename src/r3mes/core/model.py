@@ -317,6 +317,10 @@ class BitNetForCausalLM(nn.Module):
         self._native_layers: list[Any] | bool | None = None
         self._native_modules: list[list[BitLinearDoRA]] = []
         self._native_mixes: list[list[object]] = []
+        # What the native layers' mixes were built from: batch size, every layer's
+        # mix_serial and the versions of the parameters the mixes read.
+        self._native_mix_state: tuple[int, list[int], list[int]] | None = None
+        self._native_watched: list[torch.Tensor] = []
         self.eval()
 
     # ---------------------------------------------------------------- helpers
@@ -472,18 +476,26 @@ class BitNetForCausalLM(nn.Module):
             all_modules.append(modules)
         self._native_modules = all_modules
         self._native_mixes = [[None] * len(LINEAR_NAMES) for _ in built]
+        self._native_mix_state = None  # fresh layers hold no mix yet
         return built
 
     def _decode_native(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
         """One decode step with every layer in native code; logits [B, 1, V]. None (nothing
         touched) when a projection has stopped qualifying since the layers were built."""
         bsz = input_ids.shape[0]
-        try:
-            for li, native in enumerate(self._native_layers):
-                self._sync_native_mix(li, native, bsz)
-        except RuntimeError:
-            self._native_layers = False
-            return None
+        state = (bsz, [m.mix_serial for layer in self._native_modules for m in layer],
+                 [p._version for p in self._native_watched])
+        if state != self._native_mix_state:
+            try:
+                for li, native in enumerate(self._native_layers):
+                    self._sync_native_mix(li, native, bsz)
+            except RuntimeError:
+                self._native_layers = False
+                return None
+            self._native_watched = [p for layer in self._native_modules for m in layer
+                                    for p in m.mix_parameters()]
+            self._native_mix_state = (bsz, state[1],
+                                      [p._version for p in self._native_watched])
         start = cache.length
         positions = (start - cache.pad).clamp(min=0)
         cos, sin = self._rope(positions)
