@@ -29,10 +29,20 @@
 // fp16 range; the scales are folded into `coef`:
 //   A = a_scale * A16, B = b_scale * B16, coef = s * a_scale * b_scale.
 // AVX2 converts with F16C (every AVX2 CPU has it), AVX-512 with vcvtph2ps.
+//
+// int8 storage halves the bytes again (a quarter of fp32): symmetric absmax int8
+// with one scale per row of A and one per column of B,
+//   A[j, k] = sa[j] * A8[j, k],  sa[j] = max_k |A[j, k]| / 127
+//   B[n, j] = sb[j] * B8[n, j],  sb[j] = max_n |B[n, j]| / 127
+// so both scales belong to rank index j and are folded into z once per token:
+//   z[j] = (sa[j] sb[j]) * (A8[j] . x),   u[n] = sum_j B8[n, j] z[j]
+// and the epilogue reads int8 B exactly like fp16 B (coef = s). Rounding is to
+// nearest even, values clamped to [-127, 127]; an all-zero row/column gets scale 1.
 #include <pybind11/pybind11.h>
 
 #include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "common/cpu_features.h"
@@ -46,17 +56,25 @@ constexpr std::size_t kDoraTile = 16;
 uint16_t float_to_half(float f);
 float half_to_float(uint16_t h);
 
+enum class DoraStorage { F32, F16, I8 };
+
+DoraStorage parse_dora_storage(const std::string& name);  // "fp32" | "fp16" | "int8"
+const char* dora_storage_name(DoraStorage s);
+
 struct DoraAdapter {
   std::size_t rank = 0, in = 0, out = 0, out_padded = 0;
-  bool half = false;
+  DoraStorage storage = DoraStorage::F32;
   std::vector<uint16_t> a16, bt16;  // fp16 storage
   std::vector<float> a32, bt32;     // fp32 storage
+  std::vector<int8_t> a8, bt8;      // int8 storage
+  std::vector<float> z_scale;       // int8: [rank] sa[j] * sb[j]
   std::vector<float> g;             // [out_padded], zero-padded
   float coef = 0.0f;                // s * a_scale * b_scale
   float scaling = 0.0f, a_scale = 1.0f, b_scale = 1.0f;
 
   std::size_t nbytes() const {
-    return a16.size() * 2 + bt16.size() * 2 + (a32.size() + bt32.size() + g.size()) * 4;
+    return a16.size() * 2 + bt16.size() * 2 + a8.size() + bt8.size() +
+           (a32.size() + bt32.size() + g.size() + z_scale.size()) * 4;
   }
 };
 
@@ -64,7 +82,7 @@ struct DoraAdapter {
 // g [out]. Throws std::invalid_argument on non-finite input.
 DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const float* g,
                               std::size_t rank, std::size_t in, std::size_t out, float scaling,
-                              bool half);
+                              DoraStorage storage);
 
 // Everything the epilogue needs for one call (built by dora_linear).
 struct DoraMix {
@@ -86,16 +104,20 @@ void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1)
 void dora_epilogue_rows_avx2(const DoraMix& p, std::size_t n0, std::size_t n1);
 void dora_epilogue_rows_avx512(const DoraMix& p, std::size_t n0, std::size_t n1);
 
-// Per-ISA dot products of a float row with an fp32 / fp16 row of length k.
+// Per-ISA dot products of a float row with an fp32 / fp16 / int8 row of length k.
 float dora_dot_f32_scalar(const float* x, const float* a, std::size_t k);
 float dora_dot_f16_scalar(const float* x, const uint16_t* a, std::size_t k);
 float dora_dot_f32_avx2(const float* x, const float* a, std::size_t k);
 float dora_dot_f16_avx2(const float* x, const uint16_t* a, std::size_t k);
 float dora_dot_f32_avx512(const float* x, const float* a, std::size_t k);
 float dora_dot_f16_avx512(const float* x, const uint16_t* a, std::size_t k);
+float dora_dot_i8_scalar(const float* x, const int8_t* a, std::size_t k);
+float dora_dot_i8_avx2(const float* x, const int8_t* a, std::size_t k);
+float dora_dot_i8_avx512(const float* x, const int8_t* a, std::size_t k);
 
 // One fused DoRA product made ready for ternary_gemm / ternary_gemm_multi: the
-// activations quantised, the A pass done and the epilogue hooked into `args`. It owns
+// activations quantised, the A pass hooked in as the GEMM's prologue (same pool
+// hand-off, before any epilogue) and the epilogue hooked into `args`. It owns
 // the buffers `args` points to, so it must stay in place (not copied or moved) until
 // the GEMM has run.
 class DoraCall {
@@ -111,7 +133,17 @@ class DoraCall {
   GemmArgs args{};
 
  private:
+  static void a_pass_task(void* ctx, std::size_t task);
+
   DoraMix mix_;
+  // The A pass (run as prologue tasks of a_grain_ rows of z each).
+  const float* x_ = nullptr;
+  const float* mix_ptr_ = nullptr;
+  std::size_t mix_rows_ = 1, a_rows_ = 0, a_grain_ = 1;
+  std::vector<std::size_t> row_adapter_;
+  float (*dot32_)(const float*, const float*, std::size_t) = nullptr;
+  float (*dot16_)(const float*, const uint16_t*, std::size_t) = nullptr;
+  float (*dot8_)(const float*, const int8_t*, std::size_t) = nullptr;
   std::vector<const DoraAdapter*> adapters_;
   std::vector<int8_t> q_;
   std::vector<float> x_scale_;

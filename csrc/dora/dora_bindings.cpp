@@ -37,14 +37,13 @@ DoraAdapter py_make_adapter(const py::array& a, const py::array& b, const py::ar
   check_array<float>(a, "lora_A", 2);
   check_array<float>(b, "lora_B", 2);
   check_array<float>(g, "g", 1);
-  if (storage != "fp16" && storage != "fp32")
-    throw std::invalid_argument("storage: expected 'fp16' or 'fp32', got '" + storage + "'");
+  const DoraStorage kind = parse_dora_storage(storage);
   const std::size_t rank = a.shape(0), in = a.shape(1), out = b.shape(0);
   check_dim(b.shape(1), rank, "lora_B columns (rank)");
   check_dim(g.shape(0), out, "g length (out_features)");
   py::gil_scoped_release release;
   return make_dora_adapter(data_of<float>(a), data_of<float>(b), data_of<float>(g), rank, in,
-                           out, scaling, storage == "fp16");
+                           out, scaling, kind);
 }
 
 py::array_t<float> py_dora_linear(const py::array& x, const py::array& packed, std::size_t k,
@@ -162,12 +161,12 @@ void register_dora_bindings(py::module_& mod) {
       .def_readonly("a_scale", &DoraAdapter::a_scale)
       .def_readonly("b_scale", &DoraAdapter::b_scale)
       .def_property_readonly("storage",
-                             [](const DoraAdapter& a) { return a.half ? "fp16" : "fp32"; })
+                             [](const DoraAdapter& a) { return dora_storage_name(a.storage); })
       .def_property_readonly("nbytes", &DoraAdapter::nbytes);
   mod.def("dora_adapter", &py_make_adapter, py::arg("lora_A"), py::arg("lora_B"), py::arg("g"),
           py::arg("scaling"), py::arg("storage") = "fp16",
           "Prepare an adapter for the fused kernel: lora_A [r, in], lora_B [out, r], g [out] "
-          "(float32), scaling s; storage 'fp16' (compact) or 'fp32' (exact).");
+          "(float32), scaling s; storage 'fp16' (compact), 'int8' (smallest) or 'fp32' (exact).");
   mod.def("dora_linear", &py_dora_linear, py::arg("x"), py::arg("packed"), py::arg("k"),
           py::arg("w_scale"), py::arg("bias"), py::arg("adapters"), py::arg("mix"),
           py::arg("base_weight") = py::none(),

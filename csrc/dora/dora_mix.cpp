@@ -64,9 +64,36 @@ static float pow2_scale(const float* v, std::size_t n) {
   return std::ldexp(1.0f, e);
 }
 
+DoraStorage parse_dora_storage(const std::string& name) {
+  if (name == "fp32") return DoraStorage::F32;
+  if (name == "fp16") return DoraStorage::F16;
+  if (name == "int8") return DoraStorage::I8;
+  throw std::invalid_argument("storage: expected 'fp16', 'fp32' or 'int8', got '" + name + "'");
+}
+
+const char* dora_storage_name(DoraStorage s) {
+  switch (s) {
+    case DoraStorage::F16: return "fp16";
+    case DoraStorage::I8: return "int8";
+    default: return "fp32";
+  }
+}
+
+// Symmetric absmax int8 scale of n values with stride: max|v| / 127 (1 for all zeros).
+static float int8_scale(const float* v, std::size_t n, std::size_t stride) {
+  float mx = 0.0f;
+  for (std::size_t i = 0; i < n; ++i) mx = std::max(mx, std::fabs(v[i * stride]));
+  return mx == 0.0f ? 1.0f : mx / 127.0f;
+}
+
+static int8_t to_int8(float v, float scale) {
+  const float r = std::nearbyint(v / scale);  // round half to even
+  return static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, r)));
+}
+
 DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const float* g,
                               std::size_t rank, std::size_t in, std::size_t out, float scaling,
-                              bool half) {
+                              DoraStorage storage) {
   if (rank == 0 || in == 0 || out == 0) throw std::invalid_argument("adapter: empty dimension");
   for (std::size_t i = 0; i < rank * in; ++i)
     if (!std::isfinite(lora_a[i])) throw std::invalid_argument("lora_A: contains NaN or Inf");
@@ -81,12 +108,25 @@ DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const fl
   ad.in = in;
   ad.out = out;
   ad.out_padded = (out + kDoraTile - 1) / kDoraTile * kDoraTile;
-  ad.half = half;
+  ad.storage = storage;
   ad.scaling = scaling;
   ad.g.assign(ad.out_padded, 0.0f);
   std::copy(g, g + out, ad.g.begin());
   const std::size_t bt_size = ad.out_padded * rank;
-  if (half) {
+  if (storage == DoraStorage::I8) {
+    ad.a8.resize(rank * in);
+    ad.bt8.assign(bt_size, 0);
+    ad.z_scale.resize(rank);
+    for (std::size_t j = 0; j < rank; ++j) {
+      const float sa = int8_scale(lora_a + j * in, in, 1);
+      const float sb = int8_scale(lora_b + j, out, rank);
+      ad.z_scale[j] = sa * sb;
+      for (std::size_t k = 0; k < in; ++k) ad.a8[j * in + k] = to_int8(lora_a[j * in + k], sa);
+      for (std::size_t n = 0; n < out; ++n)
+        ad.bt8[((n / kDoraTile) * rank + j) * kDoraTile + n % kDoraTile] =
+            to_int8(lora_b[n * rank + j], sb);
+    }
+  } else if (storage == DoraStorage::F16) {
     ad.a_scale = pow2_scale(lora_a, rank * in);
     ad.b_scale = pow2_scale(lora_b, out * rank);
     ad.a16.resize(rank * in);
@@ -121,6 +161,12 @@ float dora_dot_f16_scalar(const float* x, const uint16_t* a, std::size_t k) {
   return s;
 }
 
+float dora_dot_i8_scalar(const float* x, const int8_t* a, std::size_t k) {
+  float s = 0.0f;
+  for (std::size_t i = 0; i < k; ++i) s += x[i] * static_cast<float>(a[i]);
+  return s;
+}
+
 void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1) {
   for (std::size_t m = 0; m < p.M; ++m) {
     float* y = p.out + m * p.N;
@@ -139,9 +185,12 @@ void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1)
           const float* z = zm + p.z_off[p.act_e[a]];
           const std::size_t off = t * ad.rank * kDoraTile + l;
           float u = 0.0f;
-          if (ad.half) {
+          if (ad.storage == DoraStorage::F16) {
             for (std::size_t j = 0; j < ad.rank; ++j)
               u += z[j] * half_to_float(ad.bt16[off + j * kDoraTile]);
+          } else if (ad.storage == DoraStorage::I8) {
+            for (std::size_t j = 0; j < ad.rank; ++j)
+              u += z[j] * static_cast<float>(ad.bt8[off + j * kDoraTile]);
           } else {
             for (std::size_t j = 0; j < ad.rank; ++j) u += z[j] * ad.bt32[off + j * kDoraTile];
           }
@@ -160,20 +209,24 @@ namespace {
 
 using DotF32 = float (*)(const float*, const float*, std::size_t);
 using DotF16 = float (*)(const float*, const uint16_t*, std::size_t);
+using DotI8 = float (*)(const float*, const int8_t*, std::size_t);
 using EpilogueFn = void (*)(const DoraMix&, std::size_t, std::size_t);
 
 struct Isa {
   DotF32 dot32;
   DotF16 dot16;
+  DotI8 dot8;
   EpilogueFn epilogue;
 };
 
 Isa isa_for(SimdLevel level) {
   if (level >= SimdLevel::Avx512)
-    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_epilogue_rows_avx512};
+    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_dot_i8_avx512,
+            dora_epilogue_rows_avx512};
   if (level == SimdLevel::Avx2)
-    return {dora_dot_f32_avx2, dora_dot_f16_avx2, dora_epilogue_rows_avx2};
-  return {dora_dot_f32_scalar, dora_dot_f16_scalar, dora_epilogue_rows_scalar};
+    return {dora_dot_f32_avx2, dora_dot_f16_avx2, dora_dot_i8_avx2, dora_epilogue_rows_avx2};
+  return {dora_dot_f32_scalar, dora_dot_f16_scalar, dora_dot_i8_scalar,
+          dora_epilogue_rows_scalar};
 }
 
 template <EpilogueFn F>
@@ -251,34 +304,22 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
     return false;
 
   if (any_adapter) {
-    // A pass: z[m, off_e + j] = A_e[j] . x_m for the (token, adapter) pairs in use.
+    // The A pass, z[m, off_e + j] = A_e[j] . x_m for the (token, adapter) pairs in use,
+    // runs as the GEMM's prologue: in the same pool hand-off, ahead of the row chunks.
     p.z.assign(M * p.z_cols, 0.0f);
-    std::vector<std::size_t> row_adapter(p.z_cols);
+    row_adapter_.resize(p.z_cols);
     for (std::size_t e = 0; e < E; ++e)
-      for (std::size_t j = 0; j < adapters[e]->rank; ++j) row_adapter[p.z_off[e] + j] = e;
-    const std::size_t total = p.z_cols * M;  // task i*M + m: adapter row i, token m
-    auto project = [&](std::size_t t0, std::size_t t1) {
-      for (std::size_t t = t0; t < t1; ++t) {
-        const std::size_t i = t / M, m = t % M, e = row_adapter[i];
-        const float w = mix[(mix_rows == 1 ? 0 : m) * E + e];
-        if (w == 0.0f) continue;
-        const DoraAdapter& ad = *adapters[e];
-        const std::size_t j = i - p.z_off[e];
-        p.z[m * p.z_cols + i] = ad.half ? isa.dot16(x + m * K, ad.a16.data() + j * K, K)
-                                        : isa.dot32(x + m * K, ad.a32.data() + j * K, K);
-      }
-    };
-    // Tiny passes run inline: waking the pool would cost more than the work. A decode
-    // step with three r=16 experts (123K MACs) is split: the pool is still spinning from
-    // the previous kernel call, so the hand-off is cheap.
-    const std::size_t threads = static_cast<std::size_t>(get_num_threads());
-    const std::size_t work = total * K;
-    if (work < (std::size_t{1} << 15) || threads == 1) {
-      project(0, total);
-    } else {
-      parallel_for(total, std::max<std::size_t>(1, (total + threads * 4 - 1) / (threads * 4)),
-                   project);
-    }
+      for (std::size_t j = 0; j < adapters[e]->rank; ++j) row_adapter_[p.z_off[e] + j] = e;
+    x_ = x;
+    mix_ptr_ = mix;
+    mix_rows_ = mix_rows;
+    dot32_ = isa.dot32;
+    dot16_ = isa.dot16;
+    dot8_ = isa.dot8;
+    a_rows_ = p.z_cols * M;  // row i * M + m: adapter row i, token m
+    a_grain_ = std::max<std::size_t>(1, 16384 / K);  // ~16K MACs a task
+  } else {
+    a_rows_ = 0;
   }
 
   args = GemmArgs{packed, q_.data(), qsum_.data(), M, N, K,
@@ -286,8 +327,35 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
   if (any_adapter) {
     args.epilogue = hook_for(isa.epilogue);
     args.epilogue_ctx = &mix_;
+    args.prologue = &DoraCall::a_pass_task;
+    args.prologue_ctx = this;
+    args.prologue_tasks = (a_rows_ + a_grain_ - 1) / a_grain_;
   }
   return true;
+}
+
+void DoraCall::a_pass_task(void* ctx, std::size_t task) {
+  DoraCall& c = *static_cast<DoraCall*>(ctx);
+  DoraMix& p = c.mix_;
+  const std::size_t M = p.M, E = c.adapters_.size(), K = c.adapters_[0]->in;
+  const std::size_t r1 = std::min(c.a_rows_, (task + 1) * c.a_grain_);
+  for (std::size_t t = task * c.a_grain_; t < r1; ++t) {
+    const std::size_t i = t / M, m = t % M, e = c.row_adapter_[i];
+    const float w = c.mix_ptr_[(c.mix_rows_ == 1 ? 0 : m) * E + e];
+    if (w == 0.0f) continue;
+    const DoraAdapter& ad = *c.adapters_[e];
+    const std::size_t j = i - p.z_off[e];
+    const float* xm = c.x_ + m * K;
+    float zj;
+    if (ad.storage == DoraStorage::F16) {
+      zj = c.dot16_(xm, ad.a16.data() + j * K, K);
+    } else if (ad.storage == DoraStorage::I8) {
+      zj = c.dot8_(xm, ad.a8.data() + j * K, K) * ad.z_scale[j];
+    } else {
+      zj = c.dot32_(xm, ad.a32.data() + j * K, K);
+    }
+    p.z[m * p.z_cols + i] = zj;
+  }
 }
 
 bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,

@@ -15,6 +15,11 @@ R3MES_F16C inline __m256 load_h8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
+inline __m256 load_i8x8(const int8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
 R3MES_F16C inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -30,9 +35,12 @@ R3MES_F16C inline void low_rank(const DoraAdapter& ad, const float* z, std::size
   for (std::size_t j = 0; j < ad.rank; ++j) {
     const __m256 zj = _mm256_set1_ps(z[j]);
     const std::size_t o = off + j * kDoraTile;
-    if (ad.half) {
+    if (ad.storage == DoraStorage::F16) {
       u0 = _mm256_fmadd_ps(zj, load_h8(ad.bt16.data() + o), u0);
       u1 = _mm256_fmadd_ps(zj, load_h8(ad.bt16.data() + o + 8), u1);
+    } else if (ad.storage == DoraStorage::I8) {
+      u0 = _mm256_fmadd_ps(zj, load_i8x8(ad.bt8.data() + o), u0);
+      u1 = _mm256_fmadd_ps(zj, load_i8x8(ad.bt8.data() + o + 8), u1);
     } else {
       u0 = _mm256_fmadd_ps(zj, _mm256_loadu_ps(ad.bt32.data() + o), u0);
       u1 = _mm256_fmadd_ps(zj, _mm256_loadu_ps(ad.bt32.data() + o + 8), u1);
@@ -95,8 +103,10 @@ namespace {
 // A row of A as float32 or as fp16 (converted on load); the scalar tail likewise.
 R3MES_F16C inline __m256 load8(const float* a) { return _mm256_loadu_ps(a); }
 R3MES_F16C inline __m256 load8(const uint16_t* a) { return load_h8(a); }
+R3MES_F16C inline __m256 load8(const int8_t* a) { return load_i8x8(a); }
 inline float scalar(float v) { return v; }
 inline float scalar(uint16_t v) { return half_to_float(v); }
+inline float scalar(int8_t v) { return static_cast<float>(v); }
 
 template <class T>
 R3MES_F16C float dot(const float* x, const T* a, std::size_t k) {
@@ -122,6 +132,10 @@ R3MES_F16C float dora_dot_f32_avx2(const float* x, const float* a, std::size_t k
 }
 
 R3MES_F16C float dora_dot_f16_avx2(const float* x, const uint16_t* a, std::size_t k) {
+  return dot(x, a, k);
+}
+
+R3MES_F16C float dora_dot_i8_avx2(const float* x, const int8_t* a, std::size_t k) {
   return dot(x, a, k);
 }
 

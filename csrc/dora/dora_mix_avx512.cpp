@@ -8,30 +8,33 @@
 namespace r3mes {
 namespace {
 
-template <bool Half>
+template <DoraStorage S>
 inline __m512 load_bt(const DoraAdapter& ad, std::size_t off) {
-  if constexpr (Half) {
+  if constexpr (S == DoraStorage::F16) {
     return _mm512_cvtph_ps(
         _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ad.bt16.data() + off)));
+  } else if constexpr (S == DoraStorage::I8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(ad.bt8.data() + off))));
   } else {
     return _mm512_loadu_ps(ad.bt32.data() + off);
   }
 }
 
 // u[l] = sum_j z[j] * B[16 t + l, j] for the 16 rows of tile t.
-template <bool Half>
+template <DoraStorage S>
 inline __m512 low_rank(const DoraAdapter& ad, const float* z, std::size_t t) {
   const std::size_t off = t * ad.rank * kDoraTile;
   __m512 u0 = _mm512_setzero_ps(), u1 = _mm512_setzero_ps();
   std::size_t j = 0;
   // Two chains hide the FMA latency.
   for (; j + 2 <= ad.rank; j += 2) {
-    u0 = _mm512_fmadd_ps(_mm512_set1_ps(z[j]), load_bt<Half>(ad, off + j * kDoraTile), u0);
-    u1 = _mm512_fmadd_ps(_mm512_set1_ps(z[j + 1]), load_bt<Half>(ad, off + (j + 1) * kDoraTile),
+    u0 = _mm512_fmadd_ps(_mm512_set1_ps(z[j]), load_bt<S>(ad, off + j * kDoraTile), u0);
+    u1 = _mm512_fmadd_ps(_mm512_set1_ps(z[j + 1]), load_bt<S>(ad, off + (j + 1) * kDoraTile),
                          u1);
   }
   if (j < ad.rank)
-    u0 = _mm512_fmadd_ps(_mm512_set1_ps(z[j]), load_bt<Half>(ad, off + j * kDoraTile), u0);
+    u0 = _mm512_fmadd_ps(_mm512_set1_ps(z[j]), load_bt<S>(ad, off + j * kDoraTile), u0);
   return _mm512_add_ps(u0, u1);
 }
 
@@ -47,11 +50,13 @@ void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
       for (uint32_t a = a0; a < a1; ++a) {
         const DoraAdapter& ad = *p.adapters[p.act_e[a]];
         const float* z = zm + p.z_off[p.act_e[a]];
-        const __m512 u = ad.half ? low_rank<true>(ad, z, nb / kDoraTile)
-                                 : low_rank<false>(ad, z, nb / kDoraTile);
-        const __m512 t = _mm512_fmadd_ps(u, _mm512_set1_ps(ad.coef), base);
+        const std::size_t t = nb / kDoraTile;
+        const __m512 u = ad.storage == DoraStorage::F16  ? low_rank<DoraStorage::F16>(ad, z, t)
+                         : ad.storage == DoraStorage::I8 ? low_rank<DoraStorage::I8>(ad, z, t)
+                                                         : low_rank<DoraStorage::F32>(ad, z, t);
+        const __m512 v = _mm512_fmadd_ps(u, _mm512_set1_ps(ad.coef), base);
         const __m512 gw = _mm512_mul_ps(_mm512_loadu_ps(ad.g.data() + nb), _mm512_set1_ps(p.act_w[a]));
-        acc = _mm512_fmadd_ps(gw, t, acc);
+        acc = _mm512_fmadd_ps(gw, v, acc);
       }
       if (p.bias != nullptr) acc = _mm512_add_ps(acc, _mm512_loadu_ps(p.bias + nb));
       _mm512_storeu_ps(y + nb, acc);
@@ -84,6 +89,13 @@ inline __m512 load16_masked(__mmask16 m, const float* a) { return _mm512_maskz_l
 inline __m512 load16_masked(__mmask16 m, const uint16_t* a) {
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, a));
 }
+inline __m512 load16(const int8_t* a) {
+  return _mm512_cvtepi32_ps(
+      _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a))));
+}
+inline __m512 load16_masked(__mmask16 m, const int8_t* a) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, a)));
+}
 
 template <class T>
 float dot(const float* x, const T* a, std::size_t k) {
@@ -111,5 +123,7 @@ float dora_dot_f32_avx512(const float* x, const float* a, std::size_t k) { retur
 float dora_dot_f16_avx512(const float* x, const uint16_t* a, std::size_t k) {
   return dot(x, a, k);
 }
+
+float dora_dot_i8_avx512(const float* x, const int8_t* a, std::size_t k) { return dot(x, a, k); }
 
 }  // namespace r3mes

@@ -82,6 +82,13 @@ struct GemmArgs {
   // call parallel_for (the pool is not re-entrant). Null: no hook.
   void (*epilogue)(void* ctx, std::size_t n0, std::size_t n1) = nullptr;
   void* epilogue_ctx = nullptr;
+  // Optional prologue, run in the same pool hand-off: prologue(prologue_ctx, i) for
+  // i < prologue_tasks, all finished before this product's first epilogue call (the
+  // fused DoRA mix computes its A pass here). Prologue tasks are claimed before any
+  // row chunk, so a worker waiting for them never waits on itself.
+  std::size_t prologue_tasks = 0;
+  void (*prologue)(void* ctx, std::size_t task) = nullptr;
+  void* prologue_ctx = nullptr;
 };
 void ternary_gemm(const GemmArgs& args, SimdLevel level);
 // Several independent products in one pool hand-off (a decode layer's q, k and v, or

@@ -1,7 +1,12 @@
 // Ternary x int8 GEMM: the scalar reference kernel (the spec every SIMD
 // variant must match exactly) and the dispatcher.
 #include <algorithm>
+#include <atomic>
+#include <memory>
 #include <vector>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "common/thread_pool.h"
 #include "ternary/ternary.h"
@@ -35,10 +40,18 @@ GemmRowsFn rows_fn_for(SimdLevel level) {
   return ternary_gemm_rows_scalar;
 }
 
-// One chunk of output rows of one of the products of a ternary_gemm_multi call.
-struct RowChunk {
+// One task of a ternary_gemm_multi call: a prologue task of a product, or a chunk of
+// its output rows.
+struct Task {
   std::size_t product, n0, n1;
+  bool prologue;
 };
+
+inline void relax() {
+#if defined(__x86_64__)
+  _mm_pause();
+#endif
+}
 
 }  // namespace
 
@@ -69,32 +82,50 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
       g.q = permuted[found].data();
     }
   }
-  // Chunks of every product in one list, each a multiple of the 4-row tile and small
-  // enough to balance the threads; one pool hand-off for all of them.
+  // Prologue tasks first (claimed in order, so before any row chunk), then chunks of
+  // every product, each a multiple of the 4-row tile and small enough to balance the
+  // threads: one pool hand-off for all of them.
   const std::size_t threads = static_cast<std::size_t>(get_num_threads());
-  std::vector<RowChunk> chunks;
+  std::vector<Task> tasks;
+  std::unique_ptr<std::atomic<std::size_t>[]> pending(new std::atomic<std::size_t>[count]);
   std::size_t total_bytes = 0;
+  for (std::size_t i = 0; i < count; ++i) {
+    const GemmArgs& g = a[i];
+    const bool active = g.M != 0 && g.N != 0;
+    const std::size_t pro = active && g.prologue != nullptr ? g.prologue_tasks : 0;
+    pending[i].store(pro, std::memory_order_relaxed);
+    for (std::size_t t = 0; t < pro; ++t) tasks.push_back({i, t, t + 1, true});
+  }
   for (std::size_t i = 0; i < count; ++i) {
     const GemmArgs& g = a[i];
     if (g.M == 0 || g.N == 0) continue;
     total_bytes += g.N * packed_row_bytes(g.K) * g.M;
     std::size_t grain = (g.N + threads * 4 - 1) / (threads * 4);
     grain = std::max<std::size_t>(16, (grain + 15) / 16 * 16);
-    for (std::size_t n0 = 0; n0 < g.N; n0 += grain) chunks.push_back({i, n0, std::min(g.N, n0 + grain)});
+    for (std::size_t n0 = 0; n0 < g.N; n0 += grain)
+      tasks.push_back({i, n0, std::min(g.N, n0 + grain), false});
   }
-  auto run_chunk = [&](std::size_t c) {
-    const RowChunk& ch = chunks[c];
-    const GemmArgs& g = a[ch.product];
-    rows_fn(g, ch.n0, ch.n1);
-    if (g.epilogue != nullptr) g.epilogue(g.epilogue_ctx, ch.n0, ch.n1);
+  auto run_task = [&](std::size_t c) {
+    const Task& t = tasks[c];
+    const GemmArgs& g = a[t.product];
+    if (t.prologue) {
+      g.prologue(g.prologue_ctx, t.n0);
+      pending[t.product].fetch_sub(1, std::memory_order_release);
+      return;
+    }
+    rows_fn(g, t.n0, t.n1);
+    if (g.epilogue != nullptr) {
+      while (pending[t.product].load(std::memory_order_acquire) != 0) relax();
+      g.epilogue(g.epilogue_ctx, t.n0, t.n1);
+    }
   };
   // Small products finish before a second thread could start: run them inline.
-  if (total_bytes < kInlineBytes || chunks.size() == 1) {
-    for (std::size_t c = 0; c < chunks.size(); ++c) run_chunk(c);
+  if (total_bytes < kInlineBytes || tasks.size() == 1) {
+    for (std::size_t c = 0; c < tasks.size(); ++c) run_task(c);
     return;
   }
-  parallel_for(chunks.size(), 1, [&](std::size_t c0, std::size_t c1) {
-    for (std::size_t c = c0; c < c1; ++c) run_chunk(c);
+  parallel_for(tasks.size(), 1, [&](std::size_t c0, std::size_t c1) {
+    for (std::size_t c = c0; c < c1; ++c) run_task(c);
   });
 }
 

@@ -118,6 +118,44 @@ def test_fused_kernel_fp16_storage_matches_its_reference_and_stays_close_to_fp32
     assert (y16 - y32).abs().max() < 2e-3 * adapter_part + 1e-6
 
 
+def test_fused_kernel_int8_storage_matches_its_reference_and_stays_close_to_fp32(simd):
+    # Odd sizes: tails in the A-pass dot product (K = 301) and partial 16-row B tiles.
+    w = _weight(203, 301, seed=6)
+    made8 = [_adapter(w, r, 70 + e, "int8") for e, r in enumerate((16, 4, 8))]
+    made32 = [_adapter(w, r, 70 + e, "fp32") for e, r in enumerate((16, 4, 8))]
+    x = torch.randn(5, 301)
+    mix = torch.tensor([[0.5, 0.25, 0.25], [0.0, 1.0, 0.0], [0, 0, 0], [0.2, 0.3, 0.5],
+                        [1.0, 0, 0]])
+    y8 = kernels.dora_linear(x, w, [m[0] for m in made8], mix)
+    ref8 = kernels.dora_linear_reference(x, w, [m[0] for m in made8], mix)
+    torch.testing.assert_close(y8, ref8, rtol=1e-5, atol=1e-5)
+    y32 = kernels.dora_linear(x, w, [m[0] for m in made32], mix)
+    adapter_part = (y32 - kernels.ternary_linear(x, w)).abs().max()
+    # absmax int8 keeps each entry within half a step (max / 254) of its value; measured
+    # here: 2e-6 of what the adapters change
+    assert (y8 - y32).abs().max() < 2e-4 * adapter_part
+    assert (y8 - y32).abs().max() > 0  # it is not secretly the fp32 path
+
+
+def test_int8_quantisation_of_adapters_is_absmax_per_row_of_a_and_column_of_b():
+    w = _weight(40, 64)
+    ad, (a, b, _, _) = _adapter(w, 8, 3, "int8")
+    a8, b8 = ad.effective()
+    for t, q, dim in ((a, a8, 1), (b, b8, 0)):
+        step = t.abs().amax(dim=dim, keepdim=True) / 127
+        assert bool(((q - t).abs() <= step / 2 + 1e-7).all())
+        # the largest entry of each row (A) / column (B) is represented exactly
+        idx = t.abs().argmax(dim=dim, keepdim=True)
+        torch.testing.assert_close(q.gather(dim, idx), t.gather(dim, idx), rtol=1e-6, atol=0)
+
+
+def test_int8_storage_halves_fp16_bytes():
+    w = _weight(64, 256)
+    a8, _ = _adapter(w, 16, 1, "int8")
+    a16, _ = _adapter(w, 16, 1, "fp16")
+    assert a8.native.storage == "int8" and a8.nbytes < 0.6 * a16.nbytes
+
+
 def test_fp16_storage_halves_the_adapter_bytes():
     w = _weight(64, 256)
     a16, _ = _adapter(w, 16, 1, "fp16")

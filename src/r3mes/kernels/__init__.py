@@ -277,7 +277,7 @@ def ternary_matmul_int(q: torch.Tensor, weight: TernaryWeight) -> torch.Tensor:
 # csrc/dora/dora.h. Every function has a plain-torch fallback that defines it.
 # ===========================================================================
 
-ADAPTER_STORAGES = ("fp16", "fp32")
+ADAPTER_STORAGES = ("fp16", "fp32", "int8")
 
 
 @dataclass(frozen=True)
@@ -286,7 +286,8 @@ class DoRAKernelAdapter:
 
     ``lora_A`` [r, in], ``lora_B`` [out, r] are the float32 tensors it was made from
     (shared, not copied); :meth:`effective` gives the values the kernel applies (fp16-rounded
-    for ``storage="fp16"``). ``g`` [out] = m / ||W0 + s B A||_row; ``scaling`` s.
+    for ``storage="fp16"``, int8-quantised for ``"int8"``). ``g`` [out] = m / ||W0 + s B A||_row;
+    ``scaling`` s.
     ``native`` is the kernel's own copy (None without the native module).
     """
 
@@ -302,9 +303,12 @@ class DoRAKernelAdapter:
         return int(self.lora_A.shape[0])
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) as the kernel applies them: exact for fp32, fp16-rounded for fp16."""
+        """(A, B) as the kernel applies them: exact for fp32, fp16-rounded for fp16,
+        absmax int8 (A per row, B per column) for int8."""
         if self.storage == "fp16":
             return _fp16_effective(self.lora_A), _fp16_effective(self.lora_B)
+        if self.storage == "int8":
+            return _int8_effective(self.lora_A, dim=1), _int8_effective(self.lora_B, dim=0)
         return self.lora_A, self.lora_B
 
     @property
@@ -312,8 +316,9 @@ class DoRAKernelAdapter:
         """Bytes the fused kernel reads for this adapter (A, B and g)."""
         if self.native is not None:
             return int(self.native.nbytes)
-        per = 2 if self.storage == "fp16" else 4
-        return per * (self.lora_A.numel() + self.lora_B.numel()) + 4 * self.g.numel()
+        per = {"fp16": 2, "int8": 1}.get(self.storage, 4)
+        extra = 4 * self.rank if self.storage == "int8" else 0
+        return per * (self.lora_A.numel() + self.lora_B.numel()) + 4 * self.g.numel() + extra
 
 
 def _pow2_scale(t: torch.Tensor) -> float:
@@ -322,6 +327,14 @@ def _pow2_scale(t: torch.Tensor) -> float:
     if mx == 0.0:
         return 1.0
     return float(2.0 ** int(torch.frexp(torch.tensor(mx, dtype=torch.float32)).exponent))
+
+
+def _int8_effective(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Symmetric absmax int8 along ``dim`` (scale max|t| / 127, 1 for zeros), round half to
+    even, dequantised: the values the int8 kernel storage represents (csrc/dora/dora.h)."""
+    amax = t.abs().amax(dim=dim, keepdim=True)
+    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 127.0)
+    return torch.clamp(torch.round(t / scale), -127, 127) * scale
 
 
 def _fp16_effective(t: torch.Tensor) -> torch.Tensor:
@@ -394,8 +407,9 @@ def prepare_dora_adapter(
     scaling: float,
     storage: str = "fp16",
 ) -> DoRAKernelAdapter:
-    """Convert one adapter to the fused kernel's storage (``"fp16"`` compact or ``"fp32"``
-    exact). ``g`` is the per-row gain m / ||W0 + s B A||_row (see :func:`dora_row_norms`)."""
+    """Convert one adapter to the fused kernel's storage (``"fp16"`` compact, ``"int8"``
+    smallest, ``"fp32"`` exact). ``g`` is the per-row gain m / ||W0 + s B A||_row (see
+    :func:`dora_row_norms`)."""
     if storage not in ADAPTER_STORAGES:
         raise ValueError(f"storage: expected one of {ADAPTER_STORAGES}, got {storage!r}")
     a, b = _check_adapter_tensors(lora_A, lora_B, None, None)
@@ -451,21 +465,34 @@ def dora_linear(
     share of the mix that goes to "no adapter" (an expert that does not cover this layer).
     The adapter path sees the float x (not the int8-quantised x).
     """
+    if (
+        bias is None
+        and base_weight is None
+        and type(x) is torch.Tensor
+        and x.dtype is torch.float32
+        and x.dim() >= 1
+        and x.shape[-1] == weight.in_features
+        and x.is_contiguous()
+        and not x.requires_grad
+        and x.device.type == "cpu"
+        and type(mix) is torch.Tensor
+        and mix.dtype is torch.float32
+        and mix.is_contiguous()
+        and use_native()
+        and all(ad.native is not None for ad in adapters)
+    ):
+        # Decode's hot path: the native call validates shapes, dims and finiteness itself;
+        # Python-side checks would cost more than the rank-r work of a decode step.
+        y = _native.dora_linear(x.numpy().reshape(-1, weight.in_features), weight._packed_np,
+                                weight.in_features, weight.scale, None,
+                                [ad.native for ad in adapters], mix.numpy(), None)
+        return torch.from_numpy(y).view(*x.shape[:-1], weight.out_features)
     x2 = _as_float32_matrix(x, "x")
     if x2.shape[1] != weight.in_features:
         raise ValueError(
             f"x: has {x2.shape[1]} features, weight expects in_features={weight.in_features}"
         )
     lead = x.shape[:-1]
-    if (use_native() and bias is None and base_weight is None and isinstance(mix, torch.Tensor)
-            and mix.dtype == torch.float32 and mix.is_contiguous()
-            and all(ad.native is not None for ad in adapters)):
-        # Decode fast path: the native call validates shapes, dims and finiteness itself;
-        # Python-side checks would cost more than the rank-r work of a decode step.
-        y = _native.dora_linear(x2.numpy(), weight._packed_np, weight.in_features,
-                                weight.scale, None, [ad.native for ad in adapters],
-                                mix.numpy(), None)
-        return torch.from_numpy(y).reshape(*lead, weight.out_features)
     mixm = _check_mix(mix, x2.shape[0], len(adapters))
     bw = _check_base_weight(base_weight, mixm.shape[0])
     for i, ad in enumerate(adapters):
