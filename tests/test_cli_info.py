@@ -18,7 +18,7 @@ def test_info_json_reports_kernels_and_cpu() -> None:
     assert "scalar" in data["compiled_simd_levels"]
     assert data["simd_level"] in data["supported_simd_levels"]
     assert data["num_threads"] >= 1
-    assert set(data["cuda"]) == {"compiled", "device_count"}
+    assert set(data["cuda"]) == {"compiled", "architectures", "device_count", "available"}
     assert isinstance(data["cpu_features"]["avx2"], bool)
 
 

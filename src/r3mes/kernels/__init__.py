@@ -82,12 +82,14 @@ def info() -> dict[str, Any]:
 
 
 def cuda_info() -> dict[str, Any]:
-    """Whether the CUDA module was built and how many devices it sees."""
-    try:
-        from r3mes import _native_cuda
-    except ImportError:
-        return {"compiled": False, "device_count": 0}
-    return {"compiled": True, "device_count": int(_native_cuda.device_count())}
+    """Whether the CUDA module was built, its architectures, and the devices it sees."""
+    from r3mes.kernels import cuda as _cuda
+
+    return _cuda.info()
+
+
+def _is_cuda(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.device.type == "cuda"
 
 
 def cpu_features() -> dict[str, bool]:
@@ -137,6 +139,10 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``q = clamp(round(x * scale), -128, 127)`` and ``scale = 127 / max(max|x|, 1e-5)``.
     Raises ValueError on NaN/Inf.
     """
+    if _is_cuda(x):
+        from r3mes.kernels import cuda as _cuda  # lazy: cuda.py imports this package
+
+        return _cuda.quantize_activations(x)
     x2 = _as_float32_matrix(x, "x")
     lead = x.shape[:-1]
     if not use_native():
@@ -227,12 +233,17 @@ def ternary_linear(
         and x.is_contiguous()
         and not x.requires_grad
         and x.device.type == "cpu"
+        and type(weight) is TernaryWeight
         and use_native()
     ):
         # Decode's hot path: the checks above are all the slow path would do for this input.
         y = _native.ternary_linear(x.numpy().reshape(-1, weight.in_features), weight._packed_np,
                                    weight.in_features, weight.scale)
         return torch.from_numpy(y).view(*x.shape[:-1], weight.out_features)
+    if _is_cuda(x) or not isinstance(weight, TernaryWeight):
+        from r3mes.kernels import cuda as _cuda
+
+        return _cuda.ternary_linear(x, weight, bias)
     x2 = _as_float32_matrix(x, "x")
     if x2.shape[1] != weight.in_features:
         raise ValueError(
@@ -370,6 +381,10 @@ def dora_row_norms(
     ``||W0_o||^2 + 2 s B_o (W0 A^T)_o + s^2 B_o (A A^T) B_o^T`` where ``||W0_o||^2`` is the
     row's nonzero count / s_w^2 and ``W0 A^T`` is a ternary x float product.
     """
+    if not isinstance(weight, TernaryWeight):
+        from r3mes.kernels import cuda as _cuda
+
+        return _cuda.dora_row_norms(weight, lora_A, lora_B, scaling)
     a, b = _check_adapter_tensors(lora_A, lora_B, weight.out_features, weight.in_features)
     if not use_native():
         w0 = weight.dequantize().double()
@@ -465,6 +480,10 @@ def dora_linear(
     share of the mix that goes to "no adapter" (an expert that does not cover this layer).
     The adapter path sees the float x (not the int8-quantised x).
     """
+    if _is_cuda(x) or not isinstance(weight, TernaryWeight):
+        from r3mes.kernels import cuda as _cuda
+
+        return _cuda.dora_linear(x, weight, adapters, mix, bias, base_weight)
     if (
         bias is None
         and base_weight is None
