@@ -44,6 +44,31 @@ def read_bandwidth() -> dict[int, float]:
 
 
 @pytest.fixture(scope="session")
+def bandwidth_probe():
+    """A callable ``probe(threads) -> GB/s``: the median of three sums of a 1 GiB array
+    (numpy for one thread, torch for two), for measuring right next to a benchmark. The VM
+    shares its memory bus: the bandwidth drifts by 20-30% over minutes, so a ratio is only
+    honest between figures measured side by side."""
+    array = np.ones(256 * 1024 * 1024, dtype=np.float32)
+    tensor = torch.from_numpy(array)
+
+    def probe(threads: int) -> float:
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        fn = array.sum if threads == 1 else tensor.sum
+        fn()
+        rates = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            rates.append(array.nbytes / (time.perf_counter() - start) / 1e9)
+        torch.set_num_threads(before)
+        return float(np.median(rates))
+
+    return probe
+
+
+@pytest.fixture(scope="session")
 def record_row():
     """Adds a row to the end-of-run table."""
     return _ROWS.append
