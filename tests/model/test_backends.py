@@ -36,7 +36,7 @@ def adapters(r3mes_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def backends(r3mes_dir, adapters):
-    """[native (fp16 adapters, the default), reference, native with fp32 adapters]."""
+    """[native (int8 adapters, the default), reference, native with fp32 adapters]."""
     result = []
     for backend in (BitNetCppBackend(), PyTorchBackend(),
                     BitNetCppBackend(adapter_storage="fp32")):
@@ -59,11 +59,21 @@ def test_native_and_reference_agree_on_logits_and_greedy_tokens(backends, mix):
             == ref.generate(IDS, cfg, mix, weights)[0].tokens)
 
 
-def test_fp16_adapters_stay_within_fp16_rounding_of_the_reference(backends):
-    native16, ref, _ = backends
-    a = native16.inference(IDS, ["alpha", "beta"], [0.5, 0.5])
+def test_int8_adapters_stay_close_to_the_reference(backends):
+    native8, ref, native32 = backends
+    assert native8.adapter_storage == "int8"
+    a = native8.inference(IDS, ["alpha", "beta"], [0.5, 0.5])
     b = ref.inference(IDS, ["alpha", "beta"], [0.5, 0.5])
-    assert float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()) < 0.02
+    c = native32.inference(IDS, ["alpha", "beta"], [0.5, 0.5])
+
+    def rel(x: torch.Tensor) -> float:
+        return float((x - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt())
+
+    # These adapters are deliberately large (B ~ N(0, 0.5)): the adapter path dominates
+    # the logits, so the int8 rounding shows (2.1% RMS here; 0.03% perplexity on the
+    # trained bundled experts). fp32 storage is the float-rounding baseline.
+    assert rel(c) < 1e-3
+    assert rel(a) < 0.03
     assert not torch.equal(a, b)
 
 
