@@ -3,8 +3,9 @@
 The model has the exact 2B-4T shapes (30 layers, hidden 2560, intermediate 6912, 20 heads,
 5 kv heads, vocab 128256, tied int8 head) with random weights built in memory (nothing is
 shipped or downloaded). Reported: decode ms/token and tok/s after a 128-token prompt, for
-0 and 3 DoRA experts (r=16 on every projection), next to the bandwidth floor (bytes read
-per token / the read bandwidth measured in the same run).
+0, 1 and 3 DoRA experts (r=16 on every projection; int8 adapter storage, the native
+backend's default, and fp16), next to the bandwidth floor (ternary + head bytes read per
+token / the read bandwidth measured in the same run).
 
     python -m pytest benchmarks/bench_decode.py --benchmark-only -q --table-out decode.md
 """
@@ -56,10 +57,12 @@ def model() -> BitNetForCausalLM:
     return BitNetForCausalLM(CONFIG, embed, layers, LMHead.from_float(embed))
 
 
-def _add_experts(model: BitNetForCausalLM, count: int) -> list[tuple[str, float]]:
+def _add_experts(model: BitNetForCausalLM, count: int,
+                 storage: str = "int8") -> list[tuple[str, float]]:
     g = torch.Generator().manual_seed(1)
-    names = [f"expert{e}" for e in range(count)]
+    names = [f"expert{e}_{storage}" for e in range(count)]
     for module in model.linear_modules().values():
+        module.storage = storage
         for name in names:
             if name in module.adapter_names:
                 continue
@@ -70,12 +73,12 @@ def _add_experts(model: BitNetForCausalLM, count: int) -> list[tuple[str, float]
     return [(n, 1.0 / count) for n in names]
 
 
-@pytest.mark.parametrize("experts", [0, 3])
+@pytest.mark.parametrize("experts,storage", [(0, "-"), (1, "int8"), (3, "int8"), (3, "fp16")])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_decode(benchmark, record_row, read_bandwidth, model, threads, experts):
+def test_decode(benchmark, record_row, read_bandwidth, model, threads, experts, storage):
     kernels.set_num_threads(threads)
     torch.set_num_threads(1)  # tiny attention ops: intra-op threads cost more than they save
-    mix = _add_experts(model, experts) if experts else None
+    mix = _add_experts(model, experts, storage) if experts else None
     set_adapter_mix(model, mix)
     cache = model.new_cache(1, PROMPT + DECODE + 8)
     ids = torch.randint(0, CONFIG.vocab_size, (1, PROMPT),
@@ -90,5 +93,6 @@ def test_decode(benchmark, record_row, read_bandwidth, model, threads, experts):
     floor = read_bandwidth[threads] * 1e9 / per_token
     set_adapter_mix(model, None)
     record_row({"bench": "decode 2B-4T shape", "threads": threads, "experts": experts,
+                "adapter storage": storage,
                 "ms/token": f"{seconds * 1e3:.1f}", "tok/s": f"{1 / seconds:.1f}",
                 "floor tok/s": f"{floor:.1f}", "MB read/token": f"{per_token / 1e6:.0f}"})

@@ -1,7 +1,7 @@
 """Fused multi-expert DoRA at one BitNet-2B-4T layer (in 2560 -> out 6912), decode, 2 threads.
 
 For 0/1/2/3 experts at r=16: the fused kernel (one ternary GEMV + the DoRA epilogue applied
-by each worker on its cache-hot rows; adapters in fp16 or fp32 storage) against the bare
+by each worker on its cache-hot rows; adapters in int8, fp16 or fp32 storage) against the bare
 ternary GEMV and against computing each expert's DoRA output separately in torch
 (ternary GEMV per expert + torch low-rank matmuls + the gain), plus the per-adapter
 load-time "merge" cost (factored row norms + conversion to kernel storage).
@@ -10,6 +10,7 @@ Weights and adapters rotate over a working set larger than the last-level cache,
 call streams its bytes from memory as real decoding does.
 
     python -m pytest benchmarks/bench_dora.py --benchmark-only -q --table-out dora.md
+    python benchmarks/bench_dora.py      # every case round-robin in one loop: fair ratios
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _raw_adapter(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, f
 
 @pytest.fixture(scope="module")
 def layer_copies():
-    """Copies of (weight, 3 raw adapters, prepared fp16 and fp32 adapters), > LLC in total."""
+    """Copies of (weight, 3 raw adapters, prepared int8/fp16/fp32 adapters), > LLC in total."""
     base = kernels.quantize_weight(torch.randn(OUT_F, IN_F))
     raws = [_raw_adapter(i) for i in range(3)]
     gains = [kernels.dora_gain(m, kernels.dora_row_norms(base, a, b, s)) for a, b, m, s in raws]
@@ -53,6 +54,7 @@ def layer_copies():
             "raw": rc,
             "fp16": [kernels.prepare_dora_adapter(a, b, g, s, "fp16") for a, b, g, s in rc],
             "fp32": [kernels.prepare_dora_adapter(a, b, g, s, "fp32") for a, b, g, s in rc],
+            "int8": [kernels.prepare_dora_adapter(a, b, g, s, "int8") for a, b, g, s in rc],
         })
     return copies
 
@@ -66,7 +68,8 @@ def _unfused(x, copy, n):
     return y
 
 
-@pytest.mark.parametrize("impl", ["bare", "fused-fp16", "fused-fp32", "unfused-torch"])
+@pytest.mark.parametrize("impl", ["bare", "fused-int8", "fused-fp16", "fused-fp32",
+                                  "unfused-torch"])
 @pytest.mark.parametrize("experts", [0, 1, 2, 3])
 def test_dora_decode(benchmark, record_row, layer_copies, impl, experts):
     if impl == "bare" and experts:
@@ -75,7 +78,9 @@ def test_dora_decode(benchmark, record_row, layer_copies, impl, experts):
         pytest.skip("unfused with 0 experts is the bare GEMV")
     before_native, before_torch = kernels.get_num_threads(), torch.get_num_threads()
     kernels.set_num_threads(THREADS)
-    torch.set_num_threads(THREADS)
+    # The unfused path's torch ops are rank-16 products: one thread is fastest, and idle
+    # OpenMP workers spinning after a 2-thread op would steal the cores from the kernels.
+    torch.set_num_threads(1)
     x = torch.randn(1, IN_F)
     mix = torch.full((1, experts), 1.0 / experts) if experts else torch.zeros(1, 0)
     it = itertools.cycle(layer_copies)
@@ -102,7 +107,7 @@ def test_dora_decode(benchmark, record_row, layer_copies, impl, experts):
                 "min_us": f"{st.min * 1e6:.1f}"})
 
 
-@pytest.mark.parametrize("storage", ["fp16", "fp32"])
+@pytest.mark.parametrize("storage", ["int8", "fp16", "fp32"])
 def test_dora_merge_cost(benchmark, record_row, storage):
     """Per-adapter load-time work: factored row norms, gain, conversion to kernel storage."""
     kernels.set_num_threads(THREADS)
@@ -130,7 +135,7 @@ def _interleaved(rounds: int = 2000) -> None:
     import time
 
     kernels.set_num_threads(THREADS)
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(1)  # as in test_dora_decode
     copies = layer_copies.__wrapped__()
     x = torch.randn(1, IN_F)
     cases: dict[str, object] = {}
@@ -138,7 +143,7 @@ def _interleaved(rounds: int = 2000) -> None:
     cases["bare GEMV"] = lambda c: kernels.ternary_linear(x, c["weight"])
     for n in (1, 2, 3):
         mix = torch.full((1, n), 1.0 / n)
-        for st in ("fp16", "fp32"):
+        for st in ("int8", "fp16", "fp32"):
             cases[f"fused {st} x{n}"] = (
                 lambda c, n=n, st=st, mix=mix: kernels.dora_linear(x, c["weight"], c[st][:n], mix))
         cases[f"unfused torch x{n}"] = lambda c, n=n: _unfused(x, c, n)
@@ -149,11 +154,12 @@ def _interleaved(rounds: int = 2000) -> None:
             t0 = time.perf_counter()
             fn(c)
             times[name].append(time.perf_counter() - t0)
-    bare = min(times["bare GEMV"])
-    print(f"{'case':22s} {'min us':>9s} {'median us':>10s} {'min/bare':>9s}")
+    bare, bare_med = min(times["bare GEMV"]), statistics.median(times["bare GEMV"])
+    print(f"{'case':22s} {'min us':>9s} {'median us':>10s} {'min/bare':>9s} {'med/bare':>9s}")
     for name, ts in times.items():
-        print(f"{name:22s} {min(ts) * 1e6:9.1f} {statistics.median(ts) * 1e6:10.1f} "
-              f"{min(ts) / bare:9.3f}")
+        med = statistics.median(ts)
+        print(f"{name:22s} {min(ts) * 1e6:9.1f} {med * 1e6:10.1f} "
+              f"{min(ts) / bare:9.3f} {med / bare_med:9.3f}")
 
 
 if __name__ == "__main__":
