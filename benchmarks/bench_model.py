@@ -44,12 +44,17 @@ DECODE_TOKENS = 128
 
 def build(root: Path = BENCH_DIR, layers: int | None = None) -> tuple[Path, Path]:
     """Write the random HF packed directory and its r3mes conversion (once)."""
-    from r3mes.core.checkpoint import _write_safetensors, convert
+    from r3mes.core.checkpoint import FORMAT_VERSION, _write_safetensors, convert
     from r3mes.core.model import LINEAR_NAMES
 
     hf, r3 = root / "hf-packed", root / "r3mes"
-    if (r3 / "r3mes_model.json").exists():
-        return hf, r3
+    manifest = r3 / "r3mes_model.json"
+    if manifest.exists():
+        if json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION:
+            return hf, r3
+        if (hf / "model.safetensors").exists():  # an older r3mes format: convert again
+            convert(hf, r3)
+            return hf, r3
     cfg = dict(SHAPE)
     if layers is not None:
         cfg["num_hidden_layers"] = layers
@@ -100,6 +105,15 @@ def _add_experts(model, n: int, rank: int = 16) -> None:
     set_adapter_mix(model, [(name, 1.0 / n) for name in names] if names else None)
 
 
+def _peak_rss_mb() -> float:
+    """This process's peak RSS: VmHWM belongs to the address space exec created, while
+    getrusage's ru_maxrss survives fork + exec and can report the parent's peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def child(path: str, threads: int, experts: int, decode: bool) -> dict:
     """One measurement in this process (called through a subprocess by :func:`run`)."""
     from r3mes import kernels
@@ -115,9 +129,11 @@ def child(path: str, threads: int, experts: int, decode: bool) -> dict:
         backend = BitNetCppBackend()
         backend.model = model
         if experts:
-            # fp16 adapter storage (the native backend's default)
-            for mod in model.base_linears():
-                model.get_submodule(mod).storage = "fp16"
+            from r3mes.core.dora import dora_modules
+
+            # the native backend's default adapter storage (int8)
+            for mod in dora_modules(model).values():
+                mod.storage = backend.adapter_storage
             _add_experts(model, experts)
         ids = torch.randint(0, model.config.vocab_size, (1, PROMPT_LEN),
                             generator=torch.Generator().manual_seed(2))
@@ -133,7 +149,7 @@ def child(path: str, threads: int, experts: int, decode: bool) -> dict:
         out["decode_tok_s"] = (DECODE_TOKENS - 1) / (time.perf_counter() - t0)
         out["bytes_per_token"] = sum(model.num_parameters_bytes()[k]
                                      for k in ("ternary", "lm_head"))
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
 
