@@ -63,6 +63,9 @@ def bandwidth_probe():
             fn()
             rates.append(array.nbytes / (time.perf_counter() - start) / 1e9)
         torch.set_num_threads(before)
+        # Idle OpenMP workers spin for a few ms after a parallel op; let them go to sleep
+        # before the benchmark that follows needs the cores.
+        time.sleep(0.05)
         return float(np.median(rates))
 
     return probe
