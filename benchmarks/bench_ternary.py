@@ -12,6 +12,7 @@ operations themselves (~6 us with cached weights) but that they run with cold ca
 weight stream evicts Python's working set.
 
     python -m pytest benchmarks/bench_ternary.py --benchmark-only -q --table-out bench.md
+    python benchmarks/bench_ternary.py      # decode GEMV and read bandwidth side by side
 """
 
 from __future__ import annotations
@@ -125,3 +126,54 @@ def test_lm_head(benchmark, record_row, bandwidth_probe, impl, threads):
     _run(benchmark, record_row, bandwidth_probe, op="LM head", label="128256x2560", impl=impl,
          tokens=1, threads=threads, weights=weights, call=call, weight_bytes=weight_bytes,
          rounds=10)
+
+
+def _side_by_side(out_f: int = 6912, in_f: int = 2560, threads: int = 2, blocks: int = 5,
+                  calls: int = 80) -> None:
+    """Script mode: the decode GEMV and a read-only sum alternated in one loop, so both see
+    the same machine state (the shared VM's bandwidth drifts). Weights and the summed array
+    are both numpy allocations (huge pages where the kernel grants them: a 4 KiB-page sum
+    reaches ~20% less here, which would flatter the ratio)."""
+    import statistics
+    import time
+
+    import numpy as np
+
+    torch.set_num_threads(threads)
+    kernels.set_num_threads(threads)
+    base = kernels.quantize_weight(torch.randn(out_f, in_f))
+    weights = [kernels.TernaryWeight(torch.from_numpy(base.packed.numpy().copy()), base.scale,
+                                     out_f, in_f) for _ in range(_copies(base.packed.numel()))]
+    array = torch.from_numpy(np.ones(256 * 1024 * 1024, dtype=np.float32))
+    x = torch.randn(1, in_f)
+    xn = x.numpy()
+    sums, api, native = [], [], []
+    cycle = itertools.cycle(weights)
+    for _ in range(blocks):
+        for _ in range(3):
+            t0 = time.perf_counter()
+            array.sum()
+            sums.append(array.numel() * 4 / (time.perf_counter() - t0) / 1e9)
+        time.sleep(0.05)  # idle OpenMP workers spin for a few ms after a parallel op
+        for _ in range(calls):
+            w = next(cycle)
+            t0 = time.perf_counter()
+            kernels._native.ternary_linear(xn, w._packed_np, in_f, w.scale)
+            native.append(time.perf_counter() - t0)
+        for _ in range(calls):
+            w = next(cycle)
+            t0 = time.perf_counter()
+            kernels.ternary_linear(x, w)
+            api.append(time.perf_counter() - t0)
+    bw = statistics.median(sums)
+    nbytes = base.packed.numel()
+    print(f"GEMV {out_f}x{in_f}, {threads} threads; read bandwidth (median) {bw:.1f} GB/s")
+    for name, ts in (("native binding", native), ("r3mes.kernels API", api)):
+        s = statistics.median(ts)
+        print(f"  {name:18s} {s * 1e6:6.0f} us  {nbytes / s / 1e9:5.1f} GB/s  "
+              f"{nbytes / s / 1e9 / bw:4.0%} of read bandwidth")
+
+
+if __name__ == "__main__":
+    for shape in SHAPES.values():
+        _side_by_side(*shape)
