@@ -30,6 +30,17 @@ inline void check_array(const py::array& a, const char* name, int ndim) {
     throw std::invalid_argument(std::string(name) + ": must be C-contiguous");
 }
 
+// A packed weight [out, row_bytes] for in_features k: uint8, 2-D, C-contiguous, and rows of
+// exactly `row_bytes` (the layout's padded length for k).
+inline void check_packed_rows(const py::array& packed, std::size_t k, std::size_t row_bytes) {
+  check_array<uint8_t>(packed, "packed", 2);
+  if (k == 0) throw std::invalid_argument("in_features must be > 0");
+  if (static_cast<std::size_t>(packed.shape(1)) != row_bytes)
+    throw std::invalid_argument("packed: rows of " + std::to_string(packed.shape(1)) +
+                                " bytes do not match in_features=" + std::to_string(k) +
+                                " (expected " + std::to_string(row_bytes) + ")");
+}
+
 template <class T>
 inline const T* data_of(const py::array& a) {
   return static_cast<const T*>(a.data());

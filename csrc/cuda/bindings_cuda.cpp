@@ -90,12 +90,7 @@ py::array_t<uint8_t> py_repack(const py::array& t) {
 }
 
 void check_packed(const py::array& packed, std::size_t k) {
-  check_array<uint8_t>(packed, "packed", 2);
-  if (k == 0) throw std::invalid_argument("in_features must be > 0");
-  if (static_cast<std::size_t>(packed.shape(1)) != packed_row_bytes(k))
-    throw std::invalid_argument("packed: rows of " + std::to_string(packed.shape(1)) +
-                                " bytes do not match in_features=" + std::to_string(k) +
-                                " (expected " + std::to_string(packed_row_bytes(k)) + ")");
+  check_packed_rows(packed, k, packed_row_bytes(k));
 }
 
 py::array_t<int8_t> py_unpack(const py::array& packed, std::size_t k) {

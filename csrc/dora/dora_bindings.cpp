@@ -19,11 +19,7 @@ namespace r3mes {
 namespace {
 
 void check_packed_k(const py::array& packed, std::size_t k) {
-  check_array<uint8_t>(packed, "packed", 2);
-  if (k == 0) throw std::invalid_argument("in_features must be > 0");
-  if (static_cast<std::size_t>(packed.shape(1)) != packed_row_bytes(k))
-    throw std::invalid_argument("packed: rows of " + std::to_string(packed.shape(1)) +
-                                " bytes do not match in_features=" + std::to_string(k));
+  check_packed_rows(packed, k, packed_row_bytes(k));
 }
 
 void check_dim(std::size_t got, std::size_t want, const std::string& what) {

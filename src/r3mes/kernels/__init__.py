@@ -132,6 +132,22 @@ def _as_float32_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
     return x.detach().to(torch.float32).reshape(-1, x.shape[-1])
 
 
+def _fast_input(x: Any, in_features: int) -> bool:
+    """Whether x can go straight to the native kernel (decode's hot path): a plain float32
+    contiguous CPU tensor without autograd, with in_features columns. These are all the
+    checks the slow path would make for such an input."""
+    return (
+        type(x) is torch.Tensor
+        and x.dtype is torch.float32
+        and x.dim() >= 1
+        and x.shape[-1] == in_features
+        and x.is_contiguous()
+        and not x.requires_grad
+        and x.device.type == "cpu"
+        and use_native()
+    )
+
+
 def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token absmax int8 quantisation of x [..., K].
 
@@ -224,18 +240,7 @@ def ternary_linear(
     Float in (fp32/fp16/bf16), float32 out. The integer part is exact; the result
     equals :func:`r3mes.kernels.reference.ternary_linear` bit for bit.
     """
-    if (
-        bias is None
-        and type(x) is torch.Tensor
-        and x.dtype is torch.float32
-        and x.dim() >= 1
-        and x.shape[-1] == weight.in_features
-        and x.is_contiguous()
-        and not x.requires_grad
-        and x.device.type == "cpu"
-        and type(weight) is TernaryWeight
-        and use_native()
-    ):
+    if bias is None and type(weight) is TernaryWeight and _fast_input(x, weight.in_features):
         # Decode's hot path: the checks above are all the slow path would do for this input.
         y = _native.ternary_linear(x.numpy().reshape(-1, weight.in_features), weight._packed_np,
                                    weight.in_features, weight.scale)
@@ -487,17 +492,10 @@ def dora_linear(
     if (
         bias is None
         and base_weight is None
-        and type(x) is torch.Tensor
-        and x.dtype is torch.float32
-        and x.dim() >= 1
-        and x.shape[-1] == weight.in_features
-        and x.is_contiguous()
-        and not x.requires_grad
-        and x.device.type == "cpu"
+        and _fast_input(x, weight.in_features)
         and type(mix) is torch.Tensor
         and mix.dtype is torch.float32
         and mix.is_contiguous()
-        and use_native()
         and all(ad.native is not None for ad in adapters)
     ):
         # Decode's hot path: the native call validates shapes, dims and finiteness itself;
