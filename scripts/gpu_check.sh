@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: build r3mes (CPU + CUDA modules), run the CUDA tests
-# (parity, poisoned outputs, compute-sanitizer memcheck) and the CUDA benchmark, and copy
+# (parity, poisoned outputs, compute-sanitizer memcheck, the GPU backend) and the CUDA
+# benchmarks (kernels, 2B-4T-shaped decode), and copy
 # every log to $OUT (default ./gpu_check_out). Run from the repository root:
 #
 #     OUT=/tmp/out bash scripts/gpu_check.sh
@@ -35,4 +36,10 @@ tail -25 "$OUT/tests_cuda.log"
   --rootdir "$REPO" --table-out "$OUT/bench_cuda.md" --benchmark-json "$OUT/bench_cuda.json" \
   > "$OUT/bench_cuda.log" 2>&1 || status=1
 cat "$OUT/bench_cuda.md" 2>/dev/null || tail -40 "$OUT/bench_cuda.log"
+
+# Decode tok/s of the 2B-4T-shaped model on the GPU backend path (0/3 experts, eager/graph).
+"$PY" -m pytest "$REPO/benchmarks/bench_cuda_decode.py" --benchmark-only -q -p no:cacheprovider \
+  --rootdir "$REPO" --table-out "$OUT/bench_cuda_decode.md" \
+  --benchmark-json "$OUT/bench_cuda_decode.json" > "$OUT/bench_cuda_decode.log" 2>&1 || status=1
+cat "$OUT/bench_cuda_decode.md" 2>/dev/null || tail -40 "$OUT/bench_cuda_decode.log"
 exit $status

@@ -297,7 +297,8 @@ class BitLinearDoRA(nn.Module):
 
     def _row_norms_of(self, a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
         if self.base.frozen:
-            return kernels.dora_row_norms(self.base.ternary, a, b, scaling)
+            # A base on a GPU computes them there; they live with the adapter's parameters.
+            return kernels.dora_row_norms(self.base.ternary, a, b, scaling).to(a.device)
         w0 = self._w0_dense().double()
         return torch.linalg.vector_norm(w0 + scaling * (b.double() @ a.double()), dim=1)
 
@@ -530,7 +531,12 @@ class BitLinearDoRA(nn.Module):
         use_kernel = (self.base.frozen and self.quantize_activations and not needs_grad
                       and kernels.use_native() and x.device.type == "cpu")
         bias = self.base.bias
-        if use_kernel:
+        if x.device.type == "cuda":
+            # A model on a GPU (r3mes.core.backends.cuda_model): the fused CUDA kernel.
+            from r3mes.core.backends.cuda_model import dora_forward_cuda
+
+            y = dora_forward_cuda(self, x2, names, mat, base_w, needs_grad)
+        elif use_kernel:
             adapters = [self._kernel_adapter(n) for n in names]
             y = kernels.dora_linear(x2.contiguous(), self.base.ternary, adapters, mat, bias,
                                     base_w)

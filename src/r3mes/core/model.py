@@ -210,27 +210,29 @@ class KVCache:
 
     ``pad[b]`` is the number of left-padding positions of row b (masked everywhere);
     ``length`` is the number of positions written so far (the same for every row).
+    Keys and values live on ``device`` (the model's); ``pad`` always stays on the CPU.
     """
 
     def __init__(self, config: BitNetConfig, batch_size: int, max_len: int,
-                 pad: Sequence[int] | torch.Tensor | None = None) -> None:
+                 pad: Sequence[int] | torch.Tensor | None = None,
+                 device: torch.device | str = "cpu") -> None:
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len,
                  config.head_dim)
-        self.k = torch.zeros(shape, dtype=torch.float32)
-        self.v = torch.zeros(shape, dtype=torch.float32)
+        self.k = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.v = torch.zeros(shape, dtype=torch.float32, device=device)
         self.max_len = max_len
         self.batch_size = batch_size
         self.length = 0
         self.pad = (torch.zeros(batch_size, dtype=torch.long) if pad is None
-                    else torch.as_tensor(pad, dtype=torch.long))
+                    else torch.as_tensor(pad, dtype=torch.long).cpu())
         if self.pad.shape != (batch_size,):
             raise ValueError(f"pad: expected {batch_size} entries, got {tuple(self.pad.shape)}")
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the rows ``index`` (e.g. drop finished sequences)."""
-        self.k = self.k[:, index].contiguous()
-        self.v = self.v[:, index].contiguous()
-        self.pad = self.pad[index]
+        self.k = self.k[:, index.to(self.k.device)].contiguous()
+        self.v = self.v[:, index.to(self.v.device)].contiguous()
+        self.pad = self.pad[index.cpu()]
         self.batch_size = int(index.numel())
 
 
@@ -338,17 +340,23 @@ class BitNetForCausalLM(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int,
                   pad: Sequence[int] | torch.Tensor | None = None) -> KVCache:
-        return KVCache(self.config, batch_size, max_len, pad)
+        # On the model's device (inv_freq moves with it: r3mes.core.backends.cuda_model).
+        return KVCache(self.config, batch_size, max_len, pad, device=self.inv_freq.device)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         needed = int(positions.max()) + 1 if positions.numel() else 1
         if needed > self._rope_len:
             n = max(needed, 2 * self._rope_len, 256)
             # Exactly HF's arithmetic: float positions times float32 inv_freq, cat, cos/sin.
-            freqs = torch.arange(n, dtype=torch.int64).float()[:, None] * self.inv_freq[None]
+            # Computed on the CPU whatever the model's device, so every device gets the same
+            # tables bit for bit.
+            freqs = (torch.arange(n, dtype=torch.int64).float()[:, None]
+                     * self.inv_freq.cpu()[None])
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._cos, self._sin = emb.cos(), emb.sin()
+            device = self.inv_freq.device
+            self._cos, self._sin = emb.cos().to(device), emb.sin().to(device)
             self._rope_len = n
+        positions = positions.to(self._cos.device)
         return self._cos[positions], self._sin[positions]
 
     # ---------------------------------------------------------------- forward
@@ -391,7 +399,9 @@ class BitNetForCausalLM(nn.Module):
 
         # Decode on the native backend: attention runs as one kernel over the cache, and
         # the whole layer runs natively where the model allows it.
-        fused_decode = seq == 1 and not direct_kv and kernels.use_native()
+        # (CPU only: a model on a GPU runs the torch attention below on its device.)
+        on_cpu = cache.k.device.type == "cpu"
+        fused_decode = seq == 1 and not direct_kv and kernels.use_native() and on_cpu
         if fused_decode and self._native_decode_layers():
             logits = self._decode_native(input_ids, cache)
             if logits is not None:
@@ -400,6 +410,8 @@ class BitNetForCausalLM(nn.Module):
         cos, sin = self._rope(positions)  # [B, T, hd]
         cos, sin = cos[:, None], sin[:, None]
         mask = None if fused_decode else self._attention_mask(cache.pad, start, end)
+        if not on_cpu:
+            mask = mask.to(cache.k.device)
 
         h = self.model.embed_tokens.weight[input_ids].float()
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
