@@ -47,3 +47,15 @@ def test_train_adapter_on_missing_data_is_a_clean_error(r3mes_dir, tmp_path, cap
     assert main(["train-adapter", "--model", str(r3mes_dir), "--data", str(tmp_path / "no.txt"),
                  "--name", "x", "--out", str(tmp_path / "x"), "--json"]) == 2
     assert "no.txt" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_generate_on_a_missing_gpu_is_a_clean_error(r3mes_dir, capsys):
+    import pytest
+
+    from r3mes.kernels import cuda
+
+    if cuda.available():
+        pytest.skip("a CUDA device is present")
+    assert main(["generate", "--model", str(r3mes_dir), "--device", "cuda", "--json",
+                 "hi"]) == 2
+    assert "cuda" in json.loads(capsys.readouterr().out)["error"].lower()

@@ -50,6 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--model", required=True, help="model directory (HF or r3mes packed)")
     gen.add_argument("--backend", choices=("auto", "bitnet_cpp", "pytorch"), default="auto")
     gen.add_argument("--threads", type=int, default=None, help="native kernel threads")
+    gen.add_argument("--device", default="cpu",
+                     help="native backend device: cpu (default), cuda, cuda:N or auto "
+                          "(the CUDA path has not been run on a GPU yet)")
     gen.add_argument("--max-tokens", type=int, default=64)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     gen.add_argument("--top-k", type=int, default=0)
@@ -171,8 +174,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                   stop=tuple(args.stop), seed=args.seed)
         if args.backend == "pytorch":
             backend = PyTorchBackend()
-        elif args.backend == "bitnet_cpp":
-            backend = BitNetCppBackend(num_threads=args.threads)
+        elif args.backend == "bitnet_cpp" or args.device != "cpu":
+            backend = BitNetCppBackend(num_threads=args.threads, device=args.device)
         else:
             backend = get_best_backend(num_threads=args.threads)
         info = backend.load_base_model(_resolve(args.model, args.home), verify=args.verify)
