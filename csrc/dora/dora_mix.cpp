@@ -268,7 +268,11 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
   args.K = K;
   if (M == 0 || N == 0) return true;
   DoraMix& p = mix_;
-  p = DoraMix{};
+  // Reset in place: a DoraCall reused from step to step (the decode layer's) keeps its
+  // buffers' capacity, so the steady state allocates nothing.
+  p.act_e.clear();
+  p.act_w.clear();
+  p.z_cols = 0;
   p.M = M;
   p.N = N;
   p.out = out;

@@ -178,3 +178,34 @@ def test_a_layer_that_stops_qualifying_sends_decode_back_to_torch() -> None:
     length = cache.length
     model(torch.tensor([[4]]), cache, last_only=True)
     assert model._native_layers is False and cache.length == length + 1
+
+
+def _step_after_prompt(model: BitNetForCausalLM) -> torch.Tensor:
+    cache = model.new_cache(1, 8)
+    model(torch.tensor([[1, 2, 3]]), cache, last_only=True)
+    return model(torch.tensor([[4]]), cache, last_only=True)
+
+
+def test_load_state_dict_and_optimizer_steps_reach_the_native_layers() -> None:
+    model = _model()
+    _add_experts(model, ["med"])
+    set_adapter_mix(model, [("med", 1.0)])
+    before = _step_after_prompt(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for k in state:
+        if k.endswith("lora_B.med"):
+            state[k] = state[k] * 3.0
+    model.load_state_dict(state)  # inference adapters: values change in place
+    after_load = _step_after_prompt(model)
+    assert not torch.equal(before, after_load)
+    # a trainable adapter updated in place (as an optimizer step does)
+    module = model.model.layers[0].self_attn.q_proj
+    module.add_adapter("fresh", 4, 8.0)
+    set_adapter_mix(model, [("fresh", 1.0)])
+    untrained = _step_after_prompt(model)
+    with torch.no_grad():
+        module.lora_B["fresh"].add_(0.5)
+    trained = _step_after_prompt(model)
+    assert not torch.equal(untrained, trained)
+    model._native_layers = False  # the torch layer path agrees with what native decode did
+    _assert_close(trained, _step_after_prompt(model))

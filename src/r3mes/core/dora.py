@@ -467,15 +467,21 @@ class BitLinearDoRA(nn.Module):
         return self.quantize_activations and self.base.frozen and self.base.bias is None
 
     def mix_parameters(self) -> list[torch.Tensor]:
-        """The parameters the current mix reads (an in-place update bumps their
-        ``_version``: training steps, ``load_state_dict``)."""
+        """The trainable parameters the current mix reads: an optimizer step updates them
+        in place (bumping their ``_version``) without touching :attr:`mix_serial`.
+        Inference adapters are frozen; ``load_state_dict`` bumps the serial itself."""
         if self._mix is None:
             return []
         rows = self._mix if self._mix_hetero else [self._mix]
         names = {n for row in rows for n, _ in row if n is not None}
         tables = self._modules
-        return [tables[t]._parameters[n] for n in sorted(names)
-                for t in ("lora_A", "lora_B", "lora_magnitude_vector")]
+        params = (tables[t]._parameters[n] for n in sorted(names)
+                  for t in ("lora_A", "lora_B", "lora_magnitude_vector"))
+        return [p for p in params if p.requires_grad]
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super()._load_from_state_dict(*args, **kwargs)
+        self.mix_serial = next(_SERIALS)  # adapter values may have changed in place
 
     def decode_kernel_mix(
         self, batch: int
