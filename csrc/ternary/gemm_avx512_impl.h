@@ -32,10 +32,13 @@ inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0) {
     __m512i v[R];
     for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(rows[r] + g * kGroupBytes);
     if (prefetch_ahead)
-      for (int r = 0; r < R; ++r)
+      for (int r = 0; r < R; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchTiles * R * row_bytes +
                                                          g * kGroupBytes),
                      R3MES_WEIGHT_PREFETCH_HINT);
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * row_bytes + g * kGroupBytes),
+                     _MM_HINT_T0);  // the next tile, from L2 into L1 (see ternary.h)
+      }
     typename Dot::Partial part[R][T];
     for (int p = 0; p < 4; ++p) {
       __m512i x[T];

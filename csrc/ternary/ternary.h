@@ -38,7 +38,9 @@ constexpr int kGroupBytes = 64;
 // a read-only sum measured alongside: no prefetch 55%, 1 tile ahead into L1 79%, 2 tiles
 // into L2 89-90%, 3 tiles 92%, 4 tiles 91-92% (and the Python code around the call
 // 30-40 us faster: fewer of its lines are evicted), 8 tiles 84%. prefetchnta (L1 only,
-// sparing L2/L3) made the kernel 45% slower.
+// sparing L2/L3) made the kernel 45% slower. The AVX-512 kernels also pull the next tile
+// from L2 into L1 (T0): 210-226 us -> 192-206 us in A/B runs alternated on the same
+// machine (1, 2 or 3 tiles ahead: equal).
 constexpr std::size_t kPrefetchTiles = 4;
 #define R3MES_WEIGHT_PREFETCH_HINT _MM_HINT_T1
 

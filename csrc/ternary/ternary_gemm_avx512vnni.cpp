@@ -41,10 +41,13 @@ inline void gemv_tile(const GemmArgs& a, std::size_t n) {
     const __m512i x3 = _mm512_loadu_si512(q + g * kGroupWeights + 192);
     for (int r = 0; r < R; ++r) {
       const __m512i v = _mm512_loadu_si512(rows[r] + g * kGroupBytes);
-      if (prefetch_ahead)
+      if (prefetch_ahead) {
         _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchTiles * R * row_bytes +
                                                          g * kGroupBytes),
                      R3MES_WEIGHT_PREFETCH_HINT);
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * row_bytes + g * kGroupBytes),
+                     _MM_HINT_T0);  // the next tile, from L2 into L1 (see ternary.h)
+      }
       acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(v, m0), x0);
       acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(v, m1), x1);
       acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(v, m2), x2);
