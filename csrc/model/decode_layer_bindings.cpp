@@ -5,6 +5,7 @@
 #include <pybind11/stl.h>
 
 #include <cmath>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -142,6 +143,12 @@ class PyDecodeLayer {
             throw std::invalid_argument(std::string(name) + ": base_weight NaN/Inf");
       }
     }
+    // A step running on another thread (GIL released) reads the projection: wait for it.
+    std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
+    {
+      py::gil_scoped_release release;
+      lock.lock();
+    }
     p.adapters = adapters;
     p.mix = std::move(mix_values);
     p.base_w = std::move(base_values);
@@ -186,6 +193,9 @@ class PyDecodeLayer {
     bool ok;
     {
       py::gil_scoped_release release;
+      // One step at a time per layer: the scratch buffers are the layer's. Two threads
+      // decoding different caches through one model take turns layer by layer.
+      std::lock_guard<std::mutex> lock(mutex_);
       ok = decode_layer_step(spec_, hp, B, kp, vp, max_len, data_of<int64_t>(pad), pos,
                              data_of<float>(cos), data_of<float>(sin), scratch_,
                              active_simd_level());
@@ -217,6 +227,7 @@ class PyDecodeLayer {
 
   DecodeLayerSpec spec_;
   DecodeScratch scratch_;
+  std::mutex mutex_;
   std::vector<py::array> keep_;
   py::object adapter_refs_[kNumProjections];
 };

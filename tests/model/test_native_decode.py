@@ -209,3 +209,42 @@ def test_load_state_dict_and_optimizer_steps_reach_the_native_layers() -> None:
     assert not torch.equal(untrained, trained)
     model._native_layers = False  # the torch layer path agrees with what native decode did
     _assert_close(trained, _step_after_prompt(model))
+
+
+def test_two_threads_decoding_through_one_model_get_their_own_results() -> None:
+    import threading
+
+    model = _model()
+    _add_experts(model, ["med"])
+    set_adapter_mix(model, [("med", 1.0)])
+    model._native_decode_layers()  # built once; both threads share the layers
+
+    def decode(prompt: list[int]) -> torch.Tensor:
+        cache = model.new_cache(1, len(prompt) + 8)
+        logits = model(torch.tensor([prompt]), cache, last_only=True)
+        out = []
+        for _ in range(6):
+            logits = model(logits[:, -1].argmax(-1, keepdim=True), cache, last_only=True)
+            out.append(logits)
+        return torch.cat(out, dim=1)
+
+    prompts = ([5, 6, 7], [9, 8, 7, 6])
+    expected = [decode(p) for p in prompts]
+    results: list[list[torch.Tensor]] = [[], []]
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            for _ in range(25):
+                results[i].append(decode(prompts[i]))
+        except BaseException as exc:  # reported below: a thread's exception is otherwise lost
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert all(torch.equal(r, expected[i]) for i in (0, 1) for r in results[i])
+    assert model._native_layers not in (None, False)
