@@ -127,6 +127,8 @@ class InferenceSection(_Section):
     backend: Literal["auto", "pytorch", "bitnet_cpp"] = "auto"
     fallback_backend: Literal["pytorch", "bitnet_cpp"] = "pytorch"
     device: str = "cpu"
+    # Adapter storage of the native backend: None = its default (int8 on CPU, fp16 on GPU).
+    adapter_storage: Literal["int8", "fp16", "fp32"] | None = None
     max_batch_size: int = Field(8, ge=1, le=256)
 
 

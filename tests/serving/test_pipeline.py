@@ -215,3 +215,26 @@ def test_pipeline_config_validates_and_maps_the_yaml():
     assert cfg.vram_capacity_mb == 24 * 1024 and cfg.rag_top_k == 3
     assert (cfg.keyword_weight, cfg.semantic_weight, cfg.fast_path_threshold) == (0.3, 0.7, 0.85)
     assert create_pipeline(enable_rag=False).config.enable_rag is False
+
+
+async def test_configured_adapter_storage_and_device_reach_the_backend(pipeline_factory):
+    from r3mes.config import load_config
+
+    settings = load_config(overrides={"inference.adapter_storage": "fp32"}, environ={})
+    assert PipelineConfig.from_settings(settings).adapter_storage == "fp32"
+    exact = pipeline_factory(adapter_storage="fp32")
+    await exact.initialize()
+    await exact.load_model()
+    try:
+        assert exact.backend.name == "bitnet_cpp" and exact.backend.adapter_storage == "fp32"
+    finally:
+        await exact.close()
+    with pytest.raises(ValueError, match="adapter_storage"):
+        load_config(overrides={"inference.adapter_storage": "int3"}, environ={})
+    from r3mes.kernels import cuda
+
+    if not cuda.available():
+        gpu = pipeline_factory(device="cuda")
+        with pytest.raises(Exception, match="(?i)cuda"):
+            await gpu.load_model()
+        await gpu.close()

@@ -121,6 +121,7 @@ class PipelineConfig:
     knowledge_dir: str | None = None
     backend: str = "auto"
     device: str = "cpu"
+    adapter_storage: str | None = None
     max_batch_size: int = 8
     home: str | None = None
     # generation
@@ -182,7 +183,8 @@ class PipelineConfig:
             predictive_loading=s.cache.predictive_loading,
             model_path=s.model.path, experts_dir=s.model.experts_dir,
             knowledge_dir=s.model.knowledge_dir, backend=s.inference.backend,
-            device=s.inference.device, max_batch_size=s.inference.max_batch_size, home=home,
+            device=s.inference.device, adapter_storage=s.inference.adapter_storage,
+            max_batch_size=s.inference.max_batch_size, home=home,
             max_new_tokens=s.generation.max_new_tokens, temperature=s.generation.temperature,
             top_k=s.generation.top_k, top_p=s.generation.top_p,
             repetition_penalty=s.generation.repetition_penalty, stop=list(s.generation.stop),
@@ -553,12 +555,14 @@ class InferencePipeline:
         except ImportError as exc:
             raise PipelineError(f"no inference backend is available ({exc})") from exc
         choice = self.config.backend
-        if choice == "auto":
-            backend = backends.get_best_backend()
-        elif choice == "pytorch":
+        native = {"device": self.config.device, "adapter_storage": self.config.adapter_storage}
+        if choice == "pytorch":
             backend = backends.PyTorchBackend()
-        elif choice == "bitnet_cpp":
-            backend = backends.BitNetCppBackend()
+        elif choice == "bitnet_cpp" or (choice == "auto" and (
+                self.config.device != "cpu" or self.config.adapter_storage is not None)):
+            backend = backends.BitNetCppBackend(**native)
+        elif choice == "auto":
+            backend = backends.get_best_backend()
         else:
             raise PipelineError(f"unknown backend {choice!r} (auto, pytorch or bitnet_cpp)")
         backend.load_base_model(str(model_path))

@@ -23,7 +23,8 @@ def available_backends() -> list[str]:
 def get_best_backend(num_threads: int | None = None) -> InferenceBackend:
     """The fastest backend available: native CPU kernels, else the torch reference.
 
-    (CUDA native comes first once the CUDA kernels exist.)
+    The CUDA path (``BitNetCppBackend(device="cuda")``) is not picked here until it has
+    been run on a GPU; ask for it explicitly.
     """
     if kernels.available():
         return BitNetCppBackend(num_threads=num_threads)
