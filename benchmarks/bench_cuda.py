@@ -71,26 +71,6 @@ def _graph_time_us(calls: list) -> tuple[float, float]:
     return statistics.median(times), max(times) - min(times)
 
 
-@pytest.fixture(scope="session")
-def device_bandwidth() -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + bytes written), 1 GiB buffers."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = []
-    for _ in range(10):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        best.append(start.elapsed_time(end) / 1000.0)
-    return 2 * n / statistics.median(best) / 1e9
-
-
 def _report(benchmark, record_row, device_bandwidth, *, op, label, impl, calls, weight_bytes):
     us, spread = _graph_time_us(calls)
     gbs = weight_bytes / (us * 1e-6) / 1e9

@@ -17,94 +17,40 @@ Skips without a CUDA device.
 
 from __future__ import annotations
 
-import statistics
-
-import numpy as np
 import pytest
 import torch
 
-from r3mes import kernels
 from r3mes.kernels import cuda
 
 pytestmark = pytest.mark.skipif(not cuda.available(), reason="needs a CUDA device")
 
 PROMPT, DECODE = 128, 64
-RANK = 16
-
-
-@pytest.fixture(scope="module")
-def copy_bandwidth() -> float:
-    """Device-to-device copy bandwidth in GB/s (bytes read + written), 1 GiB buffers."""
-    n = 1 << 30
-    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(10):
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
-    return 2 * n / statistics.median(times) / 1e9
 
 
 @pytest.fixture(scope="module")
 def model():
-    from r3mes.core.backends.cuda_model import move_model_to_cuda
-    from r3mes.core.model import (
-        LINEAR_NAMES,
-        BitNetConfig,
-        BitNetForCausalLM,
-        LMHead,
-        bitlinear_from_packed,
-    )
+    from bench_decode import build_model
 
-    cfg = BitNetConfig(vocab_size=128256, hidden_size=2560, intermediate_size=6912,
-                       num_hidden_layers=30, num_attention_heads=20, num_key_value_heads=5,
-                       tie_word_embeddings=True)
-    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
-    shapes = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (kv, h),
-              "self_attn.v_proj": (kv, h), "self_attn.o_proj": (h, h),
-              "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
-    rng = np.random.default_rng(0)
-    layers = []
-    for _ in range(cfg.num_hidden_layers):
-        layer = {}
-        for name in LINEAR_NAMES:
-            codes = rng.integers(0, 3, shapes[name], dtype=np.int8) - 1
-            packed = kernels.TernaryWeight.from_ternary(torch.from_numpy(codes), 1.0)
-            layer[name.split(".")[1]] = bitlinear_from_packed(packed)
-        layers.append(layer)
-    embed = (torch.randn(cfg.vocab_size, cfg.hidden_size) * 0.02).to(torch.bfloat16)
-    m = BitNetForCausalLM(cfg, embed, layers, LMHead.from_float(embed))
+    from r3mes.core.backends.cuda_model import move_model_to_cuda
+
+    m = build_model()
     move_model_to_cuda(m, "cuda")
     return m
 
 
 def _add_experts(model, count: int) -> list[tuple[str, float]]:
+    from bench_decode import add_experts
+
     from r3mes.core.backends.cuda_model import prepare_cuda_adapters
 
-    g = torch.Generator().manual_seed(1)
-    names = [f"expert{e}" for e in range(count)]
-    for module in model.linear_modules().values():
-        module.storage = "fp16"
-        for name in names:
-            if name in module.adapter_names:
-                continue
-            a = torch.randn(RANK, module.in_features, generator=g) * 0.01
-            b = torch.randn(module.out_features, RANK, generator=g) * 0.01
-            mag = torch.rand(module.out_features, generator=g) + 0.5
-            module.load_adapter(name, a, b, mag, scaling=2.0)
-    prepare_cuda_adapters(model, names)
-    return [(n, 1.0 / count) for n in names]
+    mix = add_experts(model, count, "fp16")  # the CUDA kernels take fp16/fp32 adapters
+    prepare_cuda_adapters(model, [name for name, _ in mix])
+    return mix
 
 
 @pytest.mark.parametrize("mode", ["eager", "graph"])
 @pytest.mark.parametrize("experts", [0, 3])
-def test_cuda_decode(benchmark, record_row, copy_bandwidth, model, experts, mode):
+def test_cuda_decode(benchmark, record_row, device_bandwidth, model, experts, mode):
     from r3mes.core.backends.cuda_model import StaticDecoder, cuda_adapter
     from r3mes.core.dora import set_adapter_mix
 
@@ -127,7 +73,7 @@ def test_cuda_decode(benchmark, record_row, copy_bandwidth, model, experts, mode
     adapter_bytes = sum(cuda_adapter(mod, n).nbytes
                         for mod in model.linear_modules().values() for n, _ in (mix or []))
     per_token = sizes["ternary"] + sizes["lm_head"] + adapter_bytes
-    floor = copy_bandwidth * 1e9 / per_token
+    floor = device_bandwidth * 1e9 / per_token
     set_adapter_mix(model, None)
     benchmark.extra_info.update(graph_error=decoder.graph_error, captures=decoder.captures)
     record_row({"bench": "decode 2B-4T shape (GPU)", "device": torch.cuda.get_device_name(),
@@ -135,4 +81,4 @@ def test_cuda_decode(benchmark, record_row, copy_bandwidth, model, experts, mode
                 else "eager (capture failed)",
                 "ms/token": f"{seconds * 1e3:.2f}", "tok/s": f"{1 / seconds:.0f}",
                 "floor tok/s": f"{floor:.0f}", "MB read/token": f"{per_token / 1e6:.0f}",
-                "copy BW GB/s": f"{copy_bandwidth:.0f}"})
+                "copy BW GB/s": f"{device_bandwidth:.0f}"})

@@ -40,8 +40,8 @@ def _shapes(cfg: BitNetConfig) -> dict[str, tuple[int, int]]:
             "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
 
 
-@pytest.fixture(scope="module")
-def model() -> BitNetForCausalLM:
+def build_model() -> BitNetForCausalLM:
+    """The 2B-4T-shaped model with random ternary weights (also used by bench_cuda_decode)."""
     rng = np.random.default_rng(0)
     shapes = _shapes(CONFIG)
     layers = []
@@ -57,8 +57,14 @@ def model() -> BitNetForCausalLM:
     return BitNetForCausalLM(CONFIG, embed, layers, LMHead.from_float(embed))
 
 
-def _add_experts(model: BitNetForCausalLM, count: int,
-                 storage: str = "int8") -> list[tuple[str, float]]:
+@pytest.fixture(scope="module")
+def model() -> BitNetForCausalLM:
+    return build_model()
+
+
+def add_experts(model: BitNetForCausalLM, count: int,
+                storage: str = "int8") -> list[tuple[str, float]]:
+    """``count`` random r=16 DoRA experts on every projection; returns an equal mix."""
     g = torch.Generator().manual_seed(1)
     names = [f"expert{e}_{storage}" for e in range(count)]
     for module in model.linear_modules().values():
@@ -78,7 +84,7 @@ def _add_experts(model: BitNetForCausalLM, count: int,
 def test_decode(benchmark, record_row, read_bandwidth, model, threads, experts, storage):
     kernels.set_num_threads(threads)
     torch.set_num_threads(1)  # tiny attention ops: intra-op threads cost more than they save
-    mix = _add_experts(model, experts, storage) if experts else None
+    mix = add_experts(model, experts, storage) if experts else None
     set_adapter_mix(model, mix)
     cache = model.new_cache(1, PROMPT + DECODE + 8)
     ids = torch.randint(0, CONFIG.vocab_size, (1, PROMPT),

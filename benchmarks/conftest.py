@@ -72,6 +72,26 @@ def bandwidth_probe():
 
 
 @pytest.fixture(scope="session")
+def device_bandwidth() -> float:
+    """GPU device-to-device copy bandwidth in GB/s (bytes read + bytes written), 1 GiB buffers."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = []
+    for _ in range(10):
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        best.append(start.elapsed_time(end) / 1000.0)
+    return 2 * n / float(np.median(best)) / 1e9
+
+
+@pytest.fixture(scope="session")
 def record_row():
     """Adds a row to the end-of-run table."""
     return _ROWS.append

@@ -116,7 +116,9 @@ def set_num_threads(n: int) -> None:
     _require_native().set_num_threads(int(n))
 
 
-def _as_float32_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
+def _as_float32_matrix(x: torch.Tensor, name: str, in_features: int | None = None
+                       ) -> torch.Tensor:
+    """x [..., K] -> float32 [M, K]; with ``in_features``, K must equal it."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in _FLOAT_DTYPES:
@@ -129,6 +131,10 @@ def _as_float32_matrix(x: torch.Tensor, name: str) -> torch.Tensor:
         raise ValueError(f"{name}: must be contiguous (call .contiguous())")
     if x.shape[-1] == 0:
         raise ValueError(f"{name}: last dimension (features) must be > 0")
+    if in_features is not None and x.shape[-1] != in_features:
+        raise ValueError(
+            f"{name}: has {x.shape[-1]} features, weight expects in_features={in_features}"
+        )
     return x.detach().to(torch.float32).reshape(-1, x.shape[-1])
 
 
@@ -249,11 +255,7 @@ def ternary_linear(
         from r3mes.kernels import cuda as _cuda
 
         return _cuda.ternary_linear(x, weight, bias)
-    x2 = _as_float32_matrix(x, "x")
-    if x2.shape[1] != weight.in_features:
-        raise ValueError(
-            f"x: has {x2.shape[1]} features, weight expects in_features={weight.in_features}"
-        )
+    x2 = _as_float32_matrix(x, "x", weight.in_features)
     lead = x.shape[:-1]
     if bias is not None:
         bias = bias.detach().to(torch.float32).contiguous()
@@ -504,11 +506,7 @@ def dora_linear(
                                 weight.in_features, weight.scale, None,
                                 [ad.native for ad in adapters], mix.numpy(), None)
         return torch.from_numpy(y).view(*x.shape[:-1], weight.out_features)
-    x2 = _as_float32_matrix(x, "x")
-    if x2.shape[1] != weight.in_features:
-        raise ValueError(
-            f"x: has {x2.shape[1]} features, weight expects in_features={weight.in_features}"
-        )
+    x2 = _as_float32_matrix(x, "x", weight.in_features)
     lead = x.shape[:-1]
     mixm = _check_mix(mix, x2.shape[0], len(adapters))
     bw = _check_base_weight(base_weight, mixm.shape[0])
@@ -618,11 +616,7 @@ def quantize_int8_weight(w: torch.Tensor) -> Int8Weight:
 
 def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
     """y = (quant(x) . W8^T) / (s_x * s_w[n]) for x [..., in] -> float32 [..., out]."""
-    x2 = _as_float32_matrix(x, "x")
-    if x2.shape[1] != weight.in_features:
-        raise ValueError(
-            f"x: has {x2.shape[1]} features, weight expects in_features={weight.in_features}"
-        )
+    x2 = _as_float32_matrix(x, "x", weight.in_features)
     lead = x.shape[:-1]
     if not use_native():
         if not torch.isfinite(x2).all():

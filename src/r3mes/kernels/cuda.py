@@ -153,9 +153,10 @@ def _check_cuda_tensor(t: Any, name: str, device: torch.device | None = None) ->
 
 
 def _as_cuda_f32_matrix(
-    x: Any, name: str, device: torch.device | None = None
+    x: Any, name: str, device: torch.device | None = None, in_features: int | None = None
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """x [..., K] float on a CUDA device -> (contiguous float32 [M, K], leading shape)."""
+    """x [..., K] float on a CUDA device -> (contiguous float32 [M, K], leading shape);
+    with ``in_features``, K must equal it."""
     x = _check_cuda_tensor(x, name, device)
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
@@ -163,6 +164,10 @@ def _as_cuda_f32_matrix(
         raise ValueError(f"{name}: expected at least 1 dimension, got a scalar")
     if x.shape[-1] == 0:
         raise ValueError(f"{name}: last dimension (features) must be > 0")
+    if in_features is not None and x.shape[-1] != in_features:
+        raise ValueError(
+            f"{name}: has {x.shape[-1]} features, weight expects in_features={in_features}"
+        )
     x2 = x.detach().to(torch.float32).contiguous().reshape(-1, x.shape[-1])
     return x2, tuple(x.shape[:-1])
 
@@ -305,11 +310,7 @@ def ternary_linear(
     """
     w = _check_weight(weight)
     _check_kernel(kernel)
-    x2, lead = _as_cuda_f32_matrix(x, "x", w.device)
-    if x2.shape[1] != w.in_features:
-        raise ValueError(
-            f"x: has {x2.shape[1]} features, weight expects in_features={w.in_features}"
-        )
+    x2, lead = _as_cuda_f32_matrix(x, "x", w.device, w.in_features)
     dev = w.device
     b = None if bias is None else _vector_on(bias, "bias", w.out_features, dev)
     mod = _require_device()
@@ -490,11 +491,7 @@ def dora_linear(
     """
     w = _check_weight(weight)
     _check_kernel(kernel)
-    x2, lead = _as_cuda_f32_matrix(x, "x", w.device)
-    if x2.shape[1] != w.in_features:
-        raise ValueError(
-            f"x: has {x2.shape[1]} features, weight expects in_features={w.in_features}"
-        )
+    x2, lead = _as_cuda_f32_matrix(x, "x", w.device, w.in_features)
     mod = _require_device()
     dev = w.device
     m = x2.shape[0]
