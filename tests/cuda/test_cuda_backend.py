@@ -216,23 +216,9 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def adapter_dirs(model_dir, tmp_path_factory):
+def adapter_dirs(model_dir, write_random_adapters):
     """Two PEFT DoRA adapters with non-trivial B and magnitudes."""
-    from r3mes.core.adapter_io import save_peft_adapter
-    from r3mes.core.checkpoint import load_model
-
-    model, _ = load_model(model_dir)
-    out = {}
-    for i, name in enumerate(("alpha", "beta")):
-        torch.manual_seed(100 + i)
-        for mod in dora_modules(model).values():
-            mod.add_adapter(name, rank=4, alpha=8.0)
-            with torch.no_grad():
-                mod.lora_B[name].normal_(0, 0.3)
-                mod.lora_magnitude_vector[name].mul_(
-                    1.0 + 0.3 * torch.rand_like(mod.lora_magnitude_vector[name]))
-        out[name] = save_peft_adapter(model, name, tmp_path_factory.mktemp("ad") / name)
-    return out
+    return write_random_adapters(model_dir, 0.3)
 
 
 def _loaded(backend: BitNetCppBackend, model_dir, adapter_dirs) -> BitNetCppBackend:

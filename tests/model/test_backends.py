@@ -14,24 +14,9 @@ IDS = [[0, 12, 40, 7, 99, 3, 18, 260]]
 
 
 @pytest.fixture(scope="module")
-def adapters(r3mes_dir, tmp_path_factory):
+def adapters(r3mes_dir, write_random_adapters):
     """Two PEFT DoRA adapters with non-trivial B, saved in PEFT's format."""
-    from r3mes.core.adapter_io import save_peft_adapter
-    from r3mes.core.checkpoint import load_model
-    from r3mes.core.dora import dora_modules
-
-    model, _ = load_model(r3mes_dir)
-    out = {}
-    for i, name in enumerate(("alpha", "beta")):
-        torch.manual_seed(100 + i)
-        for mod in dora_modules(model).values():
-            mod.add_adapter(name, rank=4, alpha=8.0)
-            with torch.no_grad():
-                mod.lora_B[name].normal_(0, 0.5)
-                mod.lora_magnitude_vector[name].mul_(1.0 + 0.3 * torch.rand_like(
-                    mod.lora_magnitude_vector[name]))
-        out[name] = save_peft_adapter(model, name, tmp_path_factory.mktemp("ad") / name)
-    return out
+    return write_random_adapters(r3mes_dir, 0.5)
 
 
 @pytest.fixture(scope="module")
