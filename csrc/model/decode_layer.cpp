@@ -27,9 +27,8 @@ void rms_norm(const float* x, const float* w, std::size_t rows, std::size_t n, f
 // q * cos + rotate_half(q) * sin over each head of each row, in place; rotate_half(q)
 // is cat(-q[half:], q[:half]) (HF's convention).
 void apply_rope(float* x, std::size_t rows, std::size_t heads, std::size_t head_dim,
-                const float* cos, const float* sin) {
+                const float* cos, const float* sin, float* tmp /* [head_dim] */) {
   const std::size_t half = head_dim / 2;
-  std::vector<float> tmp(head_dim);
   for (std::size_t r = 0; r < rows; ++r) {
     const float* c = cos + r * head_dim;
     const float* s = sin + r * head_dim;
@@ -75,7 +74,8 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, flo
   s.o.resize(B * qn);
   s.gate.resize(B * I);
   s.up.resize(B * I);
-  s.y.resize(B * (H > I ? H : I));
+  s.y.resize(B * H);
+  s.rope.resize(D);
 
   // ---- attention
   rms_norm(h, spec.input_norm, B, H, spec.eps, s.x.data());
@@ -84,8 +84,8 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, flo
     float* outs[3] = {s.q.data(), s.k.data(), s.v.data()};
     if (!project(spec, which, 3, s.x.data(), B, outs, s, level)) return false;
   }
-  apply_rope(s.q.data(), B, spec.heads, D, cos, sin);
-  apply_rope(s.k.data(), B, spec.kv_heads, D, cos, sin);
+  apply_rope(s.q.data(), B, spec.heads, D, cos, sin, s.rope.data());
+  apply_rope(s.k.data(), B, spec.kv_heads, D, cos, sin, s.rope.data());
   for (std::size_t b = 0; b < B; ++b)
     for (std::size_t g = 0; g < spec.kv_heads; ++g) {
       const std::size_t dst = ((b * spec.kv_heads + g) * max_len + pos) * D;

@@ -50,7 +50,7 @@ struct DecodeLayerSpec {
 
 // Buffers reused from one step to the next (no allocation in the steady state).
 struct DecodeScratch {
-  std::vector<float> x, q, k, v, o, gate, up, y;
+  std::vector<float> x, q, k, v, o, gate, up, y, rope;
   DoraCall calls[kNumProjections];
 };
 
