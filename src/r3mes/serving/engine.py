@@ -22,27 +22,19 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
+
+from r3mes.core.generation import GenerationConfig
 
 #: ``on_token(token_id) -> keep_going``; runs in the inference thread.
 TokenCallback = Callable[[int], bool]
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """Sampling parameters of one request (temperature 0 is greedy)."""
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-
-    def batch_key(self) -> tuple[Any, ...]:
-        """Jobs batch together only when everything but the length limit agrees."""
-        return (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.seed)
+def _sampling_key(config: GenerationConfig) -> tuple[Any, ...]:
+    """Jobs batch together only when everything but the length limit agrees."""
+    return (config.temperature, config.top_k, config.top_p, config.repetition_penalty,
+            config.seed)
 
 
 @dataclass
@@ -53,7 +45,7 @@ class GenerationJob:
 
     prompt_ids: list[int]
     mix: list[tuple[str, float]]
-    params: GenerationParams
+    params: GenerationConfig
     on_token: TokenCallback | None = None
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -84,7 +76,7 @@ class Engine:
             if not self.batching:
                 batches.append([job])
                 continue
-            key = job.params.batch_key()
+            key = _sampling_key(job.params)
             if not self.hetero:
                 key = key + (tuple((n, round(w, 9)) for n, w in job.mix),)
             group = groups.get(key)
@@ -108,13 +100,8 @@ class Engine:
         return ids[-max(1, self.max_context - budget):]
 
     def _run(self, batch: list[GenerationJob]) -> None:
-        from r3mes.core.generation import GenerationConfig
-
-        p = batch[0].params
         steps = max(j.params.max_new_tokens for j in batch)
-        config = GenerationConfig(max_new_tokens=steps, temperature=p.temperature,
-                                  top_k=p.top_k, top_p=p.top_p,
-                                  repetition_penalty=p.repetition_penalty, seed=p.seed)
+        config = replace(batch[0].params, max_new_tokens=steps)
         prompts = [self._fit(j.prompt_ids, steps) for j in batch]
         kwargs: dict[str, Any] = {}
         if self.hetero and len(batch) > 1:

@@ -49,7 +49,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r3mes.serving.engine import Engine, GenerationJob, GenerationParams
+from r3mes.core.generation import GenerationConfig
+from r3mes.serving.engine import Engine, GenerationJob
 from r3mes.serving.postprocess import Postprocessor, SafetyFilter
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ class _Prepared:
     result: PipelineResult
     prompt_ids: list[int]
     mix: list[tuple[str, float]]
-    params: GenerationParams
+    params: GenerationConfig
     stop: list[str]
     sources_map: dict[int, dict[str, Any]]
     started: float
@@ -785,7 +786,7 @@ class InferencePipeline:
         result.error_type = kind
         result.finish_reason = "error"
 
-    def _params(self, overrides: Mapping[str, Any]) -> tuple[GenerationParams, list[str]]:
+    def _params(self, overrides: Mapping[str, Any]) -> tuple[GenerationConfig, list[str]]:
         cfg = self.config
         known = {"max_new_tokens", "max_tokens", "temperature", "top_k", "top_p",
                  "repetition_penalty", "stop", "seed"}
@@ -796,22 +797,24 @@ class InferencePipeline:
         if "max_tokens" in o:
             o.setdefault("max_new_tokens", o.pop("max_tokens"))
         try:
-            params = GenerationParams(
-                max_new_tokens=int(o.get("max_new_tokens", cfg.max_new_tokens)),
-                temperature=float(o.get("temperature", cfg.temperature)),
-                top_k=int(o.get("top_k", cfg.top_k)),
-                top_p=float(o.get("top_p", cfg.top_p)),
-                repetition_penalty=float(o.get("repetition_penalty", cfg.repetition_penalty)),
-                seed=None if o.get("seed", cfg.seed) is None else int(o.get("seed", cfg.seed)))
+            max_new_tokens = int(o.get("max_new_tokens", cfg.max_new_tokens))
+            temperature = float(o.get("temperature", cfg.temperature))
+            top_k = int(o.get("top_k", cfg.top_k))
+            top_p = float(o.get("top_p", cfg.top_p))
+            repetition_penalty = float(o.get("repetition_penalty", cfg.repetition_penalty))
+            seed = None if o.get("seed", cfg.seed) is None else int(o.get("seed", cfg.seed))
         except (TypeError, ValueError) as exc:
             raise InvalidRequestError(f"bad generation option: {exc}") from exc
-        if params.max_new_tokens < 1:
+        if max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be at least 1")
-        if not (0 <= params.temperature <= 10) or not (0 < params.top_p <= 1) \
-                or params.top_k < 0 or params.repetition_penalty <= 0:
+        if not (0 <= temperature <= 10) or not (0 < top_p <= 1) or top_k < 0 \
+                or repetition_penalty <= 0:
             raise InvalidRequestError(
                 "generation options out of range: temperature in [0, 10], top_p in (0, 1], "
                 "top_k >= 0, repetition_penalty > 0")
+        params = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
+                                  top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, seed=seed)
         stop = o.get("stop", cfg.stop)
         if isinstance(stop, str):
             stop = [stop]
