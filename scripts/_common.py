@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from r3mes.utils.jsonl import jsonl_records
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CORPORA = Path(__file__).resolve().parent / "corpora.json"
 SPECIAL_TOKENS = {"bos": "<s>", "eos": "</s>", "pad": "<pad>"}
@@ -43,13 +45,7 @@ class Corpus:
                 continue
             if self.format == "jsonl" and f.suffix == ".jsonl":
                 with f.open(encoding="utf-8") as fh:
-                    for lineno, line in enumerate(fh, 1):
-                        if not line.strip():
-                            continue
-                        try:
-                            obj = json.loads(line)
-                        except json.JSONDecodeError as exc:
-                            raise ValueError(f"{f}:{lineno}: invalid JSON ({exc})") from exc
+                    for _, obj in jsonl_records(f, fh):
                         text = obj.get(self.field)
                         if isinstance(text, str) and text.strip():
                             yield text

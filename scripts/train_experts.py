@@ -43,6 +43,7 @@ from r3mes.core.tokenizer import Tokenizer  # noqa: E402
 from r3mes.core.trainer import TrainConfig as AdapterConfig  # noqa: E402
 from r3mes.core.trainer import evaluate_perplexity, train_adapter  # noqa: E402
 from r3mes.utils.atomic import atomic_write_json, atomic_write_text  # noqa: E402
+from r3mes.utils.jsonl import jsonl_records  # noqa: E402
 
 DEFAULT_EXPERTS = Path(__file__).resolve().parent / "experts.json"
 
@@ -70,13 +71,7 @@ def _own_items(src: dict) -> list[str]:
     path = resolve(src["path"])
     if path.suffix == ".jsonl":
         items = []
-        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({exc})") from exc
+        for _, obj in jsonl_records(path, path.read_text(encoding="utf-8").splitlines()):
             if "domain" in src and obj.get("domain") != src["domain"]:
                 continue
             if "lang" in src and obj.get("lang") != src["lang"]:

@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from r3mes.core.adapter_io import save_peft_adapter
 from r3mes.core.dora import BitLinearDoRA, dora_modules, set_adapter_mix
 from r3mes.utils.atomic import atomic_write_bytes, atomic_write_json
+from r3mes.utils.jsonl import jsonl_records
 
 __all__ = [
     "TrainConfig",
@@ -88,13 +89,7 @@ def load_texts(path: str | Path) -> list[str]:
         raise ValueError(f"{path}: cannot read training text ({exc})") from None
     if path.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(raw.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{i}: not valid JSON ({exc})") from None
+        for i, obj in jsonl_records(path, raw.splitlines()):
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                 raise ValueError(f"{path}:{i}: expected an object with a string 'text'")
             texts.append(obj["text"])

@@ -15,7 +15,6 @@ Every loader refuses binary, empty, oversized and malformed input with an error 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from r3mes.rag.errors import DocumentError
+from r3mes.utils.jsonl import jsonl_records
 
 DEFAULT_MAX_TOKENS = 512
 DEFAULT_OVERLAP = 50
@@ -265,13 +265,7 @@ def load_documents(
 def _parse_jsonl(path: Path, text: str) -> Iterator[Document]:
     seen: set[str] = set()
     found = False
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DocumentError(f"{path}:{lineno}: malformed JSON ({exc.msg})") from exc
+    for lineno, obj in jsonl_records(path, text.splitlines(), DocumentError):
         if not isinstance(obj, dict):
             raise DocumentError(f"{path}:{lineno}: expected a JSON object, got "
                                 f"{type(obj).__name__}")
