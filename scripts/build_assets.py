@@ -20,7 +20,6 @@ inputs gives the same bytes.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -35,20 +34,13 @@ from _common import resolve  # noqa: E402
 
 from r3mes.core.checkpoint import convert  # noqa: E402
 from r3mes.utils.atomic import atomic_write_json  # noqa: E402
+from r3mes.utils.hashing import file_sha256  # noqa: E402
 
 MANIFEST = "MANIFEST.json"
 MANIFEST_FORMAT = 1
 # Knowledge-base file stem -> RAG index (r3mes.rag.INDEX_NAMES).
 INDEX_OF_FILE = {"general": "general", "medical": "medical", "legal": "legal", "code": "code"}
 DEFAULT_EPOCH = 1767225600.0  # 2026-01-01T00:00:00Z: the snapshots' fixed creation time
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def build_model(base_hf: Path, out: Path) -> dict:
@@ -101,7 +93,7 @@ def write_manifest(dest: Path, info: dict) -> dict:
         if p.is_file() and p.name != MANIFEST and "__pycache__" not in p.parts \
                 and p.suffix != ".py":
             rel = p.relative_to(dest).as_posix()
-            files[rel] = {"sha256": sha256_file(p), "bytes": p.stat().st_size}
+            files[rel] = {"sha256": file_sha256(p), "bytes": p.stat().st_size}
     manifest = {"format": MANIFEST_FORMAT, "total_bytes": sum(f["bytes"] for f in files.values()),
                 "files": files, **info}
     atomic_write_json(dest / MANIFEST, manifest)

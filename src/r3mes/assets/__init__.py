@@ -15,10 +15,11 @@ Layout (see ``MODEL_CARD.md`` at the repository root and ``scripts/build_assets.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
+
+from r3mes.utils.hashing import file_sha256
 
 __all__ = ["ASSETS_DIR", "MANIFEST_NAME", "AssetsError", "read_manifest", "verify_assets"]
 
@@ -44,14 +45,6 @@ def read_manifest(root: str | Path | None = None) -> dict[str, Any]:
     return manifest
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def verify_assets(root: str | Path | None = None) -> dict[str, Any]:
     """Check that every file in the manifest exists with its recorded size and sha256.
 
@@ -67,6 +60,6 @@ def verify_assets(root: str | Path | None = None) -> dict[str, Any]:
         size = path.stat().st_size
         if size != entry.get("bytes"):
             raise AssetsError(f"{path}: {size} bytes, {MANIFEST_NAME} says {entry.get('bytes')}")
-        if _sha256(path) != entry.get("sha256"):
+        if file_sha256(path) != entry.get("sha256"):
             raise AssetsError(f"{path}: sha256 differs from {MANIFEST_NAME}")
     return manifest

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 
 from r3mes.core.peft_config import CONFIG_NAME, AdapterFormatError, read_dora_config
 from r3mes.utils.atomic import atomic_write_json
+from r3mes.utils.hashing import file_sha256
 from r3mes.utils.paths import r3mes_home
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -250,15 +251,6 @@ def _safetensors_data_end(path: Path, header_len: int) -> int:
         header = json.loads(handle.read(header_len))
     ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
     return max(ends, default=0)
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tree_digest(file_digests: Mapping[str, str]) -> str:

@@ -95,6 +95,7 @@ from r3mes.core.model import (
     bitlinear_from_packed,
 )
 from r3mes.utils.atomic import atomic_open, atomic_write_json
+from r3mes.utils.hashing import file_sha256
 
 __all__ = [
     "FORMAT_NAME",
@@ -242,14 +243,6 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
                 f.write(part)
                 digest.update(part)
     return digest.hexdigest(), 8 + len(raw) + offset
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- HF config
@@ -532,7 +525,7 @@ def _load_r3mes(root: Path, verify: bool) -> tuple[BitNetForCausalLM, str, dict[
         raise CheckpointError(f"{wpath}: size {wpath.stat().st_size} differs from the manifest "
                               f"({manifest['weights_bytes']}): truncated or replaced")
     if verify:
-        digest = _sha256_file(wpath)
+        digest = file_sha256(wpath)
         if digest != manifest["weights_sha256"]:
             raise CheckpointError(f"{wpath}: sha256 {digest} does not match the manifest "
                                   f"({manifest['weights_sha256']}): the file is corrupt")

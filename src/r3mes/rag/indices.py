@@ -61,6 +61,7 @@ from r3mes.rag.errors import DocumentError, IndexCorruptedError, RagError, Unkno
 from r3mes.rag.faiss_store import KINDS, FaissStore, npy_bytes, read_npy
 from r3mes.rag.sparse import BM25Index, TokenizerConfig
 from r3mes.utils.atomic import atomic_open, atomic_write_bytes, atomic_write_json
+from r3mes.utils.hashing import file_sha256
 from r3mes.utils.paths import r3mes_home
 
 INDEX_NAMES = ("general", "news", "medical", "legal", "code", "user")
@@ -1020,13 +1021,7 @@ class RagStore:
 
 
 def _file_entry(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-            size += len(block)
-    return {"sha256": h.hexdigest(), "bytes": size}
+    return {"sha256": file_sha256(path), "bytes": path.stat().st_size}
 
 
 def _check_file_name(name: Any, where: Path) -> None:
