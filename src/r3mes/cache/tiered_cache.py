@@ -39,7 +39,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,13 +77,8 @@ class LoadedAdapter:
     nbytes: int
 
 
-@dataclass
-class _HostEntry:
-    adapter_id: str
-    digest: str
-    path: Path
-    tensors: dict[str, Any]
-    nbytes: int
+# Tier 2 holds the same record with the tensors in host memory.
+_HostEntry = LoadedAdapter
 
 
 @dataclass
@@ -534,7 +529,7 @@ class TieredDoRACache:
         tensors = host.tensors
         if self.device is not None:
             tensors = {k: v.to(self.device) for k, v in tensors.items()}
-        return LoadedAdapter(host.adapter_id, host.digest, host.path, tensors, host.nbytes)
+        return replace(host, tensors=tensors)
 
     def _size_of(self, prepared: Any, host: _HostEntry) -> int:
         if self._prepared_size is not None:
