@@ -18,6 +18,7 @@ weight stream evicts Python's working set.
 from __future__ import annotations
 
 import itertools
+import time
 
 import pytest
 import torch
@@ -30,6 +31,7 @@ SHAPES = {"2560x2560": (2560, 2560), "2560x6912": (2560, 6912), "6912x2560": (69
 HEAD = (128256, 2560)
 WORKING_SET_BYTES = 640 * 1024 * 1024  # beyond this VM's 480 MiB L3
 MIN_COPIES = 16
+WARM_UP_SECONDS = 0.5
 
 
 def _copies(nbytes: int) -> int:
@@ -49,6 +51,15 @@ def _float_weights(out_f: int, in_f: int, dtype: torch.dtype) -> list[torch.Tens
     return [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
 
 
+def _warm_up(fn, seconds: float = WARM_UP_SECONDS) -> None:
+    """Run fn for a while before timing it: after an idle moment (a sleep, a probe on other
+    cores) this VM needs ~0.1-0.3 s before memory-bound loops reach their steady speed;
+    calls timed inside that window ran 2-4x slower here."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        fn()
+
+
 def _run(benchmark, record_row, bandwidth_probe, *, op, label, impl, tokens, threads,
          weights, call, weight_bytes, rounds):
     cycle = itertools.cycle(weights)
@@ -56,8 +67,7 @@ def _run(benchmark, record_row, bandwidth_probe, *, op, label, impl, tokens, thr
     torch.set_num_threads(threads)
     if kernels.available():
         kernels.set_num_threads(threads)
-    for w in weights[: min(len(weights), 4)]:
-        call(w)
+    _warm_up(lambda: call(next(cycle)))
     benchmark.pedantic(lambda: call(next(cycle)), rounds=rounds, iterations=1, warmup_rounds=2)
     seconds = benchmark.stats.stats.median
     gbs = weight_bytes / seconds / 1e9
@@ -128,14 +138,14 @@ def test_lm_head(benchmark, record_row, bandwidth_probe, impl, threads):
          rounds=10)
 
 
-def _side_by_side(out_f: int = 6912, in_f: int = 2560, threads: int = 2, blocks: int = 5,
-                  calls: int = 80) -> None:
-    """Script mode: the decode GEMV and a read-only sum alternated in one loop, so both see
-    the same machine state (the shared VM's bandwidth drifts). Weights and the summed array
-    are both numpy allocations (huge pages where the kernel grants them: a 4 KiB-page sum
-    reaches ~20% less here, which would flatter the ratio)."""
+def _side_by_side(out_f: int = 6912, in_f: int = 2560, threads: int = 2, blocks: int = 8,
+                  seconds: float = 1.0) -> None:
+    """Script mode: the decode GEMV and a read-only sum alternated in blocks, so both see
+    the same machine state (the shared VM's bandwidth drifts); each block runs its
+    operation for ``seconds`` and keeps the second half (see _warm_up). Weights and the
+    summed array are both numpy allocations (huge pages where the kernel grants them: a
+    4 KiB-page sum reaches ~20% less here, which would flatter the ratio)."""
     import statistics
-    import time
 
     import numpy as np
 
@@ -144,29 +154,29 @@ def _side_by_side(out_f: int = 6912, in_f: int = 2560, threads: int = 2, blocks:
     base = kernels.quantize_weight(torch.randn(out_f, in_f))
     weights = [kernels.TernaryWeight(torch.from_numpy(base.packed.numpy().copy()), base.scale,
                                      out_f, in_f) for _ in range(_copies(base.packed.numel()))]
-    array = torch.from_numpy(np.ones(256 * 1024 * 1024, dtype=np.float32))
+    array = torch.from_numpy(np.ones(256 * 1024 * 1024, dtype=np.float32))  # 1 GiB > L3
     x = torch.randn(1, in_f)
     xn = x.numpy()
-    sums, api, native = [], [], []
     cycle = itertools.cycle(weights)
-    for _ in range(blocks):
-        for _ in range(3):
+
+    def timed_block(fn) -> list[float]:
+        times = []
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
             t0 = time.perf_counter()
-            array.sum()
-            sums.append(array.numel() * 4 / (time.perf_counter() - t0) / 1e9)
-        time.sleep(0.05)  # idle OpenMP workers spin for a few ms after a parallel op
-        for _ in range(calls):
-            w = next(cycle)
-            t0 = time.perf_counter()
-            kernels._native.ternary_linear(xn, w._packed_np, in_f, w.scale)
-            native.append(time.perf_counter() - t0)
-        for _ in range(calls):
-            w = next(cycle)
-            t0 = time.perf_counter()
-            kernels.ternary_linear(x, w)
-            api.append(time.perf_counter() - t0)
-    bw = statistics.median(sums)
+            fn()
+            times.append(time.perf_counter() - t0)
+        return times[len(times) // 2:]
+
     nbytes = base.packed.numel()
+    sums, api, native = [], [], []
+    for _ in range(blocks):
+        sums += [array.numel() * 4 / t / 1e9 for t in timed_block(array.sum)]
+        native += timed_block(
+            lambda: kernels._native.ternary_linear(xn, (w := next(cycle))._packed_np, in_f,
+                                                   w.scale))
+        api += timed_block(lambda: kernels.ternary_linear(x, next(cycle)))
+    bw = statistics.median(sums)
     print(f"GEMV {out_f}x{in_f}, {threads} threads; read bandwidth (median) {bw:.1f} GB/s")
     for name, ts in (("native binding", native), ("r3mes.kernels API", api)):
         s = statistics.median(ts)

@@ -36,8 +36,25 @@
 //   B[n, j] = sb[j] * B8[n, j],  sb[j] = max_n |B[n, j]| / 127
 // so both scales belong to rank index j and are folded into z once per token:
 //   z[j] = (sa[j] sb[j]) * (A8[j] . x),   u[n] = sum_j B8[n, j] z[j]
-// and the epilogue reads int8 B exactly like fp16 B (coef = s). Rounding is to
-// nearest even, values clamped to [-127, 127]; an all-zero row/column gets scale 1.
+// (coef = s). Rounding is to nearest even, values clamped to [-127, 127]; an all-zero
+// row/column gets scale 1.
+//
+// The int8 epilogue multiplies in integers: z (a token's rank-r vector for one adapter)
+// is put on an int16 grid with one scale, z16[j] = round_half_even(z[j] / sz),
+// sz = max_j |z[j]| / Q (see quantize_z16), and
+//   u[n] = sz * sum_j B8[n, j] z16[j]       (the sum exact in int32)
+// is one vpdpwssd / vpmaddwd per two ranks and 16 rows instead of a convert and an FMA
+// per rank and row. The grid step is max|z| / 32767: the update term moves by at most
+// 2^-16 of its largest input, far below the int8 rounding of A and B themselves.
+// The int8 A pass runs in integers as well: a token's x is put on an int16 grid once per
+// call, x16[k] = round_half_even(x[k] * (32767 / max|x|)), sx = max|x| / 32767, and
+//   z[j] = float(sum_k A8[j, k] x16[k]) * (sa[j] sb[j] * sx)   (the sum exact, int64)
+// which is one vpdpwssd per 32 weights of A instead of two converts and an FMA per 16:
+// the A pass of a decode step had been its largest DoRA cost. The same bound holds: x
+// moves by at most 2^-16 of max|x|, against A's own int8 step of 2^-8 of its row max.
+// int8 B is laid out for those pairwise products (rank padded to even, rank2):
+//
+//   bt8[((t * rank2 / 2 + i) * 16 + l) * 2 + h] = B8[16 t + l, 2 i + h]
 #include <pybind11/pybind11.h>
 
 #include <cstddef>
@@ -63,6 +80,7 @@ const char* dora_storage_name(DoraStorage s);
 
 struct DoraAdapter {
   std::size_t rank = 0, in = 0, out = 0, out_padded = 0;
+  std::size_t rank2 = 0;            // rank rounded up to even (int8 B layout)
   DoraStorage storage = DoraStorage::F32;
   std::vector<uint16_t> a16, bt16;  // fp16 storage
   std::vector<float> a32, bt32;     // fp32 storage
@@ -84,6 +102,11 @@ DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const fl
                               std::size_t rank, std::size_t in, std::size_t out, float scaling,
                               DoraStorage storage);
 
+// The int16 grid of an int8 adapter's z (see above): writes z16[0, rank2) (the padding
+// rank as 0) and returns sz (0 for an all-zero z). Q keeps rank2 * 127 * Q < 2^31, so the
+// epilogue's int32 sums cannot overflow.
+float quantize_z16(const float* z, std::size_t rank, std::size_t rank2, int16_t* z16);
+
 // Everything the epilogue needs for one call (built by dora_linear).
 struct DoraMix {
   std::size_t M = 0, N = 0;
@@ -99,10 +122,21 @@ struct DoraMix {
   std::vector<float> z;             // [M, z_cols]: A_e x_m (fp16 path: A16 x_m)
 };
 
+// One token's z on the int16 grid for every adapter in its mix, in mix order (each
+// adapter rank2 wide; entries of non-int8 adapters unused), and each one's sz. Every
+// epilogue call quantises for itself (a few dozen values), into a per-thread buffer that
+// keeps its capacity: the same z gives the same grid whichever worker runs which rows.
+struct DoraZ16 {
+  std::vector<int16_t> values;
+  std::vector<float> scale;  // [entries of token m]
+  const int16_t* quantize(const DoraMix& p, std::size_t m);
+};
+
 // Per-ISA epilogue over output rows [n0, n1) for all tokens.
 void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1);
 void dora_epilogue_rows_avx2(const DoraMix& p, std::size_t n0, std::size_t n1);
 void dora_epilogue_rows_avx512(const DoraMix& p, std::size_t n0, std::size_t n1);
+void dora_epilogue_rows_avx512vnni(const DoraMix& p, std::size_t n0, std::size_t n1);
 
 // Per-ISA dot products of a float row with an fp32 / fp16 / int8 row of length k.
 float dora_dot_f32_scalar(const float* x, const float* a, std::size_t k);
@@ -111,9 +145,16 @@ float dora_dot_f32_avx2(const float* x, const float* a, std::size_t k);
 float dora_dot_f16_avx2(const float* x, const uint16_t* a, std::size_t k);
 float dora_dot_f32_avx512(const float* x, const float* a, std::size_t k);
 float dora_dot_f16_avx512(const float* x, const uint16_t* a, std::size_t k);
-float dora_dot_i8_scalar(const float* x, const int8_t* a, std::size_t k);
-float dora_dot_i8_avx2(const float* x, const int8_t* a, std::size_t k);
-float dora_dot_i8_avx512(const float* x, const int8_t* a, std::size_t k);
+
+// The int8 A pass: exact sum_k a[k] x16[k] of an int8 row and an int16 row, and the int16
+// grid of a float row (x16[k] = round_half_even(x[k] * inv), |x[k] * inv| <= 32767).
+int64_t dora_dot_i8x16_scalar(const int8_t* a, const int16_t* x16, std::size_t k);
+int64_t dora_dot_i8x16_avx2(const int8_t* a, const int16_t* x16, std::size_t k);
+int64_t dora_dot_i8x16_avx512(const int8_t* a, const int16_t* x16, std::size_t k);
+int64_t dora_dot_i8x16_avx512vnni(const int8_t* a, const int16_t* x16, std::size_t k);
+void dora_quantize_x16_scalar(const float* x, std::size_t k, float inv, int16_t* x16);
+void dora_quantize_x16_avx2(const float* x, std::size_t k, float inv, int16_t* x16);
+void dora_quantize_x16_avx512(const float* x, std::size_t k, float inv, int16_t* x16);
 
 // One fused DoRA product made ready for ternary_gemm / ternary_gemm_multi: the
 // activations quantised, the A pass hooked in as the GEMM's prologue (same pool
@@ -143,7 +184,9 @@ class DoraCall {
   std::vector<std::size_t> row_adapter_;
   float (*dot32_)(const float*, const float*, std::size_t) = nullptr;
   float (*dot16_)(const float*, const uint16_t*, std::size_t) = nullptr;
-  float (*dot8_)(const float*, const int8_t*, std::size_t) = nullptr;
+  int64_t (*dot8_)(const int8_t*, const int16_t*, std::size_t) = nullptr;
+  std::vector<int16_t> x16_;   // [M, K]: x on the int16 grid (int8 adapters in the mix)
+  std::vector<float> x16_scale_;  // [M]: sx
   std::vector<const DoraAdapter*> adapters_;
   std::vector<int8_t> q_;
   std::vector<float> x_scale_;

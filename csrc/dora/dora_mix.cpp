@@ -113,9 +113,10 @@ DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const fl
   ad.g.assign(ad.out_padded, 0.0f);
   std::copy(g, g + out, ad.g.begin());
   const std::size_t bt_size = ad.out_padded * rank;
+  ad.rank2 = (rank + 1) / 2 * 2;
   if (storage == DoraStorage::I8) {
     ad.a8.resize(rank * in);
-    ad.bt8.assign(bt_size, 0);
+    ad.bt8.assign(ad.out_padded * ad.rank2, 0);
     ad.z_scale.resize(rank);
     for (std::size_t j = 0; j < rank; ++j) {
       const float sa = int8_scale(lora_a + j * in, in, 1);
@@ -123,8 +124,8 @@ DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const fl
       ad.z_scale[j] = sa * sb;
       for (std::size_t k = 0; k < in; ++k) ad.a8[j * in + k] = to_int8(lora_a[j * in + k], sa);
       for (std::size_t n = 0; n < out; ++n)
-        ad.bt8[((n / kDoraTile) * rank + j) * kDoraTile + n % kDoraTile] =
-            to_int8(lora_b[n * rank + j], sb);
+        ad.bt8[(((n / kDoraTile) * ad.rank2 / 2 + j / 2) * kDoraTile + n % kDoraTile) * 2 +
+               j % 2] = to_int8(lora_b[n * rank + j], sb);
     }
   } else if (storage == DoraStorage::F16) {
     ad.a_scale = pow2_scale(lora_a, rank * in);
@@ -161,17 +162,54 @@ float dora_dot_f16_scalar(const float* x, const uint16_t* a, std::size_t k) {
   return s;
 }
 
-float dora_dot_i8_scalar(const float* x, const int8_t* a, std::size_t k) {
-  float s = 0.0f;
-  for (std::size_t i = 0; i < k; ++i) s += x[i] * static_cast<float>(a[i]);
+int64_t dora_dot_i8x16_scalar(const int8_t* a, const int16_t* x16, std::size_t k) {
+  int64_t s = 0;
+  for (std::size_t i = 0; i < k; ++i) s += int32_t{a[i]} * x16[i];
   return s;
 }
 
+void dora_quantize_x16_scalar(const float* x, std::size_t k, float inv, int16_t* x16) {
+  for (std::size_t i = 0; i < k; ++i)
+    x16[i] = static_cast<int16_t>(std::min(32767.0f, std::max(-32767.0f, std::nearbyint(x[i] * inv))));
+}
+
+float quantize_z16(const float* z, std::size_t rank, std::size_t rank2, int16_t* z16) {
+  float mx = 0.0f;
+  for (std::size_t j = 0; j < rank; ++j) mx = std::max(mx, std::fabs(z[j]));
+  std::fill(z16, z16 + rank2, int16_t{0});
+  if (mx == 0.0f) return 0.0f;
+  const float q = static_cast<float>(
+      std::min<std::size_t>(32767, 2147483647u / (127u * std::max<std::size_t>(rank2, 1))));
+  const float sz = mx / q;
+  for (std::size_t j = 0; j < rank; ++j)
+    z16[j] = static_cast<int16_t>(std::min(q, std::max(-q, std::nearbyint(z[j] / sz))));
+  return sz;
+}
+
+const int16_t* DoraZ16::quantize(const DoraMix& p, std::size_t m) {
+  const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
+  std::size_t cols = 0;
+  for (uint32_t a = a0; a < a1; ++a) cols += p.adapters[p.act_e[a]]->rank2;
+  values.resize(cols);
+  scale.resize(a1 - a0);
+  const float* zm = p.z.data() + m * p.z_cols;
+  std::size_t off = 0;
+  for (uint32_t a = a0; a < a1; ++a) {
+    const DoraAdapter& ad = *p.adapters[p.act_e[a]];
+    if (ad.storage == DoraStorage::I8)
+      scale[a - a0] = quantize_z16(zm + p.z_off[p.act_e[a]], ad.rank, ad.rank2, values.data() + off);
+    off += ad.rank2;
+  }
+  return values.data();
+}
+
 void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1) {
+  thread_local DoraZ16 zq;
   for (std::size_t m = 0; m < p.M; ++m) {
     float* y = p.out + m * p.N;
     const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
     const float* zm = p.z.data() + m * p.z_cols;
+    const int16_t* z16 = zq.quantize(p, m);
     for (std::size_t n = n0; n < n1; ++n) {
       float acc;
       if (a0 == a1) {
@@ -180,6 +218,7 @@ void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1)
         const float base = y[n];
         acc = p.base_w[m] * base;
         const std::size_t t = n / kDoraTile, l = n % kDoraTile;
+        std::size_t off16 = 0;
         for (uint32_t a = a0; a < a1; ++a) {
           const DoraAdapter& ad = *p.adapters[p.act_e[a]];
           const float* z = zm + p.z_off[p.act_e[a]];
@@ -189,11 +228,15 @@ void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1)
             for (std::size_t j = 0; j < ad.rank; ++j)
               u += z[j] * half_to_float(ad.bt16[off + j * kDoraTile]);
           } else if (ad.storage == DoraStorage::I8) {
-            for (std::size_t j = 0; j < ad.rank; ++j)
-              u += z[j] * static_cast<float>(ad.bt8[off + j * kDoraTile]);
+            const int8_t* b = ad.bt8.data() + (t * ad.rank2 / 2 * kDoraTile + l) * 2;
+            int32_t s = 0;
+            for (std::size_t j = 0; j < ad.rank2; ++j)
+              s += int32_t{b[(j / 2) * kDoraTile * 2 + j % 2]} * z16[off16 + j];
+            u = static_cast<float>(s) * zq.scale[a - a0];
           } else {
             for (std::size_t j = 0; j < ad.rank; ++j) u += z[j] * ad.bt32[off + j * kDoraTile];
           }
+          off16 += ad.rank2;
           acc += (p.act_w[a] * ad.g[n]) * (base + ad.coef * u);
         }
       }
@@ -209,7 +252,9 @@ namespace {
 
 using DotF32 = float (*)(const float*, const float*, std::size_t);
 using DotF16 = float (*)(const float*, const uint16_t*, std::size_t);
-using DotI8 = float (*)(const float*, const int8_t*, std::size_t);
+using DotI8 = int64_t (*)(const int8_t*, const int16_t*, std::size_t);
+using QuantX16 = void (*)(const float*, std::size_t, float, int16_t*);
+using AbsMax = float (*)(const float*, std::size_t, bool*);
 using EpilogueFn = void (*)(const DoraMix&, std::size_t, std::size_t);
 
 struct Isa {
@@ -217,16 +262,22 @@ struct Isa {
   DotF16 dot16;
   DotI8 dot8;
   EpilogueFn epilogue;
+  QuantX16 quant_x16;
+  AbsMax absmax;
 };
 
 Isa isa_for(SimdLevel level) {
-  if (level >= SimdLevel::Avx512)
-    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_dot_i8_avx512,
-            dora_epilogue_rows_avx512};
+  if (level == SimdLevel::Avx512Vnni)
+    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_dot_i8x16_avx512vnni,
+            dora_epilogue_rows_avx512vnni, dora_quantize_x16_avx512, absmax_avx512};
+  if (level == SimdLevel::Avx512)
+    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_dot_i8x16_avx512,
+            dora_epilogue_rows_avx512, dora_quantize_x16_avx512, absmax_avx512};
   if (level == SimdLevel::Avx2)
-    return {dora_dot_f32_avx2, dora_dot_f16_avx2, dora_dot_i8_avx2, dora_epilogue_rows_avx2};
-  return {dora_dot_f32_scalar, dora_dot_f16_scalar, dora_dot_i8_scalar,
-          dora_epilogue_rows_scalar};
+    return {dora_dot_f32_avx2, dora_dot_f16_avx2, dora_dot_i8x16_avx2, dora_epilogue_rows_avx2,
+            dora_quantize_x16_avx2, absmax_avx2};
+  return {dora_dot_f32_scalar, dora_dot_f16_scalar, dora_dot_i8x16_scalar,
+          dora_epilogue_rows_scalar, dora_quantize_x16_scalar, absmax_scalar};
 }
 
 template <EpilogueFn F>
@@ -235,6 +286,8 @@ void epilogue_trampoline(void* ctx, std::size_t n0, std::size_t n1) {
 }
 
 void (*hook_for(EpilogueFn f))(void*, std::size_t, std::size_t) {
+  if (f == dora_epilogue_rows_avx512vnni)
+    return epilogue_trampoline<dora_epilogue_rows_avx512vnni>;
   if (f == dora_epilogue_rows_avx512) return epilogue_trampoline<dora_epilogue_rows_avx512>;
   if (f == dora_epilogue_rows_avx2) return epilogue_trampoline<dora_epilogue_rows_avx2>;
   return epilogue_trampoline<dora_epilogue_rows_scalar>;
@@ -320,6 +373,20 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
     dot32_ = isa.dot32;
     dot16_ = isa.dot16;
     dot8_ = isa.dot8;
+    // int8 adapters' A pass runs on x's int16 grid (see dora.h), made once per token here.
+    bool any_int8 = false;
+    for (const DoraAdapter* ad : adapters) any_int8 |= ad->storage == DoraStorage::I8;
+    if (any_int8) {
+      x16_.resize(M * K);
+      x16_scale_.resize(M);
+      for (std::size_t m = 0; m < M; ++m) {
+        bool finite = true;
+        const float mx = isa.absmax(x + m * K, K, &finite);
+        const float inv = mx > 0.0f ? 32767.0f / mx : 0.0f;
+        x16_scale_[m] = mx / 32767.0f;
+        isa.quant_x16(x + m * K, K, inv, x16_.data() + m * K);
+      }
+    }
     a_rows_ = p.z_cols * M;  // row i * M + m: adapter row i, token m
     a_grain_ = std::max<std::size_t>(1, 16384 / K);  // ~16K MACs a task
   } else {
@@ -354,7 +421,8 @@ void DoraCall::a_pass_task(void* ctx, std::size_t task) {
     if (ad.storage == DoraStorage::F16) {
       zj = c.dot16_(xm, ad.a16.data() + j * K, K);
     } else if (ad.storage == DoraStorage::I8) {
-      zj = c.dot8_(xm, ad.a8.data() + j * K, K) * ad.z_scale[j];
+      zj = static_cast<float>(c.dot8_(ad.a8.data() + j * K, c.x16_.data() + m * K, K)) *
+           (ad.z_scale[j] * c.x16_scale_[m]);
     } else {
       zj = c.dot32_(xm, ad.a32.data() + j * K, K);
     }

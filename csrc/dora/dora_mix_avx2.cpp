@@ -4,6 +4,9 @@
 // AVX2 flags do not name it. Partial tiles go through the scalar spec.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstring>
+
 #include "dora/dora.h"
 
 #define R3MES_F16C __attribute__((target("avx2,fma,f16c")))
@@ -15,10 +18,6 @@ R3MES_F16C inline __m256 load_h8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-inline __m256 load_i8x8(const int8_t* p) {
-  return _mm256_cvtepi32_ps(
-      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
-}
 
 R3MES_F16C inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -27,7 +26,28 @@ R3MES_F16C inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// u for the two 8-row halves of tile t.
+// int8 storage: sum_j B8[16 t + l, j] z16[j] exactly (int32) for the two 8-row halves of
+// tile t, one vpmaddwd per two ranks and 8 rows (layout in dora.h).
+inline void low_rank_i8(const DoraAdapter& ad, const int16_t* z16, std::size_t t, __m256* lo,
+                        __m256* hi) {
+  const std::size_t pairs = ad.rank2 / 2;
+  const int8_t* b = ad.bt8.data() + t * pairs * 2 * kDoraTile;
+  __m256i u0 = _mm256_setzero_si256(), u1 = _mm256_setzero_si256();
+  for (std::size_t i = 0; i < pairs; ++i) {
+    int32_t zp;
+    std::memcpy(&zp, z16 + 2 * i, 4);
+    const __m256i z = _mm256_set1_epi32(zp);
+    const int8_t* run = b + i * 2 * kDoraTile;
+    u0 = _mm256_add_epi32(u0, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(run))), z));
+    u1 = _mm256_add_epi32(u1, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                  reinterpret_cast<const __m128i*>(run + 16))), z));
+  }
+  *lo = _mm256_cvtepi32_ps(u0);
+  *hi = _mm256_cvtepi32_ps(u1);
+}
+
+// u for the two 8-row halves of tile t (fp32 / fp16 storage).
 R3MES_F16C inline void low_rank(const DoraAdapter& ad, const float* z, std::size_t t,
                                 __m256* lo, __m256* hi) {
   const std::size_t off = t * ad.rank * kDoraTile;
@@ -38,9 +58,6 @@ R3MES_F16C inline void low_rank(const DoraAdapter& ad, const float* z, std::size
     if (ad.storage == DoraStorage::F16) {
       u0 = _mm256_fmadd_ps(zj, load_h8(ad.bt16.data() + o), u0);
       u1 = _mm256_fmadd_ps(zj, load_h8(ad.bt16.data() + o + 8), u1);
-    } else if (ad.storage == DoraStorage::I8) {
-      u0 = _mm256_fmadd_ps(zj, load_i8x8(ad.bt8.data() + o), u0);
-      u1 = _mm256_fmadd_ps(zj, load_i8x8(ad.bt8.data() + o + 8), u1);
     } else {
       u0 = _mm256_fmadd_ps(zj, _mm256_loadu_ps(ad.bt32.data() + o), u0);
       u1 = _mm256_fmadd_ps(zj, _mm256_loadu_ps(ad.bt32.data() + o + 8), u1);
@@ -51,11 +68,13 @@ R3MES_F16C inline void low_rank(const DoraAdapter& ad, const float* z, std::size
 }
 
 R3MES_F16C void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
+  thread_local DoraZ16 zq;
   for (std::size_t m = 0; m < p.M; ++m) {
     float* y = p.out + m * p.N;
     const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
     if (a0 == a1 && p.bias == nullptr) continue;
     const float* zm = p.z.data() + m * p.z_cols;
+    const int16_t* z16 = zq.quantize(p, m);
     for (std::size_t nb = v0; nb < v1; nb += kDoraTile) {
       const __m256 b0 = _mm256_loadu_ps(y + nb), b1 = _mm256_loadu_ps(y + nb + 8);
       __m256 acc0 = b0, acc1 = b1;
@@ -64,11 +83,19 @@ R3MES_F16C void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
         acc0 = _mm256_mul_ps(bw, b0);
         acc1 = _mm256_mul_ps(bw, b1);
       }
+      std::size_t off16 = 0;
       for (uint32_t a = a0; a < a1; ++a) {
         const DoraAdapter& ad = *p.adapters[p.act_e[a]];
         __m256 u0, u1;
-        low_rank(ad, zm + p.z_off[p.act_e[a]], nb / kDoraTile, &u0, &u1);
-        const __m256 c = _mm256_set1_ps(ad.coef), w = _mm256_set1_ps(p.act_w[a]);
+        float coef = ad.coef;
+        if (ad.storage == DoraStorage::I8) {
+          low_rank_i8(ad, z16 + off16, nb / kDoraTile, &u0, &u1);
+          coef *= zq.scale[a - a0];
+        } else {
+          low_rank(ad, zm + p.z_off[p.act_e[a]], nb / kDoraTile, &u0, &u1);
+        }
+        off16 += ad.rank2;
+        const __m256 c = _mm256_set1_ps(coef), w = _mm256_set1_ps(p.act_w[a]);
         acc0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(ad.g.data() + nb), w),
                                _mm256_fmadd_ps(u0, c, b0), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(ad.g.data() + nb + 8), w),
@@ -103,10 +130,8 @@ namespace {
 // A row of A as float32 or as fp16 (converted on load); the scalar tail likewise.
 R3MES_F16C inline __m256 load8(const float* a) { return _mm256_loadu_ps(a); }
 R3MES_F16C inline __m256 load8(const uint16_t* a) { return load_h8(a); }
-R3MES_F16C inline __m256 load8(const int8_t* a) { return load_i8x8(a); }
 inline float scalar(float v) { return v; }
 inline float scalar(uint16_t v) { return half_to_float(v); }
-inline float scalar(int8_t v) { return static_cast<float>(v); }
 
 template <class T>
 R3MES_F16C float dot(const float* x, const T* a, std::size_t k) {
@@ -135,8 +160,37 @@ R3MES_F16C float dora_dot_f16_avx2(const float* x, const uint16_t* a, std::size_
   return dot(x, a, k);
 }
 
-R3MES_F16C float dora_dot_i8_avx2(const float* x, const int8_t* a, std::size_t k) {
-  return dot(x, a, k);
+int64_t dora_dot_i8x16_avx2(const int8_t* a, const int16_t* x16, std::size_t k) {
+  // Each int32 lane takes at most 2 * 2048 / 16 products of |127 * 32767| per block (< 2^31).
+  constexpr std::size_t kBlock = 2048;
+  int64_t total = 0;
+  std::size_t i = 0;
+  while (i + 16 <= k) {
+    const std::size_t end = std::min(k, i + kBlock) / 16 * 16;
+    __m256i acc = _mm256_setzero_si256();
+    for (; i < end; i += 16)
+      acc = _mm256_add_epi32(
+          acc, _mm256_madd_epi16(_mm256_cvtepi8_epi16(_mm_loadu_si128(
+                                     reinterpret_cast<const __m128i*>(a + i))),
+                                 _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x16 + i))));
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), acc);
+    for (int l = 0; l < 8; ++l) total += lanes[l];
+  }
+  for (; i < k; ++i) total += int32_t{a[i]} * x16[i];
+  return total;
+}
+
+void dora_quantize_x16_avx2(const float* x, std::size_t k, float inv, int16_t* x16) {
+  const __m256 s = _mm256_set1_ps(inv);
+  std::size_t i = 0;
+  // vcvtps2dq rounds half to even (the default MXCSR mode), vpackssdw saturates.
+  for (; i + 8 <= k; i += 8) {
+    const __m256i v = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(x + i), s));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(x16 + i),
+                     _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+  }
+  dora_quantize_x16_scalar(x + i, k - i, inv, x16 + i);
 }
 
 }  // namespace r3mes

@@ -137,6 +137,58 @@ def test_fused_kernel_int8_storage_matches_its_reference_and_stays_close_to_fp32
     assert (y8 - y32).abs().max() > 0  # it is not secretly the fp32 path
 
 
+def test_int8_storage_follows_its_reference_with_an_outlier_activation(simd):
+    # One activation 10^4 times the others coarsens x's int16 grid (step max|x| / 32767)
+    # to a third of a typical entry; the A pass must still follow the reference, which
+    # spells the grids out (x per token, then z per token and adapter).
+    w = _weight(64, 300, seed=8)
+    made = [_adapter(w, r, 80 + e, "int8") for e, r in enumerate((16, 5))]
+    x = torch.randn(3, 300, generator=torch.Generator().manual_seed(9)) * 0.01
+    x[:, 7] = 100.0
+    mix = torch.tensor([[0.6, 0.4]])
+    y = kernels.dora_linear(x, w, [m[0] for m in made], mix)
+    ref = kernels.dora_linear_reference(x, w, [m[0] for m in made], mix)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_int8_a_pass_sums_exactly_past_int32_range(simd):
+    # K = 9000 (past the 4096 / 2048 blocks) with every |A8| = 127 and |x16| = 32767:
+    # sums of 3.7e10 overflow int32 unless each block is widened to int64.
+    k = 9000
+    w = _weight(16, k, seed=10)
+    sign = torch.where(torch.arange(k) % 3 == 0, -1.0, 1.0)
+    a = torch.ones(2, k) * 0.01
+    b = torch.full((16, 2), 0.02)
+    ad = kernels.prepare_dora_adapter(a, b, torch.ones(16), 1.0, "int8")
+    x = sign.reshape(1, k)
+    y = kernels.dora_linear(x, w, [ad], torch.ones(1, 1))
+    ref = kernels.dora_linear_reference(x, w, [ad], torch.ones(1, 1))
+    torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
+    # (A x)_j = 0.01 * (k - 2 * 3000): the update alone, against the base
+    update = y - kernels.ternary_linear(x, w)
+    torch.testing.assert_close(update, torch.full((1, 16), 2 * 0.02 * 0.01 * (k - 6000)),
+                               rtol=1e-4, atol=0)
+
+
+@pytest.mark.skipif(not {"avx512", "avx512vnni"} <= set(LEVELS),
+                    reason="needs a CPU with both AVX-512 levels")
+def test_int8_storage_gives_identical_results_with_and_without_vnni():
+    # Same integer sums (vpdpwssd vs vpmaddwd + vpaddd), same float steps after them.
+    w = _weight(203, 301, seed=11)
+    made = [_adapter(w, r, 90 + e, "int8") for e, r in enumerate((16, 3))]
+    x = torch.randn(4, 301)
+    mix = torch.tensor([[0.7, 0.3]])
+    before = kernels.simd_level()
+    try:
+        out = {}
+        for level in ("avx512", "avx512vnni"):
+            kernels.set_simd_level(level)
+            out[level] = kernels.dora_linear(x, w, [m[0] for m in made], mix)
+    finally:
+        kernels.set_simd_level(before)
+    assert torch.equal(out["avx512"], out["avx512vnni"])
+
+
 def test_int8_quantisation_of_adapters_is_absmax_per_row_of_a_and_column_of_b():
     w = _weight(40, 64)
     ad, (a, b, _, _) = _adapter(w, 8, 3, "int8")

@@ -355,6 +355,27 @@ def _int8_effective(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.clamp(torch.round(t / scale), -127, 127) * scale
 
 
+def _int16_grid(t: torch.Tensor, qmax: float) -> torch.Tensor:
+    """Each row of t on a grid of max|row| / qmax (round half to even), dequantised."""
+    amax = t.abs().amax(dim=1, keepdim=True)
+    inv = torch.where(amax == 0, torch.zeros_like(amax), qmax / amax)
+    return torch.clamp(torch.round(t * inv), -qmax, qmax) * (amax / qmax)
+
+
+def _int8_low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                   lora_b: torch.Tensor) -> torch.Tensor:
+    """B (A x) as the int8 kernels compute it (csrc/dora/dora.h): x on an int16 grid per
+    token, then z = sb * (A x) (sb: B's per-column int8 scale) on an int16 grid per token
+    and adapter, multiplied by B's int8 values."""
+    rank = a.shape[0]
+    rank2 = rank + rank % 2
+    qmax = float(min(32767, (2**31 - 1) // (127 * rank2)))
+    amax_b = lora_b.abs().amax(dim=0)
+    sb = torch.where(amax_b == 0, torch.ones_like(amax_b), amax_b / 127.0)
+    z = (_int16_grid(x, 32767.0).double() @ a.t().double()) * sb.double()
+    return ((_int16_grid(z, qmax) / sb.double()) @ b.t().double()).to(x.dtype)
+
+
 def _fp16_effective(t: torch.Tensor) -> torch.Tensor:
     scale = _pow2_scale(t)
     return (t / scale).half().float() * scale
@@ -553,7 +574,11 @@ def dora_linear_reference(
     y = torch.zeros_like(base)
     for e, ad in enumerate(adapters):
         a, b = ad.effective()
-        dora_e = ad.g * (base + ad.scaling * ((x2 @ a.t()) @ b.t()))
+        if ad.storage == "int8":
+            update = _int8_low_rank(x2, a, b, ad.lora_B)
+        else:
+            update = (x2 @ a.t()) @ b.t()
+        dora_e = ad.g * (base + ad.scaling * update)
         y = y + mixm[:, e : e + 1] * dora_e
     bw = _check_base_weight(base_weight, x2.shape[0])
     if bw is not None:

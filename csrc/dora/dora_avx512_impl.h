@@ -1,0 +1,156 @@
+#pragma once
+// AVX-512 DoRA kernels shared by the avx512 and avx512vnni translation units: the fused
+// epilogue over full 16-row tiles (one zmm of outputs; fp16 adapters converted with
+// vcvtph2ps, int8 adapters multiplied in int16 x int8 pairs; partial tiles at range edges
+// go through the scalar spec) and the int8 A pass. Pair is how each unit compiles the
+// int16 pair product (vpmaddwd + vpaddd, or vpdpwssd). Internal linkage: the two copies
+// never mix.
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "dora/dora.h"
+
+namespace r3mes {
+namespace {
+
+template <DoraStorage S>
+inline __m512 load_bt(const DoraAdapter& ad, std::size_t off) {
+  if constexpr (S == DoraStorage::F16) {
+    return _mm512_cvtph_ps(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ad.bt16.data() + off)));
+  } else {
+    return _mm512_loadu_ps(ad.bt32.data() + off);
+  }
+}
+
+// u[l] = sum_j z[j] * B[16 t + l, j] for the 16 rows of tile t (fp32 / fp16 storage).
+template <DoraStorage S>
+inline __m512 low_rank(const DoraAdapter& ad, const float* z, std::size_t t) {
+  const std::size_t off = t * ad.rank * kDoraTile;
+  __m512 u0 = _mm512_setzero_ps(), u1 = _mm512_setzero_ps();
+  std::size_t j = 0;
+  // Two chains hide the FMA latency.
+  for (; j + 2 <= ad.rank; j += 2) {
+    u0 = _mm512_fmadd_ps(_mm512_set1_ps(z[j]), load_bt<S>(ad, off + j * kDoraTile), u0);
+    u1 = _mm512_fmadd_ps(_mm512_set1_ps(z[j + 1]), load_bt<S>(ad, off + (j + 1) * kDoraTile),
+                         u1);
+  }
+  if (j < ad.rank)
+    u0 = _mm512_fmadd_ps(_mm512_set1_ps(z[j]), load_bt<S>(ad, off + j * kDoraTile), u0);
+  return _mm512_add_ps(u0, u1);
+}
+
+// int8 storage: sum_j B8[16 t + l, j] z16[j] exactly, as int32, for the 16 rows of tile t.
+// Each 32-byte run holds two ranks of the 16 rows, interleaved (see dora.h).
+template <class Pair>
+inline __m512i low_rank_i8(const DoraAdapter& ad, const int16_t* z16, std::size_t t) {
+  const std::size_t pairs = ad.rank2 / 2;
+  const int8_t* b = ad.bt8.data() + t * pairs * 2 * kDoraTile;
+  __m512i u0 = _mm512_setzero_si512(), u1 = _mm512_setzero_si512();
+  std::size_t i = 0;
+  for (; i + 2 <= pairs; i += 2) {
+    int32_t z0, z1;
+    std::memcpy(&z0, z16 + 2 * i, 4);
+    std::memcpy(&z1, z16 + 2 * i + 2, 4);
+    u0 = Pair::dot(u0, _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                           reinterpret_cast<const __m256i*>(b + i * 2 * kDoraTile))),
+                   _mm512_set1_epi32(z0));
+    u1 = Pair::dot(u1, _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                           reinterpret_cast<const __m256i*>(b + (i + 1) * 2 * kDoraTile))),
+                   _mm512_set1_epi32(z1));
+  }
+  if (i < pairs) {
+    int32_t z0;
+    std::memcpy(&z0, z16 + 2 * i, 4);
+    u0 = Pair::dot(u0, _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                           reinterpret_cast<const __m256i*>(b + i * 2 * kDoraTile))),
+                   _mm512_set1_epi32(z0));
+  }
+  return _mm512_add_epi32(u0, u1);
+}
+
+template <class Pair>
+void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
+  thread_local DoraZ16 zq;
+  for (std::size_t m = 0; m < p.M; ++m) {
+    float* y = p.out + m * p.N;
+    const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
+    if (a0 == a1 && p.bias == nullptr) continue;
+    const float* zm = p.z.data() + m * p.z_cols;
+    const int16_t* z16 = zq.quantize(p, m);
+    for (std::size_t nb = v0; nb < v1; nb += kDoraTile) {
+      const __m512 base = _mm512_loadu_ps(y + nb);
+      __m512 acc = a0 == a1 ? base : _mm512_mul_ps(_mm512_set1_ps(p.base_w[m]), base);
+      const std::size_t t = nb / kDoraTile;
+      std::size_t off16 = 0;
+      for (uint32_t a = a0; a < a1; ++a) {
+        const DoraAdapter& ad = *p.adapters[p.act_e[a]];
+        __m512 v;
+        if (ad.storage == DoraStorage::I8) {
+          const __m512 u = _mm512_cvtepi32_ps(low_rank_i8<Pair>(ad, z16 + off16, t));
+          v = _mm512_fmadd_ps(u, _mm512_set1_ps(ad.coef * zq.scale[a - a0]), base);
+        } else {
+          const float* z = zm + p.z_off[p.act_e[a]];
+          const __m512 u = ad.storage == DoraStorage::F16 ? low_rank<DoraStorage::F16>(ad, z, t)
+                                                          : low_rank<DoraStorage::F32>(ad, z, t);
+          v = _mm512_fmadd_ps(u, _mm512_set1_ps(ad.coef), base);
+        }
+        off16 += ad.rank2;
+        const __m512 gw =
+            _mm512_mul_ps(_mm512_loadu_ps(ad.g.data() + nb), _mm512_set1_ps(p.act_w[a]));
+        acc = _mm512_fmadd_ps(gw, v, acc);
+      }
+      if (p.bias != nullptr) acc = _mm512_add_ps(acc, _mm512_loadu_ps(p.bias + nb));
+      _mm512_storeu_ps(y + nb, acc);
+    }
+  }
+}
+
+template <class Pair>
+void epilogue_rows(const DoraMix& p, std::size_t n0, std::size_t n1) {
+  const std::size_t v0 = (n0 + kDoraTile - 1) / kDoraTile * kDoraTile;
+  const std::size_t v1 = n1 / kDoraTile * kDoraTile;
+  if (v0 >= v1) {
+    dora_epilogue_rows_scalar(p, n0, n1);
+    return;
+  }
+  if (n0 < v0) dora_epilogue_rows_scalar(p, n0, v0);
+  tiles<Pair>(p, v0, v1);
+  if (v1 < n1) dora_epilogue_rows_scalar(p, v1, n1);
+}
+
+// Exact sum_k a[k] x16[k]. Each int32 lane takes at most 2 * 4096 / 32 products of
+// |127 * 32767| per block (< 2^31) before the block is widened into int64.
+template <class Pair>
+inline int64_t dot_i8x16(const int8_t* a, const int16_t* x16, std::size_t k) {
+  constexpr std::size_t kBlock = 4096;
+  constexpr int kPrefetchBytes = 1024;  // A streams from memory in short runs (see dot)
+  __m512i total = _mm512_setzero_si512();
+  std::size_t i = 0;
+  while (i < k) {
+    const std::size_t end = std::min(k, i + kBlock);
+    __m512i acc0 = _mm512_setzero_si512(), acc1 = _mm512_setzero_si512();
+    for (; i + 64 <= end; i += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(a + i) + kPrefetchBytes, _MM_HINT_T0);
+      acc0 = Pair::dot(acc0,
+                       _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i))),
+                       _mm512_loadu_si512(x16 + i));
+      acc1 = Pair::dot(acc1,
+                       _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i + 32))),
+                       _mm512_loadu_si512(x16 + i + 32));
+    }
+    for (; i < end; i += 32) {
+      const __mmask32 m = end - i >= 32 ? ~__mmask32{0} : (__mmask32{1} << (end - i)) - 1;
+      acc0 = Pair::dot(acc0, _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, a + i)),
+                       _mm512_maskz_loadu_epi16(m, x16 + i));
+    }
+    const __m512i s = _mm512_add_epi32(acc0, acc1);
+    total = _mm512_add_epi64(total, _mm512_cvtepi32_epi64(_mm512_castsi512_si256(s)));
+    total = _mm512_add_epi64(total, _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(s, 1)));
+  }
+  return _mm512_reduce_add_epi64(total);
+}
+
+}  // namespace
+}  // namespace r3mes
