@@ -46,7 +46,7 @@ def layer_copies():
     per_copy = base.packed.numel() + 3 * 4 * RANK * (IN_F + OUT_F)
     copies = []
     for _ in range(max(8, -(-WORKING_SET_BYTES // per_copy))):
-        w = kernels.TernaryWeight(base.packed.clone(), base.scale, OUT_F, IN_F)
+        w = kernels.TernaryWeight(kernels.weight_copy(base.packed), base.scale, OUT_F, IN_F)
         rc = [(a.clone(), b.clone(), g.clone(), s)
               for (a, b, _, s), g in zip(raws, gains, strict=True)]
         copies.append({

@@ -41,7 +41,7 @@ def _copies(nbytes: int) -> int:
 def _ternary_weights(out_f: int, in_f: int) -> list[kernels.TernaryWeight]:
     base = kernels.quantize_weight(torch.randn(out_f, in_f))
     return [
-        kernels.TernaryWeight(base.packed.clone(), base.scale, out_f, in_f)
+        kernels.TernaryWeight(kernels.weight_copy(base.packed), base.scale, out_f, in_f)
         for _ in range(_copies(base.packed.numel()))
     ]
 
@@ -118,7 +118,7 @@ def test_lm_head(benchmark, record_row, bandwidth_probe, impl, threads):
     if impl == "r3mes-int8":
         iw = kernels.quantize_int8_weight(w)
         weights = [iw] + [
-            kernels.Int8Weight(iw.data.clone(), iw.scale, iw.row_sums, out_f, in_f)
+            kernels.Int8Weight(kernels.weight_copy(iw.data), iw.scale, iw.row_sums, out_f, in_f)
             for _ in range(_copies(iw.data.numel()) - MIN_COPIES + 1)
         ]
         call = lambda wt: kernels.int8_linear(x32, wt)  # noqa: E731
@@ -152,7 +152,7 @@ def _side_by_side(out_f: int = 6912, in_f: int = 2560, threads: int = 2, blocks:
     torch.set_num_threads(threads)
     kernels.set_num_threads(threads)
     base = kernels.quantize_weight(torch.randn(out_f, in_f))
-    weights = [kernels.TernaryWeight(torch.from_numpy(base.packed.numpy().copy()), base.scale,
+    weights = [kernels.TernaryWeight(kernels.weight_copy(base.packed), base.scale,
                                      out_f, in_f) for _ in range(_copies(base.packed.numel()))]
     array = torch.from_numpy(np.ones(256 * 1024 * 1024, dtype=np.float32))  # 1 GiB > L3
     x = torch.randn(1, in_f)

@@ -10,6 +10,7 @@
 #include "attention/decode_attention.h"
 #include "common/array_check.h"
 #include "common/cpu_features.h"
+#include "common/huge_pages.h"
 #include "common/thread_pool.h"
 #include "dora/dora.h"
 #include "model/decode_layer.h"
@@ -98,7 +99,7 @@ py::array_t<uint8_t> py_pack_ternary(const py::array& t) {
   check_array<int8_t>(t, "ternary", 2);
   const std::size_t n = t.shape(0), k = t.shape(1);
   if (n == 0 || k == 0) throw std::invalid_argument("ternary: weight must not be empty");
-  py::array_t<uint8_t> packed({n, packed_row_bytes(k)});
+  py::array_t<uint8_t> packed = weight_buffer(n, packed_row_bytes(k));
   bool ok;
   {
     py::gil_scoped_release release;
@@ -114,7 +115,7 @@ py::array_t<uint8_t> py_quantize_pack_ternary(const py::array& w, float scale) {
   if (n == 0 || k == 0) throw std::invalid_argument("weight: must not be empty");
   if (!(scale > 0.0f) || !std::isfinite(scale))
     throw std::invalid_argument("scale must be a positive finite number");
-  py::array_t<uint8_t> packed({n, packed_row_bytes(k)});
+  py::array_t<uint8_t> packed = weight_buffer(n, packed_row_bytes(k));
   bool ok;
   {
     py::gil_scoped_release release;
@@ -197,7 +198,8 @@ py::tuple py_quantize_int8_weight(const py::array& w) {
   const std::size_t n = w.shape(0), k = w.shape(1);
   if (n == 0 || k == 0) throw std::invalid_argument("weight: must not be empty");
   const std::size_t kp = int8_padded_k(k);
-  py::array_t<int8_t> data({n, kp});
+  // The int8 weights on huge pages too (int8 and uint8 share the buffer type).
+  py::array_t<int8_t> data = weight_buffer(n, kp).view("int8");
   py::array_t<float> scale(n);
   py::array_t<int32_t> rowsum(n);
   bool ok;
@@ -286,6 +288,9 @@ PYBIND11_MODULE(_native, mod) {
   mod.def("packed_row_bytes", [](std::size_t k) { return packed_row_bytes(k); }, py::arg("k"));
   mod.def("quantize_activations", &py_quantize_activations, py::arg("x"),
           "Per-token absmax int8 quantisation of float32 [M, K]: returns (q int8 [M, K], scale [M]).");
+  mod.def("weight_buffer", &weight_buffer, py::arg("rows"), py::arg("row_bytes"),
+          "A zeroed uint8 [rows, row_bytes] buffer for weights, on 2 MiB pages when it is "
+          "at least 2 MiB (decode streams weights; see csrc/common/huge_pages.h).");
   mod.def("pack_ternary", &py_pack_ternary, py::arg("ternary"),
           "Pack int8 ternary values [N, K] into the 2-bit g256 layout [N, packed_row_bytes(K)].");
   mod.def("quantize_pack_ternary", &py_quantize_pack_ternary, py::arg("weight"), py::arg("scale"),

@@ -39,6 +39,7 @@ __all__ = [
     "get_num_threads",
     "info",
     "int8_linear",
+    "weight_copy",
     "quantize_activations",
     "quantize_int8_weight",
     "quantize_weight",
@@ -218,6 +219,20 @@ class TernaryWeight:
         t = ternary.detach().to(torch.int8).contiguous()
         packed = torch.from_numpy(_require_native().pack_ternary(t.numpy()))
         return cls(packed, float(scale), t.shape[0], t.shape[1])
+
+
+def weight_copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a 2-D 8-bit weight tensor (packed ternary or int8) in weight memory: on
+    2 MiB pages when it is at least 2 MiB (decode streams every weight once per token; see
+    csrc/common/huge_pages.h). A plain copy without the native module."""
+    if t.dim() != 2 or t.element_size() != 1:
+        raise ValueError(f"weight_copy: expected a 2-D 8-bit tensor, got {t.dtype} "
+                         f"{tuple(t.shape)}")
+    if not available():
+        return t.clone()
+    buf = torch.from_numpy(_native.weight_buffer(t.shape[0], t.shape[1])).view(t.dtype)
+    buf.copy_(t)
+    return buf
 
 
 def quantize_weight(w: torch.Tensor) -> TernaryWeight:
