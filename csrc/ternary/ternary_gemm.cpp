@@ -100,7 +100,12 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
     const GemmArgs& g = a[i];
     if (g.M == 0 || g.N == 0) continue;
     total_bytes += g.N * packed_row_bytes(g.K) * g.M;
-    std::size_t grain = (g.N + threads * 4 - 1) / (threads * 4);
+    // Two chunks a thread: enough to balance a worker that started late, few enough that a
+    // fused DoRA epilogue (run at each chunk's end, between two weight streams) rarely
+    // breaks the stream. Measured at 2560x6912, 2 threads, 3 int8 experts (ratio to the
+    // bare GEMV): 8 chunks a thread 1.34, 4 chunks 1.28, 2 chunks 1.23, 1 chunk 1.25;
+    // the bare GEMV itself is 2-3% faster with 2 than with 4.
+    std::size_t grain = (g.N + threads * 2 - 1) / (threads * 2);
     grain = std::max<std::size_t>(16, (grain + 15) / 16 * 16);
     for (std::size_t n0 = 0; n0 < g.N; n0 += grain)
       tasks.push_back({i, n0, std::min(g.N, n0 + grain), false});
