@@ -12,6 +12,7 @@
 #include "common/cpu_features.h"
 #include "common/huge_pages.h"
 #include "common/thread_pool.h"
+#include "ternary/amx.h"
 #include "dora/dora.h"
 #include "model/decode_layer.h"
 #include "ternary/int8_gemm.h"
@@ -53,6 +54,7 @@ py::dict info() {
   d["cpu_features"] = features;
   d["num_threads"] = get_num_threads();
   d["weight_layout"] = "r3mes-2bit-g256";
+  d["amx"] = amx_usable();
   return d;
 }
 
@@ -288,6 +290,9 @@ PYBIND11_MODULE(_native, mod) {
   mod.def("packed_row_bytes", [](std::size_t k) { return packed_row_bytes(k); }, py::arg("k"));
   mod.def("quantize_activations", &py_quantize_activations, py::arg("x"),
           "Per-token absmax int8 quantisation of float32 [M, K]: returns (q int8 [M, K], scale [M]).");
+  mod.def("set_amx_enabled", &set_amx_enabled, py::arg("enabled"),
+          "Let prefill GEMMs (16+ tokens) use AMX where the CPU and OS allow it (default on; "
+          "R3MES_AMX=0 starts with it off). For tests and A/B measurements.");
   mod.def("weight_buffer", &weight_buffer, py::arg("rows"), py::arg("row_bytes"),
           "A zeroed uint8 [rows, row_bytes] buffer for weights, on 2 MiB pages when it is "
           "at least 2 MiB (decode streams weights; see csrc/common/huge_pages.h).");

@@ -94,6 +94,9 @@ struct GemmArgs {
   std::size_t prologue_tasks = 0;
   void (*prologue)(void* ctx, std::size_t task) = nullptr;
   void* prologue_ctx = nullptr;
+  // The AMX kernel's activations (set by ternary_gemm_multi; see ternary/amx.h).
+  const int32_t* q_quads = nullptr;
+  std::size_t m_pad = 0;
 };
 void ternary_gemm(const GemmArgs& args, SimdLevel level);
 // Several independent products in one pool hand-off (a decode layer's q, k and v, or

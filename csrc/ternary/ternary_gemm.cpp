@@ -9,6 +9,7 @@
 #endif
 
 #include "common/thread_pool.h"
+#include "ternary/amx.h"
 #include "ternary/ternary.h"
 
 namespace r3mes {
@@ -58,7 +59,7 @@ inline void relax() {
 void ternary_gemm(const GemmArgs& args, SimdLevel level) { ternary_gemm_multi(&args, 1, level); }
 
 void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel level) {
-  const GemmRowsFn rows_fn = rows_fn_for(level);
+  std::vector<GemmRowsFn> rows_fn(count, rows_fn_for(level));
   std::vector<GemmArgs> a(products, products + count);
   // AVX-512 decodes a whole 256-group per register; reorder the (small) activations
   // once instead of shuffling every weight register. Products that share their
@@ -82,6 +83,23 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
       g.q = permuted[found].data();
     }
   }
+#if defined(R3MES_HAVE_AMX)
+  // Prefill: products with enough tokens go to the tile unit (ternary/amx.h).
+  std::vector<std::vector<int32_t>> quads;
+  if (level == SimdLevel::Avx512Vnni && amx_usable()) {
+    quads.reserve(count);
+    for (std::size_t i = 0; i < count; ++i) {
+      GemmArgs& g = a[i];
+      if (g.M < kAmxMinTokens || g.N == 0) continue;
+      const std::size_t kp = padded_k(g.K);
+      g.m_pad = (g.M + kAmxTokenBlock - 1) / kAmxTokenBlock * kAmxTokenBlock;
+      quads.emplace_back(kp / 4 * g.m_pad);
+      amx_pack_activations(g.q, g.M, kp, quads.back().data(), g.m_pad);
+      g.q_quads = quads.back().data();
+      rows_fn[i] = ternary_gemm_rows_amx;
+    }
+  }
+#endif
   // Prologue tasks first (claimed in order, so before any row chunk), then chunks of
   // every product, each a multiple of the 4-row tile and small enough to balance the
   // threads: one pool hand-off for all of them.
@@ -118,7 +136,7 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
       pending[t.product].fetch_sub(1, std::memory_order_release);
       return;
     }
-    rows_fn(g, t.n0, t.n1);
+    rows_fn[t.product](g, t.n0, t.n1);
     if (g.epilogue != nullptr) {
       while (pending[t.product].load(std::memory_order_acquire) != 0) relax();
       g.epilogue(g.epilogue_ctx, t.n0, t.n1);

@@ -27,6 +27,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  CPU features:     {', '.join(feats) or 'none'}")
         print(f"  threads:          {data['num_threads']}")
         print(f"  weight layout:    {data['weight_layout']}")
+        print(f"  AMX prefill:      {'yes' if data.get('amx') else 'no'}")
     cuda = data["cuda"]
     print(f"  CUDA module:      {'built' if cuda['compiled'] else 'not built'}, "
           f"{cuda['device_count']} device(s)")

@@ -1,0 +1,102 @@
+"""The AMX prefill GEMM (csrc/ternary/amx.h) against the reference and the VNNI kernel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from r3mes import _native, kernels
+from r3mes.kernels import reference
+
+pytestmark = pytest.mark.skipif(
+    not (kernels.available() and _native.info()["amx"]),
+    reason="needs a CPU with AMX-INT8 and an OS that grants the tile state",
+)
+
+# (tokens M >= 16, out N, in K): tails in every direction (N not a multiple of the 32-row
+# block, M not a multiple of the 32-token block, K not a multiple of the 256-group).
+SHAPES = [(16, 1, 1), (17, 33, 257), (40, 130, 300), (100, 260, 777), (33, 64, 2560),
+          (128, 48, 6912)]
+
+
+@pytest.fixture(params=["amx", "vnni"])
+def amx(request):
+    before = kernels.simd_level()
+    kernels.set_simd_level("avx512vnni")
+    _native.set_amx_enabled(request.param == "amx")
+    yield request.param
+    _native.set_amx_enabled(True)
+    kernels.set_simd_level(before)
+
+
+@pytest.fixture(params=[1, 2])
+def threads(request):
+    before = kernels.get_num_threads()
+    kernels.set_num_threads(request.param)
+    yield request.param
+    kernels.set_num_threads(before)
+
+
+def _case(m: int, n: int, k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    w = kernels.quantize_weight(torch.randn(n, k, generator=g))
+    x = torch.randn(m, k, generator=g) * torch.rand(m, 1, generator=g) * 10
+    return w, x
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_integer_products_are_exact(amx, threads, shape) -> None:
+    m, n, k = shape
+    w, x = _case(m, n, k, seed=n + k)
+    q, _ = kernels.quantize_activations(x)
+    got = kernels.ternary_matmul_int(q, w)
+    want = q.to(torch.int64) @ w.unpack().to(torch.int64).t()
+    assert torch.equal(got.to(torch.int64), want)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_float_outputs_match_the_reference_bit_for_bit(amx, threads, shape) -> None:
+    m, n, k = shape
+    w, x = _case(m, n, k, seed=3 * n + k)
+    bias = torch.randn(n)
+    want = reference.ternary_linear(x, w.unpack(), w.scale, bias)
+    assert torch.equal(kernels.ternary_linear(x, w, bias), want)
+    plain = reference.ternary_linear(x, w.unpack(), w.scale)
+    assert torch.equal(kernels.ternary_linear(x, w), plain)
+
+
+def test_fused_dora_prefill_is_identical_with_and_without_amx(threads) -> None:
+    # Prefill of a heterogeneous batch through the fused DoRA call: the AMX rows feed the
+    # same epilogue, so the outputs must not change by a bit.
+    w, x = _case(24, 203, 301, seed=5)
+    adapters = []
+    for e, rank in enumerate((16, 4)):
+        g = torch.Generator().manual_seed(40 + e)
+        a = torch.randn(rank, 301, generator=g) * 0.05
+        b = torch.randn(203, rank, generator=g) * 0.05
+        gain = kernels.dora_gain(torch.rand(203, generator=g) + 0.5,
+                                 kernels.dora_row_norms(w, a, b, 2.0 / rank))
+        adapters.append(kernels.prepare_dora_adapter(a, b, gain, 2.0 / rank, "int8"))
+    mix = torch.rand(24, 2)
+    mix[3] = 0
+    mix = mix / mix.sum(dim=1, keepdim=True).clamp_min(1e-6)
+    before = kernels.simd_level()
+    kernels.set_simd_level("avx512vnni")
+    try:
+        out = {}
+        for flag in (True, False):
+            _native.set_amx_enabled(flag)
+            out[flag] = kernels.dora_linear(x, w, adapters, mix)
+    finally:
+        _native.set_amx_enabled(True)
+        kernels.set_simd_level(before)
+    assert torch.equal(out[True], out[False])
+
+
+def test_info_reports_amx_and_it_can_be_switched_off() -> None:
+    assert kernels.info()["amx"] is True
+    _native.set_amx_enabled(False)
+    try:
+        assert kernels.info()["amx"] is False
+    finally:
+        _native.set_amx_enabled(True)
