@@ -90,10 +90,10 @@ def test_r3mes_manifest_is_versioned_and_hashed(r3mes_dir):
     assert (r3mes_dir / "tokenizer.json").exists()
 
 
-def test_r3mes_tensors_are_memory_mapped_not_copied(r3mes_dir):
+def test_r3mes_tensors_can_stay_memory_mapped(r3mes_dir):
     from r3mes.core.checkpoint import SafetensorsFile
 
-    model, _ = load_model(r3mes_dir)
+    model, _ = load_model(r3mes_dir, weights="mmap")
     sf = SafetensorsFile(r3mes_dir / WEIGHTS_FILE)
     linears = model.base_linears()
     a = linears["model.layers.0.self_attn.q_proj"].ternary.packed
@@ -102,6 +102,25 @@ def test_r3mes_tensors_are_memory_mapped_not_copied(r3mes_dir):
     on_disk = (sf.entries["model.layers.1.mlp.down_proj.packed"][2]
                - sf.entries["model.layers.0.self_attn.q_proj.packed"][2])
     assert b.data_ptr() - a.data_ptr() == on_disk
+
+
+def test_r3mes_weights_load_into_weight_memory_by_default(r3mes_dir):
+    from r3mes.core.checkpoint import SafetensorsFile
+
+    model, _ = load_model(r3mes_dir)
+    mapped, _ = load_model(r3mes_dir, weights="mmap")
+    for name, lin in model.base_linears().items():
+        assert torch.equal(lin.ternary.packed, mapped.base_linears()[name].ternary.packed)
+    assert torch.equal(model.lm_head.int8.data, mapped.lm_head.int8.data)
+    # Copies, not views of one map of the file: their distance is not the on-disk one.
+    sf = SafetensorsFile(r3mes_dir / WEIGHTS_FILE)
+    a = model.base_linears()["model.layers.0.self_attn.q_proj"].ternary.packed
+    b = model.base_linears()["model.layers.1.mlp.down_proj"].ternary.packed
+    on_disk = (sf.entries["model.layers.1.mlp.down_proj.packed"][2]
+               - sf.entries["model.layers.0.self_attn.q_proj.packed"][2])
+    assert b.data_ptr() - a.data_ptr() != on_disk
+    with pytest.raises(ValueError, match="weights"):
+        load_model(r3mes_dir, weights="disk")
 
 
 def test_float_head_survives_conversion(hf_dirs, tmp_path):

@@ -196,6 +196,29 @@ class SafetensorsFile:
     def dtype(self, name: str) -> torch.dtype:
         return self.entries[name][0]
 
+    def take_weight(self, name: str) -> torch.Tensor:
+        """A 2-D 8-bit weight copied into weight memory (:func:`r3mes.kernels.weight_empty`:
+        2 MiB pages for the per-token stream), and the file pages it came through released
+        from this process, so the model is not resident twice."""
+        src = self.get(name)
+        if src.dim() != 2 or src.element_size() != 1 or src.numel() == 0:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is not a 2-D 8-bit weight")
+        dst = kernels.weight_empty(src.shape[0], src.shape[1], src.dtype)
+        row_bytes = src.shape[1]
+        start = self.data_start + self.entries[name][2]
+        step = max(1, (16 << 20) // row_bytes)  # 16 MB at a time: a small transient peak
+        page = mmap.PAGESIZE
+        for r0 in range(0, src.shape[0], step):
+            r1 = min(src.shape[0], r0 + step)
+            dst[r0:r1].copy_(src[r0:r1])
+            # Release the whole file pages just copied: clean copy-on-write pages of a file
+            # opened read-only, so dropping them only means a re-read if touched again.
+            lo = -(-(start + r0 * row_bytes) // page) * page
+            hi = (start + r1 * row_bytes) // page * page
+            if self._mm is not None and hi > lo:
+                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        return dst
+
     def get(self, name: str) -> torch.Tensor:
         """The tensor, backed by the memory map (no copy)."""
         try:
@@ -513,7 +536,8 @@ def _read_manifest(root: Path) -> dict[str, Any]:
     return manifest
 
 
-def _load_r3mes(root: Path, verify: bool) -> tuple[BitNetForCausalLM, str, dict[str, Any]]:
+def _load_r3mes(root: Path, verify: bool,
+                weights: str) -> tuple[BitNetForCausalLM, str, dict[str, Any]]:
     manifest = _read_manifest(root)
     try:
         cfg = BitNetConfig.from_dict(manifest["config"])
@@ -530,7 +554,8 @@ def _load_r3mes(root: Path, verify: bool) -> tuple[BitNetForCausalLM, str, dict[
             raise CheckpointError(f"{wpath}: sha256 {digest} does not match the manifest "
                                   f"({manifest['weights_sha256']}): the file is corrupt")
 
-    def get(name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None) -> torch.Tensor:
+    def get(name: str, shape: tuple[int, ...], dtype: torch.dtype | None = None,
+            weight: bool = False) -> torch.Tensor:
         t = sf.get(name)
         if tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{wpath}: tensor {name!r} has shape {list(t.shape)}, "
@@ -538,7 +563,7 @@ def _load_r3mes(root: Path, verify: bool) -> tuple[BitNetForCausalLM, str, dict[
         if dtype is not None and t.dtype != dtype:
             raise CheckpointError(f"{wpath}: tensor {name!r} has dtype {t.dtype}, "
                                   f"expected {dtype}")
-        return t
+        return sf.take_weight(name) if weight and weights == "memory" else t
 
     shapes = _linear_shapes(cfg)
     layer_linears = []
@@ -547,7 +572,8 @@ def _load_r3mes(root: Path, verify: bool) -> tuple[BitNetForCausalLM, str, dict[
         for name in LINEAR_NAMES:
             key = f"model.layers.{i}.{name}"
             out_f, in_f = shapes[name]
-            packed = get(key + ".packed", (out_f, (in_f + 255) // 256 * 64), torch.uint8)
+            packed = get(key + ".packed", (out_f, (in_f + 255) // 256 * 64), torch.uint8,
+                         weight=True)
             scale = float(get(key + ".weight_scale", (1,), torch.float32).item())
             if not (scale > 0 and np.isfinite(scale)):
                 raise CheckpointError(f"{wpath}: tensor {key + '.weight_scale'!r} must be "
@@ -560,7 +586,7 @@ def _load_r3mes(root: Path, verify: bool) -> tuple[BitNetForCausalLM, str, dict[
     if manifest["head"] == HEAD_KINDS["int8"]:
         kp = (h + 63) // 64 * 64
         head = LMHead("int8", v, h, int8=kernels.Int8Weight(
-            get("lm_head.qweight", (v, kp), torch.int8),
+            get("lm_head.qweight", (v, kp), torch.int8, weight=True),
             get("lm_head.weight_scale", (v,), torch.float32),
             get("lm_head.row_sums", (v,), torch.int32), v, h))
     elif manifest["head"] == HEAD_KINDS["float"]:
@@ -572,8 +598,11 @@ def _load_r3mes(root: Path, verify: bool) -> tuple[BitNetForCausalLM, str, dict[
     return model, manifest["head"], manifest
 
 
-def load_model(path: str | os.PathLike[str], *, head: str = "int8",
-               verify: bool = False) -> tuple[BitNetForCausalLM, LoadInfo]:
+WEIGHT_MODES = ("memory", "mmap")
+
+
+def load_model(path: str | os.PathLike[str], *, head: str = "int8", verify: bool = False,
+               weights: str = "memory") -> tuple[BitNetForCausalLM, LoadInfo]:
     """Load a BitNet model from a local directory (HF or r3mes packed).
 
     Args:
@@ -584,18 +613,26 @@ def load_model(path: str | os.PathLike[str], *, head: str = "int8",
         verify: for r3mes directories, also check the weights file's sha256 against the
             manifest (reads the whole file: ~1 s per GB). Without it the header, every
             tensor's shape/dtype/offsets and the file size are still checked.
+        weights: for r3mes directories, where the packed weights and the int8 head live:
+            ``"memory"`` (default) copies them into weight memory on 2 MiB pages, which
+            decodes ~8% faster than streaming them from the file's 4 KiB page-cache pages
+            (load takes ~0.3 s longer for a 2B model; the file pages are released, so the
+            weights are resident once); ``"mmap"`` keeps them as views of the file's memory
+            map (fastest load, pages shared between processes that map the same file).
 
     Raises:
         CheckpointError: naming the file (and tensor) that is missing, malformed or corrupt.
     """
     if head not in HEAD_KINDS:
         raise ValueError(f"head: expected one of {sorted(HEAD_KINDS)}, got {head!r}")
+    if weights not in WEIGHT_MODES:
+        raise ValueError(f"weights: expected one of {list(WEIGHT_MODES)}, got {weights!r}")
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"{root}: not a directory")
     t0 = time.perf_counter()
     if (root / MANIFEST).exists():
-        model, head_kind, manifest = _load_r3mes(root, verify)
+        model, head_kind, manifest = _load_r3mes(root, verify, weights)
         info = LoadInfo(str(root), "r3mes", head_kind, 0.0, manifest["weights_sha256"],
                         [manifest["weights_file"]])
     else:

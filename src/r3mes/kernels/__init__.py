@@ -40,6 +40,7 @@ __all__ = [
     "info",
     "int8_linear",
     "weight_copy",
+    "weight_empty",
     "quantize_activations",
     "quantize_int8_weight",
     "quantize_weight",
@@ -221,16 +222,24 @@ class TernaryWeight:
         return cls(packed, float(scale), t.shape[0], t.shape[1])
 
 
+def weight_empty(rows: int, cols: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A zeroed 8-bit weight tensor [rows, cols] in weight memory: on 2 MiB pages when it is
+    at least 2 MiB (decode streams every weight once per token; see
+    csrc/common/huge_pages.h). Ordinary memory without the native module."""
+    if dtype not in (torch.uint8, torch.int8):
+        raise ValueError(f"weight memory holds 8-bit weights, got {dtype}")
+    if not available():
+        return torch.zeros(rows, cols, dtype=dtype)
+    return torch.from_numpy(_native.weight_buffer(rows, cols)).view(dtype)
+
+
 def weight_copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of a 2-D 8-bit weight tensor (packed ternary or int8) in weight memory: on
-    2 MiB pages when it is at least 2 MiB (decode streams every weight once per token; see
-    csrc/common/huge_pages.h). A plain copy without the native module."""
+    """A copy of a 2-D 8-bit weight tensor (packed ternary or int8) in weight memory
+    (:func:`weight_empty`)."""
     if t.dim() != 2 or t.element_size() != 1:
         raise ValueError(f"weight_copy: expected a 2-D 8-bit tensor, got {t.dtype} "
                          f"{tuple(t.shape)}")
-    if not available():
-        return t.clone()
-    buf = torch.from_numpy(_native.weight_buffer(t.shape[0], t.shape[1])).view(t.dtype)
+    buf = weight_empty(t.shape[0], t.shape[1], t.dtype)
     buf.copy_(t)
     return buf
 
