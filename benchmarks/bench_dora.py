@@ -19,6 +19,7 @@ import itertools
 
 import pytest
 import torch
+from warmup import warm_up
 
 from r3mes import kernels
 
@@ -97,7 +98,8 @@ def test_dora_decode(benchmark, record_row, layer_copies, impl, experts):
         def call():
             _unfused(x, next(it), experts)
     try:
-        benchmark.pedantic(call, rounds=400, iterations=1, warmup_rounds=40)
+        warm_up(call)
+        benchmark.pedantic(call, rounds=400, iterations=1, warmup_rounds=0)
     finally:
         kernels.set_num_threads(before_native)
         torch.set_num_threads(before_torch)

@@ -23,6 +23,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from warmup import warm_up
 
 from r3mes import kernels
 
@@ -31,7 +32,6 @@ SHAPES = {"2560x2560": (2560, 2560), "2560x6912": (2560, 6912), "6912x2560": (69
 HEAD = (128256, 2560)
 WORKING_SET_BYTES = 640 * 1024 * 1024  # beyond this VM's 480 MiB L3
 MIN_COPIES = 16
-WARM_UP_SECONDS = 0.5
 
 
 def _copies(nbytes: int) -> int:
@@ -51,15 +51,6 @@ def _float_weights(out_f: int, in_f: int, dtype: torch.dtype) -> list[torch.Tens
     return [w.clone() for _ in range(_copies(w.numel() * w.element_size()))]
 
 
-def _warm_up(fn, seconds: float = WARM_UP_SECONDS) -> None:
-    """Run fn for a while before timing it: after an idle moment (a sleep, a probe on other
-    cores) this VM needs ~0.1-0.3 s before memory-bound loops reach their steady speed;
-    calls timed inside that window ran 2-4x slower here."""
-    end = time.perf_counter() + seconds
-    while time.perf_counter() < end:
-        fn()
-
-
 def _run(benchmark, record_row, bandwidth_probe, *, op, label, impl, tokens, threads,
          weights, call, weight_bytes, rounds):
     cycle = itertools.cycle(weights)
@@ -67,7 +58,7 @@ def _run(benchmark, record_row, bandwidth_probe, *, op, label, impl, tokens, thr
     torch.set_num_threads(threads)
     if kernels.available():
         kernels.set_num_threads(threads)
-    _warm_up(lambda: call(next(cycle)))
+    warm_up(lambda: call(next(cycle)))
     benchmark.pedantic(lambda: call(next(cycle)), rounds=rounds, iterations=1, warmup_rounds=2)
     seconds = benchmark.stats.stats.median
     gbs = weight_bytes / seconds / 1e9
@@ -142,7 +133,7 @@ def _side_by_side(out_f: int = 6912, in_f: int = 2560, threads: int = 2, blocks:
                   seconds: float = 1.0) -> None:
     """Script mode: the decode GEMV and a read-only sum alternated in blocks, so both see
     the same machine state (the shared VM's bandwidth drifts); each block runs its
-    operation for ``seconds`` and keeps the second half (see _warm_up). Weights and the
+    operation for ``seconds`` and keeps the second half (see warmup.py). Weights and the
     summed array are both numpy allocations (huge pages where the kernel grants them: a
     4 KiB-page sum reaches ~20% less here, which would flatter the ratio)."""
     import statistics
