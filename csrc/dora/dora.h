@@ -68,6 +68,9 @@
 namespace r3mes {
 
 constexpr std::size_t kDoraTile = 16;
+// The int16 grids of the int8 path (x per token, z per token and adapter) treat a vector
+// whose largest magnitude is below this as zero: 32767 / max would overflow float.
+constexpr float kX16Floor = 1e-30f;
 
 // IEEE binary16 <-> binary32, round to nearest even (the scalar spec).
 uint16_t float_to_half(float f);
@@ -103,8 +106,8 @@ DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const fl
                               DoraStorage storage);
 
 // The int16 grid of an int8 adapter's z (see above): writes z16[0, rank2) (the padding
-// rank as 0) and returns sz (0 for an all-zero z). Q keeps rank2 * 127 * Q < 2^31, so the
-// epilogue's int32 sums cannot overflow.
+// rank as 0) and returns sz (0, with z16 = 0, when max|z| < kX16Floor). Q keeps
+// rank2 * 127 * Q < 2^31, so the epilogue's int32 sums cannot overflow.
 float quantize_z16(const float* z, std::size_t rank, std::size_t rank2, int16_t* z16);
 
 // Everything the epilogue needs for one call (built by dora_linear).
@@ -147,7 +150,9 @@ float dora_dot_f32_avx512(const float* x, const float* a, std::size_t k);
 float dora_dot_f16_avx512(const float* x, const uint16_t* a, std::size_t k);
 
 // The int8 A pass: exact sum_k a[k] x16[k] of an int8 row and an int16 row, and the int16
-// grid of a float row (x16[k] = round_half_even(x[k] * inv), |x[k] * inv| <= 32767).
+// grid of a float row (x16[k] = round_half_even(x[k] * inv), |x[k] * inv| <= 32767). A token
+// with max|x| below kX16Floor gets x16 = 0.
+
 int64_t dora_dot_i8x16_scalar(const int8_t* a, const int16_t* x16, std::size_t k);
 int64_t dora_dot_i8x16_avx2(const int8_t* a, const int16_t* x16, std::size_t k);
 int64_t dora_dot_i8x16_avx512(const int8_t* a, const int16_t* x16, std::size_t k);

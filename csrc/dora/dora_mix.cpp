@@ -177,7 +177,7 @@ float quantize_z16(const float* z, std::size_t rank, std::size_t rank2, int16_t*
   float mx = 0.0f;
   for (std::size_t j = 0; j < rank; ++j) mx = std::max(mx, std::fabs(z[j]));
   std::fill(z16, z16 + rank2, int16_t{0});
-  if (mx == 0.0f) return 0.0f;
+  if (mx < kX16Floor) return 0.0f;  // also keeps mx / q from underflowing to 0
   const float q = static_cast<float>(
       std::min<std::size_t>(32767, 2147483647u / (127u * std::max<std::size_t>(rank2, 1))));
   const float sz = mx / q;
@@ -381,7 +381,9 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
       x16_scale_.resize(M);
       for (std::size_t m = 0; m < M; ++m) {
         bool finite = true;
-        const float mx = isa.absmax(x + m * K, K, &finite);
+        float mx = isa.absmax(x + m * K, K, &finite);
+        // Below kX16Floor, 32767 / max|x| would overflow: such a token's adapter path is 0.
+        if (mx < kX16Floor) mx = 0.0f;
         const float inv = mx > 0.0f ? 32767.0f / mx : 0.0f;
         x16_scale_[m] = mx / 32767.0f;
         isa.quant_x16(x + m * K, K, inv, x16_.data() + m * K);

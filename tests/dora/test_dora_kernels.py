@@ -151,6 +151,19 @@ def test_int8_storage_follows_its_reference_with_an_outlier_activation(simd):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
 
+def test_int8_storage_with_vanishing_activations_stays_finite(simd):
+    # max|x| = 1e-35: 32767 / max|x| would overflow float, so the A pass must see x as 0
+    # (the kernel and the reference agree) instead of turning it into NaN.
+    w = _weight(40, 300, seed=12)
+    ad, _ = _adapter(w, 8, 13, "int8")
+    x = torch.full((2, 300), 1e-35)
+    x[1] = torch.randn(300)  # a normal token next to it is unaffected
+    y = kernels.dora_linear(x, w, [ad], torch.ones(1, 1))
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y, kernels.dora_linear_reference(x, w, [ad], torch.ones(1, 1)),
+                               rtol=1e-5, atol=1e-6)
+
+
 def test_int8_a_pass_sums_exactly_past_int32_range(simd):
     # K = 9000 (past the 4096 / 2048 blocks) with every |A8| = 127 and |x16| = 32767:
     # sums of 3.7e10 overflow int32 unless each block is widened to int64.

@@ -379,9 +379,11 @@ def _int8_effective(t: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.clamp(torch.round(t / scale), -127, 127) * scale
 
 
-def _int16_grid(t: torch.Tensor, qmax: float) -> torch.Tensor:
-    """Each row of t on a grid of max|row| / qmax (round half to even), dequantised."""
+def _int16_grid(t: torch.Tensor, qmax: float, floor: float = 0.0) -> torch.Tensor:
+    """Each row of t on a grid of max|row| / qmax (round half to even), dequantised; a row
+    whose max|row| is below ``floor`` becomes 0."""
     amax = t.abs().amax(dim=1, keepdim=True)
+    amax = torch.where(amax < floor, torch.zeros_like(amax), amax)
     inv = torch.where(amax == 0, torch.zeros_like(amax), qmax / amax)
     return torch.clamp(torch.round(t * inv), -qmax, qmax) * (amax / qmax)
 
@@ -396,8 +398,8 @@ def _int8_low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     qmax = float(min(32767, (2**31 - 1) // (127 * rank2)))
     amax_b = lora_b.abs().amax(dim=0)
     sb = torch.where(amax_b == 0, torch.ones_like(amax_b), amax_b / 127.0)
-    z = (_int16_grid(x, 32767.0).double() @ a.t().double()) * sb.double()
-    return ((_int16_grid(z, qmax) / sb.double()) @ b.t().double()).to(x.dtype)
+    z = (_int16_grid(x, 32767.0, floor=1e-30).double() @ a.t().double()) * sb.double()
+    return ((_int16_grid(z, qmax, floor=1e-30) / sb.double()) @ b.t().double()).to(x.dtype)
 
 
 def _fp16_effective(t: torch.Tensor) -> torch.Tensor:
