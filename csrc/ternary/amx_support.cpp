@@ -3,7 +3,6 @@
 // tile instruction faults).
 #include <atomic>
 #include <cstdlib>
-#include <mutex>
 #include <string>
 
 #if defined(__linux__) && defined(__x86_64__)
