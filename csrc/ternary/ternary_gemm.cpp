@@ -59,7 +59,7 @@ inline void relax() {
 void ternary_gemm(const GemmArgs& args, SimdLevel level) { ternary_gemm_multi(&args, 1, level); }
 
 void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel level) {
-  std::vector<GemmRowsFn> rows_fn(count, rows_fn_for(level));
+  const GemmRowsFn rows_fn = rows_fn_for(level);
   std::vector<GemmArgs> a(products, products + count);
   // AVX-512 decodes a whole 256-group per register; reorder the (small) activations
   // once instead of shuffling every weight register. Products that share their
@@ -95,8 +95,7 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
       g.m_pad = (g.M + kAmxTokenBlock - 1) / kAmxTokenBlock * kAmxTokenBlock;
       quads.emplace_back(kp / 4 * g.m_pad);
       amx_pack_activations(g.q, g.M, kp, quads.back().data(), g.m_pad);
-      g.q_quads = quads.back().data();
-      rows_fn[i] = ternary_gemm_rows_amx;
+      g.q_quads = quads.back().data();  // which also routes this product to the AMX rows
     }
   }
 #endif
@@ -136,7 +135,12 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
       pending[t.product].fetch_sub(1, std::memory_order_release);
       return;
     }
-    rows_fn[t.product](g, t.n0, t.n1);
+#if defined(R3MES_HAVE_AMX)
+    if (g.q_quads != nullptr)
+      ternary_gemm_rows_amx(g, t.n0, t.n1);
+    else
+#endif
+      rows_fn(g, t.n0, t.n1);
     if (g.epilogue != nullptr) {
       while (pending[t.product].load(std::memory_order_acquire) != 0) relax();
       g.epilogue(g.epilogue_ctx, t.n0, t.n1);

@@ -35,6 +35,14 @@ needs_gpu = pytest.mark.skipif(
 ODD_SHAPES = [(1, 1), (3, 255), (17, 257), (33, 1000), (1001, 64), (5, 63), (2, 65)]  # (N, K)
 
 
+def _finished(out: torch.Tensor, used: str, kernel: str) -> torch.Tensor:
+    """Wait for the launch, check the binding ran the kernel asked for, return out on CPU."""
+    torch.cuda.synchronize()
+    if kernel != "auto":
+        assert used == kernel
+    return out.cpu()
+
+
 def _native():
     from r3mes import _native_cuda
 
@@ -269,10 +277,7 @@ def _poisoned_gemm(x_gpu, w, kernel, integer, bias=None):
                                 m, w.out_features, k, w.scale,
                                 0 if bias is None else bias.data_ptr(), out.data_ptr(), 0, stream,
                                 kernel)
-    torch.cuda.synchronize()
-    if kernel != "auto":
-        assert used == kernel
-    return out.cpu()
+    return _finished(out, used, kernel)
 
 
 @needs_gpu
@@ -341,10 +346,7 @@ def _poisoned_dora(x, w, adapters, mix, bias, base_weight, kernel):
         [ad.native() for ad in adapters], mix.data_ptr(), mix.shape[0],
         0 if base_weight is None else base_weight.data_ptr(), out.data_ptr(),
         torch.cuda.current_stream().cuda_stream, kernel)
-    torch.cuda.synchronize()
-    if kernel != "auto":
-        assert used == kernel
-    return out.cpu()
+    return _finished(out, used, kernel)
 
 
 @needs_gpu

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from r3mes.kernels import reference
+from r3mes.kernels._checks import FLOAT_DTYPES, check_float_features
 
 try:
     from r3mes import _native
@@ -51,7 +52,6 @@ __all__ = [
     "use_native",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def available() -> bool:
@@ -123,20 +123,11 @@ def _as_float32_matrix(x: torch.Tensor, name: str, in_features: int | None = Non
     """x [..., K] -> float32 [M, K]; with ``in_features``, K must equal it."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    check_float_features(x, name, in_features)
     if x.device.type != "cpu":
         raise ValueError(f"{name}: the CPU kernels need a CPU tensor, got device {x.device}")
-    if x.dim() == 0:
-        raise ValueError(f"{name}: expected at least 1 dimension, got a scalar")
     if not x.is_contiguous():
         raise ValueError(f"{name}: must be contiguous (call .contiguous())")
-    if x.shape[-1] == 0:
-        raise ValueError(f"{name}: last dimension (features) must be > 0")
-    if in_features is not None and x.shape[-1] != in_features:
-        raise ValueError(
-            f"{name}: has {x.shape[-1]} features, weight expects in_features={in_features}"
-        )
     return x.detach().to(torch.float32).reshape(-1, x.shape[-1])
 
 
@@ -250,7 +241,7 @@ def quantize_weight(w: torch.Tensor) -> TernaryWeight:
     The scale is computed in float32 by torch exactly as the reference does, so the
     ternary values match the reference bit for bit.
     """
-    if not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT_DTYPES:
+    if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
         raise TypeError("weight: expected a floating-point torch.Tensor")
     if w.dim() != 2 or w.numel() == 0:
         raise ValueError(f"weight: expected a non-empty 2-D tensor, got shape {tuple(w.shape)}")
@@ -371,11 +362,16 @@ def _pow2_scale(t: torch.Tensor) -> float:
     return float(2.0 ** int(torch.frexp(torch.tensor(mx, dtype=torch.float32)).exponent))
 
 
-def _int8_effective(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Symmetric absmax int8 along ``dim`` (scale max|t| / 127, 1 for zeros), round half to
-    even, dequantised: the values the int8 kernel storage represents (csrc/dora/dora.h)."""
+def _int8_scale(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """The int8 storage's symmetric absmax scale along ``dim``: max|t| / 127, 1 for zeros."""
     amax = t.abs().amax(dim=dim, keepdim=True)
-    scale = torch.where(amax == 0, torch.ones_like(amax), amax / 127.0)
+    return torch.where(amax == 0, torch.ones_like(amax), amax / 127.0)
+
+
+def _int8_effective(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Symmetric absmax int8 along ``dim``, round half to even, dequantised: the values the
+    int8 kernel storage represents (csrc/dora/dora.h)."""
+    scale = _int8_scale(t, dim)
     return torch.clamp(torch.round(t / scale), -127, 127) * scale
 
 
@@ -396,8 +392,7 @@ def _int8_low_rank(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
     rank = a.shape[0]
     rank2 = rank + rank % 2
     qmax = float(min(32767, (2**31 - 1) // (127 * rank2)))
-    amax_b = lora_b.abs().amax(dim=0)
-    sb = torch.where(amax_b == 0, torch.ones_like(amax_b), amax_b / 127.0)
+    sb = _int8_scale(lora_b, dim=0)[0]
     z = (_int16_grid(x, 32767.0, floor=1e-30).double() @ a.t().double()) * sb.double()
     return ((_int16_grid(z, qmax, floor=1e-30) / sb.double()) @ b.t().double()).to(x.dtype)
 
@@ -654,7 +649,7 @@ class Int8Weight:
 
 def quantize_int8_weight(w: torch.Tensor) -> Int8Weight:
     """Per-row absmax int8 quantisation of float weights [out, in]."""
-    if not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT_DTYPES:
+    if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
         raise TypeError("weight: expected a floating-point torch.Tensor")
     if w.dim() != 2 or w.numel() == 0:
         raise ValueError(f"weight: expected a non-empty 2-D tensor, got shape {tuple(w.shape)}")

@@ -31,6 +31,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from r3mes.kernels._checks import check_float_features
+
 if TYPE_CHECKING:  # r3mes.kernels imports this module lazily; avoid a cycle at import time
     from r3mes.kernels import DoRAKernelAdapter, TernaryWeight
 
@@ -58,7 +60,6 @@ __all__ = [
     "ternary_matmul_int",
 ]
 
-_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 KERNELS = ("auto", "gemv", "mma")
 ADAPTER_STORAGES = ("fp16", "fp32")
 
@@ -158,16 +159,7 @@ def _as_cuda_f32_matrix(
     """x [..., K] float on a CUDA device -> (contiguous float32 [M, K], leading shape);
     with ``in_features``, K must equal it."""
     x = _check_cuda_tensor(x, name, device)
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-    if x.dim() == 0:
-        raise ValueError(f"{name}: expected at least 1 dimension, got a scalar")
-    if x.shape[-1] == 0:
-        raise ValueError(f"{name}: last dimension (features) must be > 0")
-    if in_features is not None and x.shape[-1] != in_features:
-        raise ValueError(
-            f"{name}: has {x.shape[-1]} features, weight expects in_features={in_features}"
-        )
+    check_float_features(x, name, in_features)
     x2 = x.detach().to(torch.float32).contiguous().reshape(-1, x.shape[-1])
     return x2, tuple(x.shape[:-1])
 
