@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 namespace r3mes {
 
@@ -20,5 +21,14 @@ constexpr std::size_t kHugePageBytes = std::size_t{2} << 20;
 // ordinary numpy allocation. Throws
 // std::bad_alloc when the memory is not there.
 pybind11::array_t<uint8_t> weight_buffer(std::size_t rows, std::size_t row_bytes);
+
+// Zero-initialised memory for buffers too small for huge pages of their own but read with
+// the weights on every token (DoRA adapters: ~180 KB each, 630 of them for three experts
+// on a 2B model). They are carved one after another out of shared slabs of kArenaSlabBytes
+// on 2 MiB pages; a slab is unmapped when the last buffer in it is freed (buffers loaded
+// together, one expert's, share slabs and go together). 64-byte aligned. Thread-safe.
+// Buffers larger than half a slab get a mapping of their own. Throws std::bad_alloc.
+constexpr std::size_t kArenaSlabBytes = std::size_t{32} << 20;
+std::shared_ptr<uint8_t> arena_buffer(std::size_t bytes);
 
 }  // namespace r3mes

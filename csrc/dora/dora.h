@@ -15,9 +15,21 @@
 // base weight b[m] adds b[m] * base (a mix entry "no adapter", used when an
 // expert does not cover this layer).
 //
+// The kernel computes it in that second form, with each adapter's gain folded into its
+// B at load (G_e = g_e (.) B_e, stored in B's place) and the base output's factor
+//
+//   c[m, n] = b[m] + sum_e w[m,e] g_e[n]          (1 for a token with no expert)
+//
+// either summed from the g_e as the epilogue goes, or read from a table made once for a
+// mix that stays the same over many calls (a query's decode: dora_base_factor), so that
+// decode reads one float a row for the base instead of one per adapter:
+//
+//   y[m, n] = c[m, n] base[m, n] + sum_e (w[m,e] s_e) G_e[n] . z_e[m] + bias[n]
+//
 // Adapter storage for the kernel ("merge" step, done once at load)
 // -----------------------------------------------------------------
-// A is kept row-major [r, K]. B is kept transposed and tiled by 16 output
+// "B" below is G = g (.) B, the gain folded in. A is kept row-major [r, K]. B is kept
+// transposed and tiled by 16 output
 // rows, so one 16-row block of outputs reads one contiguous run per adapter:
 //
 //   bt[(t * r + j) * 16 + l] = B[16 t + l, j]      (rows >= N zero-padded)
@@ -59,6 +71,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -72,6 +85,7 @@ constexpr std::size_t kDoraTile = 16;
 // whose largest magnitude is below this as zero: 32767 / max would overflow float.
 constexpr float kX16Floor = 1e-30f;
 
+
 // IEEE binary16 <-> binary32, round to nearest even (the scalar spec).
 uint16_t float_to_half(float f);
 float half_to_float(uint16_t h);
@@ -81,15 +95,31 @@ enum class DoraStorage { F32, F16, I8 };
 DoraStorage parse_dora_storage(const std::string& name);  // "fp32" | "fp16" | "int8"
 const char* dora_storage_name(DoraStorage s);
 
+// A typed view of part of an adapter's storage buffer.
+template <class T>
+struct Span {
+  T* ptr = nullptr;
+  std::size_t n = 0;
+  T* data() const { return ptr; }
+  std::size_t size() const { return n; }
+  T& operator[](std::size_t i) const { return ptr[i]; }
+  T* begin() const { return ptr; }
+  T* end() const { return ptr + n; }
+};
+
+// Everything an adapter's kernel form reads lives in one buffer from the huge-page arena
+// (common/huge_pages.h): decode reads it with the weights on every token, and on 4 KiB
+// pages its ~45 pages per adapter would each cost a TLB walk per token. Copies share it.
 struct DoraAdapter {
   std::size_t rank = 0, in = 0, out = 0, out_padded = 0;
   std::size_t rank2 = 0;            // rank rounded up to even (int8 B layout)
   DoraStorage storage = DoraStorage::F32;
-  std::vector<uint16_t> a16, bt16;  // fp16 storage
-  std::vector<float> a32, bt32;     // fp32 storage
-  std::vector<int8_t> a8, bt8;      // int8 storage
-  std::vector<float> z_scale;       // int8: [rank] sa[j] * sb[j]
-  std::vector<float> g;             // [out_padded], zero-padded
+  std::shared_ptr<uint8_t> buffer;  // owns the spans below
+  Span<uint16_t> a16, bt16;         // fp16 storage
+  Span<float> a32, bt32;            // fp32 storage
+  Span<int8_t> a8, bt8;             // int8 storage
+  Span<float> z_scale;              // int8: [rank] sa[j] * sb[j]
+  Span<float> g;                    // [out_padded], zero-padded
   float coef = 0.0f;                // s * a_scale * b_scale
   float scaling = 0.0f, a_scale = 1.0f, b_scale = 1.0f;
 
@@ -110,6 +140,12 @@ DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const fl
 // rank2 * 127 * Q < 2^31, so the epilogue's int32 sums cannot overflow.
 float quantize_z16(const float* z, std::size_t rank, std::size_t rank2, int16_t* z16);
 
+// The base output's factor c (see above) of every row of a mix: [mix_rows, out]. mix
+// [mix_rows, E]; base_weight [mix_rows] or nullptr; the adapters all of one shape.
+std::vector<float> dora_base_factor(const std::vector<const DoraAdapter*>& adapters,
+                                    const float* mix, const float* base_weight,
+                                    std::size_t mix_rows);
+
 // Everything the epilogue needs for one call (built by dora_linear).
 struct DoraMix {
   std::size_t M = 0, N = 0;
@@ -120,19 +156,21 @@ struct DoraMix {
   std::vector<uint32_t> act_e;      // adapter index of each entry
   std::vector<float> act_w;         // its mix weight
   std::vector<float> base_w;        // [M]: weight of the bare base output in the mix
+  // c from dora_base_factor ([1 or M, N]) or nullptr: the epilogue sums it from the g_e.
+  const float* base_factor = nullptr;
+  std::size_t base_factor_rows = 1;
   std::vector<std::size_t> z_off;   // [E]: column offset of adapter e in z
   std::size_t z_cols = 0;           // sum of ranks
   std::vector<float> z;             // [M, z_cols]: A_e x_m (fp16 path: A16 x_m)
-};
-
-// One token's z on the int16 grid for every adapter in its mix, in mix order (each
-// adapter rank2 wide; entries of non-int8 adapters unused), and each one's sz. Every
-// epilogue call quantises for itself (a few dozen values), into a per-thread buffer that
-// keeps its capacity: the same z gives the same grid whichever worker runs which rows.
-struct DoraZ16 {
-  std::vector<int16_t> values;
-  std::vector<float> scale;  // [entries of token m]
-  const int16_t* quantize(const DoraMix& p, std::size_t m);
+  // Each mix entry's z on the int16 grid (int8 adapters; rank2 wide, the padding rank 0)
+  // and its sz: made once per call, after the A pass (quantize_z), by whichever worker
+  // finishes the A pass last, so every epilogue call reads the same grid.
+  std::vector<std::size_t> z16_off;  // [entries]
+  std::vector<int16_t> z16;
+  std::vector<float> z16_scale;      // [entries]
+  void quantize_z();
+  // c[m, n] of a token with at least one mix entry.
+  float factor(std::size_t m, std::size_t n) const;
 };
 
 // Per-ISA epilogue over output rows [n0, n1) for all tokens.
@@ -175,11 +213,13 @@ class DoraCall {
   bool prepare(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
                std::size_t N, float w_scale, const float* bias,
                const std::vector<const DoraAdapter*>& adapters, const float* mix,
-               const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level);
+               const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level,
+               const float* base_factor = nullptr);
   GemmArgs args{};
 
  private:
   static void a_pass_task(void* ctx, std::size_t task);
+  static void a_pass_finish(void* ctx);
 
   DoraMix mix_;
   // The A pass (run as prologue tasks of a_grain_ rows of z each).
@@ -200,11 +240,13 @@ class DoraCall {
 
 // y [M, N] = the fused DoRA mix of x [M, K] (see above). mix is [mix_rows, E]
 // with mix_rows == 1 (same mix for every token) or M; base_weight (nullable) is
-// [mix_rows]. Returns false if x holds NaN/Inf.
+// [mix_rows]; base_factor (nullable) is dora_base_factor of this same mix. Returns false
+// if x holds NaN/Inf.
 bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
                  std::size_t N, float w_scale, const float* bias,
                  const std::vector<const DoraAdapter*>& adapters, const float* mix,
-                 const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level);
+                 const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level,
+                 const float* base_factor = nullptr);
 
 // out [N, R] = T . a^T with T the ternary values (not divided by s_w), a [R, K]
 // float32, accumulated in float32: the exact-in-float ternary x float product.

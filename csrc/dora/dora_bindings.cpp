@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <stdexcept>
 #include <string>
@@ -42,30 +43,59 @@ DoraAdapter py_make_adapter(const py::array& a, const py::array& b, const py::ar
                            out, scaling, kind);
 }
 
-py::array_t<float> py_dora_linear(const py::array& x, const py::array& packed, std::size_t k,
-                                  float w_scale, const py::object& bias,
-                                  const std::vector<const DoraAdapter*>& adapters,
-                                  const py::array& mix, const py::object& base_weight) {
-  check_array<float>(x, "x", 2);
-  check_packed_k(packed, k);
-  check_dim(x.shape(1), k, "x features (in_features)");
-  if (!(w_scale > 0.0f) || !std::isfinite(w_scale))
-    throw std::invalid_argument("w_scale must be a positive finite number");
-  const std::size_t m = x.shape(0), n = packed.shape(0), e = adapters.size();
+// A validated mix: adapters all of [n, k], mix [rows, E] finite, base_weight [rows].
+struct CheckedMix {
+  py::array mix, base_weight;  // keep the buffers the pointers point into
+  const float* mix_ptr = nullptr;
+  const float* base_weight_ptr = nullptr;
+  std::size_t rows = 0;
+};
+
+// tokens: the call's token count (mix has 1 row or one per token), 0 for any row count.
+CheckedMix check_mix(const std::vector<const DoraAdapter*>& adapters, std::size_t n,
+                     std::size_t k, const py::array& mix, const py::object& base_weight,
+                     std::size_t tokens) {
+  const std::size_t e = adapters.size();
   for (std::size_t i = 0; i < e; ++i) {
     if (adapters[i] == nullptr) throw std::invalid_argument("adapters: None in the list");
     check_dim(adapters[i]->in, k, "adapter " + std::to_string(i) + " in_features");
     check_dim(adapters[i]->out, n, "adapter " + std::to_string(i) + " out_features");
   }
+  CheckedMix c;
+  c.mix = mix;
   check_array<float>(mix, "mix", 2);
-  const std::size_t mix_rows = mix.shape(0);
+  c.rows = mix.shape(0);
   check_dim(mix.shape(1), e, "mix columns (number of adapters)");
-  if (mix_rows != 1 && mix_rows != m)
-    throw std::invalid_argument("mix: expected 1 row or one per token (" + std::to_string(m) +
-                                "), got " + std::to_string(mix_rows));
-  const float* mp = data_of<float>(mix);
-  for (std::size_t i = 0; i < mix_rows * e; ++i)
-    if (!std::isfinite(mp[i])) throw std::invalid_argument("mix: contains NaN or Inf");
+  if (tokens != 0 && c.rows != 1 && c.rows != tokens)
+    throw std::invalid_argument("mix: expected 1 row or one per token (" +
+                                std::to_string(tokens) + "), got " + std::to_string(c.rows));
+  if (c.rows == 0) throw std::invalid_argument("mix: has no rows");
+  c.mix_ptr = data_of<float>(mix);
+  for (std::size_t i = 0; i < c.rows * e; ++i)
+    if (!std::isfinite(c.mix_ptr[i])) throw std::invalid_argument("mix: contains NaN or Inf");
+  if (!base_weight.is_none()) {
+    c.base_weight = py::array::ensure(base_weight);
+    check_array<float>(c.base_weight, "base_weight", 1);
+    check_dim(c.base_weight.shape(0), c.rows, "base_weight length (rows of mix)");
+    c.base_weight_ptr = data_of<float>(c.base_weight);
+    for (std::size_t i = 0; i < c.rows; ++i)
+      if (!std::isfinite(c.base_weight_ptr[i]))
+        throw std::invalid_argument("base_weight: NaN or Inf");
+  }
+  return c;
+}
+
+// The call shared by both entry points, after their own checks of x (a 2-D float32 array),
+// the packed weight and the mix.
+py::array_t<float> run_dora_linear(const py::array& x, const py::array& packed, std::size_t k,
+                                   float w_scale, const py::object& bias,
+                                   const std::vector<const DoraAdapter*>& adapters,
+                                   const float* mix, const float* base_weight,
+                                   std::size_t mix_rows, const float* base_factor) {
+  check_dim(x.shape(1), k, "x features (in_features)");
+  if (!(w_scale > 0.0f) || !std::isfinite(w_scale))
+    throw std::invalid_argument("w_scale must be a positive finite number");
+  const std::size_t m = x.shape(0), n = packed.shape(0);
   const float* bias_ptr = nullptr;
   py::array bias_arr;
   if (!bias.is_none()) {
@@ -73,16 +103,6 @@ py::array_t<float> py_dora_linear(const py::array& x, const py::array& packed, s
     check_array<float>(bias_arr, "bias", 1);
     check_dim(bias_arr.shape(0), n, "bias length (out_features)");
     bias_ptr = data_of<float>(bias_arr);
-  }
-  const float* bw_ptr = nullptr;
-  py::array bw_arr;
-  if (!base_weight.is_none()) {
-    bw_arr = py::array::ensure(base_weight);
-    check_array<float>(bw_arr, "base_weight", 1);
-    check_dim(bw_arr.shape(0), mix_rows, "base_weight length (rows of mix)");
-    bw_ptr = data_of<float>(bw_arr);
-    for (std::size_t i = 0; i < mix_rows; ++i)
-      if (!std::isfinite(bw_ptr[i])) throw std::invalid_argument("base_weight: NaN or Inf");
   }
   py::array_t<float> out({m, n});
   if (m == 0) return out;
@@ -92,11 +112,65 @@ py::array_t<float> py_dora_linear(const py::array& x, const py::array& packed, s
   bool ok;
   {
     py::gil_scoped_release release;
-    ok = dora_linear(xp, m, k, pp, n, w_scale, bias_ptr, adapters, mp, bw_ptr, mix_rows, op,
-                     active_simd_level());
+    ok = dora_linear(xp, m, k, pp, n, w_scale, bias_ptr, adapters, mix, base_weight, mix_rows,
+                     op, active_simd_level(), base_factor);
   }
   if (!ok) throw std::invalid_argument("x: activations contain NaN or Inf");
   return out;
+}
+
+py::array_t<float> py_dora_linear(const py::array& x, const py::array& packed, std::size_t k,
+                                  float w_scale, const py::object& bias,
+                                  const std::vector<const DoraAdapter*>& adapters,
+                                  const py::array& mix, const py::object& base_weight) {
+  check_array<float>(x, "x", 2);
+  check_packed_k(packed, k);
+  const CheckedMix cm = check_mix(adapters, packed.shape(0), k, mix, base_weight, x.shape(0));
+  return run_dora_linear(x, packed, k, w_scale, bias, adapters, cm.mix_ptr,
+                         cm.base_weight_ptr, cm.rows, nullptr);
+}
+
+// A mix fixed for many calls (see dora_base_factor): validated and summed once.
+struct PyDoraMixPlan {
+  std::vector<const DoraAdapter*> adapters;
+  py::list keep;  // the adapters' Python objects, so the pointers stay valid
+  std::vector<float> mix, base_weight, base_factor;
+  std::size_t rows = 0, in = 0, out = 0;
+};
+
+PyDoraMixPlan make_plan(const py::list& adapter_list, const py::array& mix,
+                        const py::object& base_weight) {
+  PyDoraMixPlan plan;
+  for (const py::handle& h : adapter_list) plan.adapters.push_back(h.cast<const DoraAdapter*>());
+  if (plan.adapters.empty() || plan.adapters[0] == nullptr)
+    throw std::invalid_argument("adapters: a prepared mix needs at least one adapter");
+  plan.keep = adapter_list;
+  plan.in = plan.adapters[0]->in;
+  plan.out = plan.adapters[0]->out;
+  const CheckedMix cm = check_mix(plan.adapters, plan.out, plan.in, mix, base_weight, 0);
+  plan.rows = cm.rows;
+  plan.mix.assign(cm.mix_ptr, cm.mix_ptr + cm.rows * plan.adapters.size());
+  if (cm.base_weight_ptr != nullptr)
+    plan.base_weight.assign(cm.base_weight_ptr, cm.base_weight_ptr + cm.rows);
+  plan.base_factor = dora_base_factor(plan.adapters, plan.mix.data(), cm.base_weight_ptr,
+                                      plan.rows);
+  return plan;
+}
+
+py::array_t<float> py_dora_mix_linear(const py::array& x, const py::array& packed,
+                                      std::size_t k, float w_scale, const py::object& bias,
+                                      const PyDoraMixPlan& plan) {
+  check_array<float>(x, "x", 2);
+  check_packed_k(packed, k);
+  check_dim(plan.in, k, "prepared mix in_features");
+  check_dim(plan.out, packed.shape(0), "prepared mix out_features");
+  const std::size_t m = x.shape(0);
+  if (plan.rows != 1 && plan.rows != m)
+    throw std::invalid_argument("mix: prepared for " + std::to_string(plan.rows) +
+                                " rows, x has " + std::to_string(m) + " tokens");
+  return run_dora_linear(x, packed, k, w_scale, bias, plan.adapters, plan.mix.data(),
+                         plan.base_weight.empty() ? nullptr : plan.base_weight.data(), plan.rows,
+                         plan.base_factor.data());
 }
 
 py::array_t<float> py_ternary_float_matmul(const py::array& packed, std::size_t k,
@@ -168,6 +242,23 @@ void register_dora_bindings(py::module_& mod) {
           py::arg("base_weight") = py::none(),
           "Fused DoRA mix: x [M, K] -> y [M, N]; mix [1 or M, E] weights per token, "
           "base_weight [1 or M] the weight of the bare base output.");
+  py::class_<PyDoraMixPlan>(mod, "DoraMixPlan",
+                            "A DoRA mix fixed for many calls: adapters, mix [rows, E], "
+                            "base_weight [rows] or None, validated and the base factor summed "
+                            "once (see csrc/dora/dora.h).")
+      .def(py::init(&make_plan), py::arg("adapters"), py::arg("mix"),
+           py::arg("base_weight") = py::none())
+      .def_readonly("rows", &PyDoraMixPlan::rows)
+      .def_readonly("in_features", &PyDoraMixPlan::in)
+      .def_readonly("out_features", &PyDoraMixPlan::out)
+      .def_property_readonly("base_factor", [](const PyDoraMixPlan& p) {
+        py::array_t<float> out({p.rows, p.out});
+        std::copy(p.base_factor.begin(), p.base_factor.end(), out.mutable_data());
+        return out;
+      }, "base_weight + sum_e w_e g_e per row (1 for a row with no adapter): [rows, out].");
+  mod.def("dora_mix_linear", &py_dora_mix_linear, py::arg("x"), py::arg("packed"),
+          py::arg("k"), py::arg("w_scale"), py::arg("bias"), py::arg("plan"),
+          "Fused DoRA mix with a prepared DoraMixPlan: x [M, K] -> y [M, N].");
   mod.def("ternary_float_matmul", &py_ternary_float_matmul, py::arg("packed"), py::arg("k"),
           py::arg("a"), "T . a^T for float32 a [R, K] -> [N, R] (ternary values, no s_w).");
   mod.def("dora_row_norms", &py_dora_row_norms, py::arg("packed"), py::arg("k"),

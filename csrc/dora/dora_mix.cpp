@@ -7,7 +7,9 @@
 #include <cstring>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
+#include "common/huge_pages.h"
 #include "common/thread_pool.h"
 #include "dora/dora.h"
 #include "ternary/ternary.h"
@@ -110,14 +112,31 @@ DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const fl
   ad.out_padded = (out + kDoraTile - 1) / kDoraTile * kDoraTile;
   ad.storage = storage;
   ad.scaling = scaling;
-  ad.g.assign(ad.out_padded, 0.0f);
-  std::copy(g, g + out, ad.g.begin());
-  const std::size_t bt_size = ad.out_padded * rank;
   ad.rank2 = (rank + 1) / 2 * 2;
-  if (storage == DoraStorage::I8) {
-    ad.a8.resize(rank * in);
-    ad.bt8.assign(ad.out_padded * ad.rank2, 0);
-    ad.z_scale.resize(rank);
+  // One arena buffer, each part 64-byte aligned: first the sizes, then the pointers.
+  const bool i8 = storage == DoraStorage::I8, f16 = storage == DoraStorage::F16;
+  const std::size_t a_n = rank * in, bt_n = ad.out_padded * (i8 ? ad.rank2 : rank);
+  const std::size_t elem = i8 ? 1 : f16 ? 2 : 4;
+  auto aligned = [](std::size_t bytes) { return (bytes + 63) / 64 * 64; };
+  const std::size_t a_bytes = aligned(a_n * elem), bt_bytes = aligned(bt_n * elem),
+                    g_bytes = aligned(ad.out_padded * 4), zs_bytes = i8 ? aligned(rank * 4) : 0;
+  ad.buffer = arena_buffer(a_bytes + bt_bytes + g_bytes + zs_bytes);
+  uint8_t* base = ad.buffer.get();
+  auto span = [&](auto& s, std::size_t offset, std::size_t n) {
+    s.ptr = reinterpret_cast<std::remove_reference_t<decltype(s[0])>*>(base + offset);
+    s.n = n;
+  };
+  span(ad.g, a_bytes + bt_bytes, ad.out_padded);  // zero-padded: the buffer starts zeroed
+  std::copy(g, g + out, ad.g.begin());
+  // The kernel's B is G = g (.) B (dora.h): the update term needs no gain of its own.
+  std::vector<float> folded(out * rank);
+  for (std::size_t n = 0; n < out; ++n)
+    for (std::size_t j = 0; j < rank; ++j) folded[n * rank + j] = g[n] * lora_b[n * rank + j];
+  lora_b = folded.data();
+  if (i8) {
+    span(ad.a8, 0, a_n);
+    span(ad.bt8, a_bytes, bt_n);
+    span(ad.z_scale, a_bytes + bt_bytes + g_bytes, rank);
     for (std::size_t j = 0; j < rank; ++j) {
       const float sa = int8_scale(lora_a + j * in, in, 1);
       const float sb = int8_scale(lora_b + j, out, rank);
@@ -127,19 +146,20 @@ DoraAdapter make_dora_adapter(const float* lora_a, const float* lora_b, const fl
         ad.bt8[(((n / kDoraTile) * ad.rank2 / 2 + j / 2) * kDoraTile + n % kDoraTile) * 2 +
                j % 2] = to_int8(lora_b[n * rank + j], sb);
     }
-  } else if (storage == DoraStorage::F16) {
+  } else if (f16) {
+    span(ad.a16, 0, a_n);
+    span(ad.bt16, a_bytes, bt_n);
     ad.a_scale = pow2_scale(lora_a, rank * in);
     ad.b_scale = pow2_scale(lora_b, out * rank);
-    ad.a16.resize(rank * in);
     for (std::size_t i = 0; i < rank * in; ++i) ad.a16[i] = float_to_half(lora_a[i] / ad.a_scale);
-    ad.bt16.assign(bt_size, 0);
     for (std::size_t n = 0; n < out; ++n)
       for (std::size_t j = 0; j < rank; ++j)
         ad.bt16[((n / kDoraTile) * rank + j) * kDoraTile + n % kDoraTile] =
             float_to_half(lora_b[n * rank + j] / ad.b_scale);
   } else {
-    ad.a32.assign(lora_a, lora_a + rank * in);
-    ad.bt32.assign(bt_size, 0.0f);
+    span(ad.a32, 0, a_n);
+    span(ad.bt32, a_bytes, bt_n);
+    std::copy(lora_a, lora_a + a_n, ad.a32.begin());
     for (std::size_t n = 0; n < out; ++n)
       for (std::size_t j = 0; j < rank; ++j)
         ad.bt32[((n / kDoraTile) * rank + j) * kDoraTile + n % kDoraTile] = lora_b[n * rank + j];
@@ -186,39 +206,34 @@ float quantize_z16(const float* z, std::size_t rank, std::size_t rank2, int16_t*
   return sz;
 }
 
-const int16_t* DoraZ16::quantize(const DoraMix& p, std::size_t m) {
-  const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
-  std::size_t cols = 0;
-  for (uint32_t a = a0; a < a1; ++a) cols += p.adapters[p.act_e[a]]->rank2;
-  values.resize(cols);
-  scale.resize(a1 - a0);
-  const float* zm = p.z.data() + m * p.z_cols;
-  std::size_t off = 0;
-  for (uint32_t a = a0; a < a1; ++a) {
-    const DoraAdapter& ad = *p.adapters[p.act_e[a]];
-    if (ad.storage == DoraStorage::I8)
-      scale[a - a0] = quantize_z16(zm + p.z_off[p.act_e[a]], ad.rank, ad.rank2, values.data() + off);
-    off += ad.rank2;
-  }
-  return values.data();
+void DoraMix::quantize_z() {
+  for (std::size_t m = 0; m < M; ++m)
+    for (uint32_t a = act_start[m]; a < act_start[m + 1]; ++a) {
+      const DoraAdapter& ad = *adapters[act_e[a]];
+      if (ad.storage == DoraStorage::I8)
+        z16_scale[a] = quantize_z16(z.data() + m * z_cols + z_off[act_e[a]], ad.rank, ad.rank2,
+                                    z16.data() + z16_off[a]);
+    }
+}
+
+float DoraMix::factor(std::size_t m, std::size_t n) const {
+  if (base_factor != nullptr) return base_factor[(base_factor_rows == 1 ? 0 : m) * N + n];
+  float c = base_w[m];
+  for (uint32_t a = act_start[m]; a < act_start[m + 1]; ++a)
+    c += act_w[a] * adapters[act_e[a]]->g[n];
+  return c;
 }
 
 void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1) {
-  thread_local DoraZ16 zq;
   for (std::size_t m = 0; m < p.M; ++m) {
     float* y = p.out + m * p.N;
     const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
     const float* zm = p.z.data() + m * p.z_cols;
-    const int16_t* z16 = zq.quantize(p, m);
     for (std::size_t n = n0; n < n1; ++n) {
-      float acc;
-      if (a0 == a1) {
-        acc = y[n];
-      } else {
-        const float base = y[n];
-        acc = p.base_w[m] * base;
+      float acc = y[n];
+      if (a0 != a1) {
+        acc *= p.factor(m, n);
         const std::size_t t = n / kDoraTile, l = n % kDoraTile;
-        std::size_t off16 = 0;
         for (uint32_t a = a0; a < a1; ++a) {
           const DoraAdapter& ad = *p.adapters[p.act_e[a]];
           const float* z = zm + p.z_off[p.act_e[a]];
@@ -229,21 +244,47 @@ void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1)
               u += z[j] * half_to_float(ad.bt16[off + j * kDoraTile]);
           } else if (ad.storage == DoraStorage::I8) {
             const int8_t* b = ad.bt8.data() + (t * ad.rank2 / 2 * kDoraTile + l) * 2;
+            const int16_t* z16 = p.z16.data() + p.z16_off[a];
             int32_t s = 0;
             for (std::size_t j = 0; j < ad.rank2; ++j)
-              s += int32_t{b[(j / 2) * kDoraTile * 2 + j % 2]} * z16[off16 + j];
-            u = static_cast<float>(s) * zq.scale[a - a0];
+              s += int32_t{b[(j / 2) * kDoraTile * 2 + j % 2]} * z16[j];
+            u = static_cast<float>(s) * p.z16_scale[a];
           } else {
             for (std::size_t j = 0; j < ad.rank; ++j) u += z[j] * ad.bt32[off + j * kDoraTile];
           }
-          off16 += ad.rank2;
-          acc += (p.act_w[a] * ad.g[n]) * (base + ad.coef * u);
+          acc += (p.act_w[a] * ad.coef) * u;
         }
       }
       if (p.bias != nullptr) acc += p.bias[n];
       y[n] = acc;
     }
   }
+}
+
+std::vector<float> dora_base_factor(const std::vector<const DoraAdapter*>& adapters,
+                                    const float* mix, const float* base_weight,
+                                    std::size_t mix_rows) {
+  const std::size_t E = adapters.size();
+  if (E == 0) return {};
+  const std::size_t n = adapters[0]->out;
+  std::vector<float> c(mix_rows * n);
+  for (std::size_t r = 0; r < mix_rows; ++r) {
+    float* cr = c.data() + r * n;
+    const float* w = mix + r * E;
+    bool any = false;
+    for (std::size_t e = 0; e < E; ++e) any |= w[e] != 0.0f;
+    if (!any) {
+      std::fill(cr, cr + n, 1.0f);
+      continue;
+    }
+    // Summed in the epilogue's order (base weight, then the adapters in the mix), so the
+    // table gives the same floats as the sum it replaces.
+    std::fill(cr, cr + n, base_weight != nullptr ? base_weight[r] : 0.0f);
+    for (std::size_t e = 0; e < E; ++e)
+      if (w[e] != 0.0f)
+        for (std::size_t i = 0; i < n; ++i) cr[i] += w[e] * adapters[e]->g[i];
+  }
+  return c;
 }
 
 // ---- dispatcher ---------------------------------------------------------------
@@ -312,7 +353,7 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
                        std::size_t N, float w_scale, const float* bias,
                        const std::vector<const DoraAdapter*>& adapters, const float* mix,
                        const float* base_weight, std::size_t mix_rows, float* out,
-                       SimdLevel level) {
+                       SimdLevel level, const float* base_factor) {
   const std::size_t E = adapters.size();
   const Isa isa = isa_for(level);
   args = GemmArgs{};
@@ -330,6 +371,8 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
   p.N = N;
   p.out = out;
   p.bias = bias;
+  p.base_factor = base_factor;
+  p.base_factor_rows = mix_rows;
   adapters_ = adapters;
   p.adapters = adapters_.data();
   p.act_start.resize(M + 1);
@@ -389,6 +432,15 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
         isa.quant_x16(x + m * K, K, inv, x16_.data() + m * K);
       }
     }
+    p.z16_off.resize(p.act_e.size());
+    std::size_t z16_size = 0;
+    for (std::size_t a = 0; a < p.act_e.size(); ++a) {
+      p.z16_off[a] = z16_size;
+      const DoraAdapter& ad = *adapters[p.act_e[a]];
+      if (ad.storage == DoraStorage::I8) z16_size += ad.rank2;
+    }
+    p.z16.resize(z16_size);
+    p.z16_scale.assign(p.act_e.size(), 0.0f);
     a_rows_ = p.z_cols * M;  // row i * M + m: adapter row i, token m
     a_grain_ = std::max<std::size_t>(1, 16384 / K);  // ~16K MACs a task
   } else {
@@ -403,9 +455,12 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
     args.prologue = &DoraCall::a_pass_task;
     args.prologue_ctx = this;
     args.prologue_tasks = (a_rows_ + a_grain_ - 1) / a_grain_;
+    args.prologue_finish = &DoraCall::a_pass_finish;
   }
   return true;
 }
+
+void DoraCall::a_pass_finish(void* ctx) { static_cast<DoraCall*>(ctx)->mix_.quantize_z(); }
 
 void DoraCall::a_pass_task(void* ctx, std::size_t task) {
   DoraCall& c = *static_cast<DoraCall*>(ctx);
@@ -435,10 +490,12 @@ void DoraCall::a_pass_task(void* ctx, std::size_t task) {
 bool dora_linear(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
                  std::size_t N, float w_scale, const float* bias,
                  const std::vector<const DoraAdapter*>& adapters, const float* mix,
-                 const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level) {
-  DoraCall call;
+                 const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level,
+                 const float* base_factor) {
+  // One per thread, reused: prepare() keeps its buffers' capacity from call to call.
+  thread_local DoraCall call;
   if (!call.prepare(x, M, K, packed, N, w_scale, bias, adapters, mix, base_weight, mix_rows, out,
-                    level))
+                    level, base_factor))
     return false;
   ternary_gemm(call.args, level);
   return true;

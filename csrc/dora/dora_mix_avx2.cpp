@@ -68,38 +68,46 @@ R3MES_F16C inline void low_rank(const DoraAdapter& ad, const float* z, std::size
 }
 
 R3MES_F16C void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
-  thread_local DoraZ16 zq;
   for (std::size_t m = 0; m < p.M; ++m) {
     float* y = p.out + m * p.N;
     const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
     if (a0 == a1 && p.bias == nullptr) continue;
     const float* zm = p.z.data() + m * p.z_cols;
-    const int16_t* z16 = zq.quantize(p, m);
+    const float* factor =
+        p.base_factor == nullptr ? nullptr
+                                 : p.base_factor + (p.base_factor_rows == 1 ? 0 : m) * p.N;
     for (std::size_t nb = v0; nb < v1; nb += kDoraTile) {
-      const __m256 b0 = _mm256_loadu_ps(y + nb), b1 = _mm256_loadu_ps(y + nb + 8);
-      __m256 acc0 = b0, acc1 = b1;
+      __m256 acc0 = _mm256_loadu_ps(y + nb), acc1 = _mm256_loadu_ps(y + nb + 8);
       if (a0 != a1) {
-        const __m256 bw = _mm256_set1_ps(p.base_w[m]);
-        acc0 = _mm256_mul_ps(bw, b0);
-        acc1 = _mm256_mul_ps(bw, b1);
+        __m256 c0, c1;
+        if (factor != nullptr) {
+          c0 = _mm256_loadu_ps(factor + nb);
+          c1 = _mm256_loadu_ps(factor + nb + 8);
+        } else {
+          c0 = c1 = _mm256_set1_ps(p.base_w[m]);
+          for (uint32_t a = a0; a < a1; ++a) {
+            const float* g = p.adapters[p.act_e[a]]->g.data() + nb;
+            const __m256 w = _mm256_set1_ps(p.act_w[a]);
+            c0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(g), c0);
+            c1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(g + 8), c1);
+          }
+        }
+        acc0 = _mm256_mul_ps(c0, acc0);
+        acc1 = _mm256_mul_ps(c1, acc1);
       }
-      std::size_t off16 = 0;
       for (uint32_t a = a0; a < a1; ++a) {
         const DoraAdapter& ad = *p.adapters[p.act_e[a]];
         __m256 u0, u1;
-        float coef = ad.coef;
+        float coef = p.act_w[a] * ad.coef;
         if (ad.storage == DoraStorage::I8) {
-          low_rank_i8(ad, z16 + off16, nb / kDoraTile, &u0, &u1);
-          coef *= zq.scale[a - a0];
+          low_rank_i8(ad, p.z16.data() + p.z16_off[a], nb / kDoraTile, &u0, &u1);
+          coef *= p.z16_scale[a];
         } else {
           low_rank(ad, zm + p.z_off[p.act_e[a]], nb / kDoraTile, &u0, &u1);
         }
-        off16 += ad.rank2;
-        const __m256 c = _mm256_set1_ps(coef), w = _mm256_set1_ps(p.act_w[a]);
-        acc0 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(ad.g.data() + nb), w),
-                               _mm256_fmadd_ps(u0, c, b0), acc0);
-        acc1 = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(ad.g.data() + nb + 8), w),
-                               _mm256_fmadd_ps(u1, c, b1), acc1);
+        const __m256 c = _mm256_set1_ps(coef);
+        acc0 = _mm256_fmadd_ps(u0, c, acc0);
+        acc1 = _mm256_fmadd_ps(u1, c, acc1);
       }
       if (p.bias != nullptr) {
         acc0 = _mm256_add_ps(acc0, _mm256_loadu_ps(p.bias + nb));

@@ -52,7 +52,7 @@ bool project(const DecodeLayerSpec& spec, const int* which, std::size_t count, c
     DoraCall& call = scratch.calls[which[i]];
     if (!call.prepare(x, B, p.in, p.packed, p.out, p.w_scale, nullptr, p.adapters,
                       p.mix.data(), p.base_w.empty() ? nullptr : p.base_w.data(), p.mix_rows,
-                      outs[i], level))
+                      outs[i], level, p.base_factor.empty() ? nullptr : p.base_factor.data()))
       return false;
     args[i] = call.args;
   }

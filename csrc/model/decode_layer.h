@@ -30,6 +30,9 @@ struct DecodeProjection {
   std::vector<float> mix;     // [mix_rows, adapters.size()]
   std::vector<float> base_w;  // [mix_rows] or empty
   std::size_t mix_rows = 1;   // 1 (every row) or the batch size
+  // dora_base_factor of the mix [mix_rows, out], made once when the mix is set: each step
+  // then reads one float a row for the base instead of each adapter's gain.
+  std::vector<float> base_factor;
 };
 
 enum class DecodeActivation { Relu2, Silu };

@@ -143,6 +143,10 @@ class PyDecodeLayer {
             throw std::invalid_argument(std::string(name) + ": base_weight NaN/Inf");
       }
     }
+    std::vector<float> factor;
+    if (!adapters.empty())
+      factor = dora_base_factor(adapters, mix_values.data(),
+                                base_values.empty() ? nullptr : base_values.data(), rows);
     // A step running on another thread (GIL released) reads the projection: wait for it.
     std::unique_lock<std::mutex> lock(mutex_, std::defer_lock);
     {
@@ -153,6 +157,7 @@ class PyDecodeLayer {
     p.mix = std::move(mix_values);
     p.base_w = std::move(base_values);
     p.mix_rows = rows;
+    p.base_factor = std::move(factor);
     adapter_refs_[index] = py::cast(adapters);  // keep the adapters alive
   }
 

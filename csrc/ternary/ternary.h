@@ -94,6 +94,9 @@ struct GemmArgs {
   std::size_t prologue_tasks = 0;
   void (*prologue)(void* ctx, std::size_t task) = nullptr;
   void* prologue_ctx = nullptr;
+  // Optional: run once, by the worker that finishes the last prologue task, before any
+  // epilogue call.
+  void (*prologue_finish)(void* ctx) = nullptr;
   // The AMX kernel's activations (set by ternary_gemm_multi; see ternary/amx.h).
   const int32_t* q_quads = nullptr;
   std::size_t m_pad = 0;

@@ -90,6 +90,54 @@ def test_fused_kernel_matches_unfused_reference(simd, n_experts, rank):
     torch.testing.assert_close(y, _unfused(x, w, [m[1] for m in made], mix), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("storage", ["fp32", "fp16", "int8"])
+def test_prepared_mix_gives_the_one_shot_result(simd, storage):
+    # A mix prepared once (gains summed into one factor a row) against dora_linear, which
+    # sums them as it goes: per-token mixes with an expert-free row and a base weight, and
+    # one mix for every token; 131 rows leave a partial 16-row tile.
+    w = _weight(131, 300, seed=21)
+    made = [_adapter(w, r, 110 + r, storage)[0] for r in (16, 4, 7)]
+    x = torch.randn(4, 300)
+    bias = torch.randn(131)
+    per_token = torch.tensor([[0.5, 0.25, 0.25], [0, 0, 0], [0, 1.0, 0], [0.1, 0.2, 0.3]])
+    base_w = torch.tensor([0.0, 0.0, 0.0, 0.4])
+    prepared = kernels.prepare_dora_mix(made, per_token, base_w)
+    assert prepared.base_factor.shape == (4, 131)
+    assert torch.equal(prepared.base_factor[1], torch.ones(131))  # no expert: the bare base
+    y = kernels.dora_mix_linear(x, w, prepared, bias)
+    torch.testing.assert_close(y, kernels.dora_linear(x, w, made, per_token, bias, base_w),
+                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(y, kernels.dora_linear_reference(x, w, made, per_token, bias,
+                                                                base_w), rtol=1e-5, atol=1e-5)
+    one = torch.tensor([[0.2, 0.5, 0.3]])
+    y1 = kernels.dora_mix_linear(x, w, kernels.prepare_dora_mix(made, one))
+    torch.testing.assert_close(y1, kernels.dora_linear(x, w, made, one), rtol=1e-6, atol=1e-6)
+    assert (y1 - kernels.ternary_linear(x, w)).abs().max() > 1e-3  # the adapters act
+
+
+def test_prepared_mix_rejects_what_does_not_fit():
+    w = _weight(40, 64, seed=22)
+    made = [_adapter(w, 4, 120 + e, "int8")[0] for e in range(2)]
+    with pytest.raises(ValueError, match="at least one adapter"):
+        kernels.prepare_dora_mix([], torch.ones(1, 0))
+    with pytest.raises(ValueError, match="mix"):
+        kernels.prepare_dora_mix(made, torch.ones(1, 3))
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.prepare_dora_mix(made, torch.tensor([[float("nan"), 1.0]]))
+    other = _adapter(_weight(48, 64), 4, 1, "int8")[0]
+    with pytest.raises(ValueError, match="differs"):
+        kernels.prepare_dora_mix([made[0], other], torch.ones(1, 2))
+    prepared = kernels.prepare_dora_mix(made, torch.ones(3, 2) / 2)
+    with pytest.raises(ValueError, match="3 rows"):
+        kernels.dora_mix_linear(torch.randn(2, 64), w, prepared)
+    with pytest.raises(TypeError, match="DoRAMix"):
+        kernels.dora_mix_linear(torch.randn(1, 64), w, torch.ones(1, 2))
+    with pytest.raises(ValueError, match="out_features|match"):
+        kernels.dora_mix_linear(torch.randn(3, 64), _weight(41, 64), prepared)
+    with pytest.raises(ValueError, match="in_features|expected"):
+        kernels.dora_mix_linear(torch.randn(3, 128), _weight(40, 128), prepared)
+
+
 def test_fused_kernel_heterogeneous_batch_with_bias(simd):
     w = _weight(129, 520, seed=3)
     made = [_adapter(w, r, 40 + r, "fp32") for r in (4, 16, 8)]
@@ -205,8 +253,9 @@ def test_int8_storage_gives_identical_results_with_and_without_vnni():
 def test_int8_quantisation_of_adapters_is_absmax_per_row_of_a_and_column_of_b():
     w = _weight(40, 64)
     ad, (a, b, _, _) = _adapter(w, 8, 3, "int8")
-    a8, b8 = ad.effective()
-    for t, q, dim in ((a, a8, 1), (b, b8, 0)):
+    a8, g_b8 = ad.effective()
+    g_b = ad.g.unsqueeze(1) * b  # the kernel's B carries the gain
+    for t, q, dim in ((a, a8, 1), (g_b, g_b8, 0)):
         step = t.abs().amax(dim=dim, keepdim=True) / 127
         assert bool(((q - t).abs() <= step / 2 + 1e-7).all())
         # the largest entry of each row (A) / column (B) is represented exactly
@@ -251,3 +300,28 @@ def test_fused_kernel_refuses_bad_mix_and_bad_input():
     with pytest.raises(ValueError, match="lora_A"):
         kernels.prepare_dora_adapter(torch.full((4, 300), float("nan")), torch.zeros(50, 4),
                                      torch.ones(50), 1.0)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="native module not built")
+def test_adapter_memory_is_returned_when_adapters_go():
+    # Adapters share 32 MB slabs of huge-page memory (common/huge_pages.h); a slab must be
+    # unmapped once its last adapter is freed, or loading and evicting experts would leak.
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    a = torch.randn(16, 2560) * 0.01
+    b = torch.randn(6912, 16) * 0.01
+    g = torch.ones(6912)
+    keep = kernels.prepare_dora_adapter(a, b, g, 2.0, "int8")  # outlives every round
+    start = rss_mb()
+    for _ in range(4):
+        batch = [kernels.prepare_dora_adapter(a, b, g, 2.0, "int8") for _ in range(300)]
+        assert batch[-1].nbytes > 150_000  # ~54 MB a round
+        del batch
+    assert rss_mb() - start < 60
+    x = torch.randn(1, 2560)
+    w = kernels.quantize_weight(torch.randn(6912, 2560))
+    torch.testing.assert_close(kernels.dora_linear(x, w, [keep], torch.ones(1, 1)),
+                               kernels.dora_linear_reference(x, w, [keep], torch.ones(1, 1)),
+                               rtol=1e-5, atol=1e-5)

@@ -335,14 +335,21 @@ class DoRAKernelAdapter:
     def rank(self) -> int:
         return int(self.lora_A.shape[0])
 
+    @property
+    def folded_B(self) -> torch.Tensor:
+        """G = g (.) B [out, r]: the kernel stores B with the gain folded in, so the update
+        term ``s G (A x)`` needs no gain of its own (csrc/dora/dora.h)."""
+        return self.g.unsqueeze(1) * self.lora_B
+
     def effective(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A, B) as the kernel applies them: exact for fp32, fp16-rounded for fp16,
-        absmax int8 (A per row, B per column) for int8."""
+        """(A, G) as the kernel applies them (G = :attr:`folded_B`): exact for fp32,
+        fp16-rounded for fp16, absmax int8 (A per row, G per column) for int8."""
+        g_b = self.folded_B
         if self.storage == "fp16":
-            return _fp16_effective(self.lora_A), _fp16_effective(self.lora_B)
+            return _fp16_effective(self.lora_A), _fp16_effective(g_b)
         if self.storage == "int8":
-            return _int8_effective(self.lora_A, dim=1), _int8_effective(self.lora_B, dim=0)
-        return self.lora_A, self.lora_B
+            return _int8_effective(self.lora_A, dim=1), _int8_effective(g_b, dim=0)
+        return self.lora_A, g_b
 
     @property
     def nbytes(self) -> int:
@@ -579,6 +586,75 @@ def dora_linear(
     return y.reshape(*lead, weight.out_features)
 
 
+@dataclass(frozen=True)
+class DoRAMix:
+    """A DoRA mix prepared once for many :func:`dora_mix_linear` calls (a query's routed
+    experts, fixed for its whole decode): the adapters, the mix weights [rows, E], the
+    optional base weight [rows], and ``base_factor`` [rows, out], the factor on the base
+    output ``base_weight + sum_e w_e g_e`` (1 for a row with no adapter), so each call reads
+    one float a row for the base instead of every adapter's gain. ``native`` is the
+    kernel's plan (None without the native module)."""
+
+    adapters: tuple[DoRAKernelAdapter, ...]
+    weights: torch.Tensor
+    base_weight: torch.Tensor | None
+    base_factor: torch.Tensor
+    native: Any = None
+
+
+def prepare_dora_mix(adapters: list[DoRAKernelAdapter], mix: torch.Tensor,
+                     base_weight: torch.Tensor | None = None) -> DoRAMix:
+    """Fix a mix for :func:`dora_mix_linear`: ``mix`` [rows, E] (1 row for every token, or
+    one per token of the calls to come), ``base_weight`` [rows] as in :func:`dora_linear`."""
+    if not adapters:
+        raise ValueError("adapters: a prepared mix needs at least one adapter")
+    shape = (adapters[0].lora_B.shape[0], adapters[0].lora_A.shape[1])
+    for i, ad in enumerate(adapters):
+        if (ad.lora_B.shape[0], ad.lora_A.shape[1]) != shape:
+            raise ValueError(f"adapters[{i}]: shape ({ad.lora_B.shape[0]}, "
+                             f"{ad.lora_A.shape[1]}) differs from adapters[0] {shape}")
+    mixm = torch.as_tensor(mix).detach().to(torch.float32)
+    if mixm.dim() != 2 or mixm.shape[0] == 0:
+        raise ValueError(f"mix: expected shape [rows, {len(adapters)}], got "
+                         f"{tuple(mixm.shape)}")
+    mixm = _check_mix(mixm, mixm.shape[0], len(adapters))
+    bw = _check_base_weight(base_weight, mixm.shape[0])
+    if bw is not None:
+        bw = bw.expand(mixm.shape[0]).contiguous()
+    native = None
+    if all(ad.native is not None for ad in adapters) and use_native():
+        native = _native.DoraMixPlan([ad.native for ad in adapters], mixm.numpy(),
+                                     None if bw is None else bw.numpy())
+        factor = torch.from_numpy(native.base_factor)
+    else:
+        gains = torch.stack([ad.g for ad in adapters])  # [E, out]
+        factor = mixm @ gains + (0.0 if bw is None else bw.unsqueeze(1))
+        factor[(mixm == 0).all(dim=1)] = 1.0
+    return DoRAMix(tuple(adapters), mixm, bw, factor, native)
+
+
+def dora_mix_linear(x: torch.Tensor, weight: TernaryWeight, mix: DoRAMix,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`dora_linear` with a mix from :func:`prepare_dora_mix`: the same result
+    (to float rounding), with the gains already summed into ``mix.base_factor``."""
+    if not isinstance(mix, DoRAMix):
+        raise TypeError("mix: expected a DoRAMix from prepare_dora_mix")
+    if mix.native is None or _is_cuda(x) or not use_native() or not isinstance(
+            weight, TernaryWeight):
+        tokens = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
+        if mix.weights.shape[0] not in (1, tokens):
+            raise ValueError(f"mix: prepared for {mix.weights.shape[0]} rows, x has {tokens} "
+                             "tokens")
+        return dora_linear(x, weight, list(mix.adapters), mix.weights, bias, mix.base_weight)
+    if bias is not None:
+        bias = bias.detach().to(torch.float32).contiguous()
+    x2 = _as_float32_matrix(x, "x", weight.in_features)
+    y = _native.dora_mix_linear(x2.numpy(), weight._packed_np, weight.in_features,
+                                weight.scale, None if bias is None else bias.numpy(),
+                                mix.native)
+    return torch.from_numpy(y).reshape(*x.shape[:-1], weight.out_features)
+
+
 def dora_linear_reference(
     x: torch.Tensor,
     weight: TernaryWeight,
@@ -594,12 +670,13 @@ def dora_linear_reference(
     mixm = _check_mix(mix, x2.shape[0], len(adapters)).expand(x2.shape[0], len(adapters))
     y = torch.zeros_like(base)
     for e, ad in enumerate(adapters):
-        a, b = ad.effective()
+        a, g_b = ad.effective()
         if ad.storage == "int8":
-            update = _int8_low_rank(x2, a, b, ad.lora_B)
+            update = _int8_low_rank(x2, a, g_b, ad.folded_B)
         else:
-            update = (x2 @ a.t()) @ b.t()
-        dora_e = ad.g * (base + ad.scaling * update)
+            update = (x2 @ a.t()) @ g_b.t()
+        # g (base + s B A x) with the gain folded into B, as the kernel stores it
+        dora_e = ad.g * base + ad.scaling * update
         y = y + mixm[:, e : e + 1] * dora_e
     bw = _check_base_weight(base_weight, x2.shape[0])
     if bw is not None:
@@ -614,11 +691,14 @@ def dora_linear_reference(
 __all__ += [
     "ADAPTER_STORAGES",
     "DoRAKernelAdapter",
+    "DoRAMix",
     "dora_gain",
     "dora_linear",
+    "dora_mix_linear",
     "dora_linear_reference",
     "dora_row_norms",
     "prepare_dora_adapter",
+    "prepare_dora_mix",
     "ternary_float_matmul",
 ]
 
