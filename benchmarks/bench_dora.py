@@ -4,7 +4,9 @@ For 0/1/2/3 experts at r=16: the fused kernel (one ternary GEMV + the DoRA epilo
 by each worker on its cache-hot rows; adapters in int8, fp16 or fp32 storage) against the bare
 ternary GEMV and against computing each expert's DoRA output separately in torch
 (ternary GEMV per expert + torch low-rank matmuls + the gain), plus the per-adapter
-load-time "merge" cost (factored row norms + conversion to kernel storage).
+load-time "merge" cost (factored row norms + conversion to kernel storage). The fused cases
+use a prepared mix (``prepare_dora_mix``), as decode does: a query's mix is fixed for its
+whole generation; ``fused-int8-oneshot`` is ``dora_linear`` summing the gains per call.
 
 Weights and adapters rotate over a working set larger than the last-level cache, so every
 call streams its bytes from memory as real decoding does.
@@ -58,6 +60,10 @@ def layer_copies():
             "fp32": [kernels.prepare_dora_adapter(a, b, g, s, "fp32") for a, b, g, s in rc],
             "int8": [kernels.prepare_dora_adapter(a, b, g, s, "int8") for a, b, g, s in rc],
         })
+        for storage in ("int8", "fp16", "fp32"):  # the mixes decode would prepare
+            for n in (1, 2, 3):
+                copies[-1][storage, n] = kernels.prepare_dora_mix(
+                    copies[-1][storage][:n], torch.full((1, n), 1.0 / n))
     return copies
 
 
@@ -70,8 +76,8 @@ def _unfused(x, copy, n):
     return y
 
 
-@pytest.mark.parametrize("impl", ["bare", "fused-int8", "fused-fp16", "fused-fp32",
-                                  "unfused-torch"])
+@pytest.mark.parametrize("impl", ["bare", "fused-int8", "fused-int8-oneshot", "fused-fp16",
+                                  "fused-fp32", "unfused-torch"])
 @pytest.mark.parametrize("experts", [0, 1, 2, 3])
 def test_dora_decode(benchmark, record_row, layer_copies, impl, experts):
     if impl == "bare" and experts:
@@ -89,12 +95,18 @@ def test_dora_decode(benchmark, record_row, layer_copies, impl, experts):
     if impl == "bare":
         def call():
             kernels.ternary_linear(x, next(it)["weight"])
-    elif impl.startswith("fused"):
+    elif impl == "fused-int8-oneshot" or (impl.startswith("fused") and not experts):
         storage = impl.split("-")[1]
 
         def call():
             c = next(it)
             kernels.dora_linear(x, c["weight"], c[storage][:experts], mix)
+    elif impl.startswith("fused"):
+        storage = impl.split("-")[1]
+
+        def call():
+            c = next(it)
+            kernels.dora_mix_linear(x, c["weight"], c[storage, experts])
     else:
         def call():
             _unfused(x, next(it), experts)
@@ -148,7 +160,9 @@ def _interleaved(rounds: int = 2000) -> None:
         mix = torch.full((1, n), 1.0 / n)
         for st in ("int8", "fp16", "fp32"):
             cases[f"fused {st} x{n}"] = (
-                lambda c, n=n, st=st, mix=mix: kernels.dora_linear(x, c["weight"], c[st][:n], mix))
+                lambda c, n=n, st=st: kernels.dora_mix_linear(x, c["weight"], c[st, n]))
+        cases[f"one-shot int8 x{n}"] = (
+            lambda c, n=n, mix=mix: kernels.dora_linear(x, c["weight"], c["int8"][:n], mix))
         cases[f"unfused torch x{n}"] = lambda c, n=n: _unfused(x, c, n)
     times: dict[str, list[float]] = {k: [] for k in cases}
     for _ in range(rounds):
@@ -166,8 +180,8 @@ def _interleaved(rounds: int = 2000) -> None:
 
 
 def _blocked(rounds: int = 100, block: int = 30) -> None:
-    """Script mode (``--blocked``): bare GEMV against the fused int8 mix through the native
-    bindings (what the decode layer calls; no Python-side work on cold caches), each case
+    """Script mode (``--blocked``): bare GEMV against the fused int8 mix (prepared, as decode
+    has it) through the native bindings (no Python-side work on cold caches), each case
     run ``block`` times in a row (the first third untimed), cases alternated ``rounds``
     times: neither the VM's drift nor one case's leftovers in the caches favour a case."""
     import statistics
@@ -183,12 +197,17 @@ def _blocked(rounds: int = 100, block: int = 30) -> None:
     mixes = {n: np.full((1, n), 1.0 / n, dtype=np.float32) for n in (1, 2, 3)}
     cases = {"bare GEMV": lambda c: native.ternary_linear(
         x, c["weight"]._packed_np, IN_F, c["weight"].scale)}
-    for n in (0, 1, 2, 3):
-        mix = mixes.get(n, np.zeros((1, 0), dtype=np.float32))
+    cases["fused int8 x0"] = lambda c: native.dora_linear(
+        x, c["weight"]._packed_np, IN_F, c["weight"].scale, None, [],
+        np.zeros((1, 0), dtype=np.float32), None)
+    for n in (1, 2, 3):
         cases[f"fused int8 x{n}"] = (
-            lambda c, n=n, mix=mix: native.dora_linear(
+            lambda c, n=n: native.dora_mix_linear(
                 x, c["weight"]._packed_np, IN_F, c["weight"].scale, None,
-                [a.native for a in c["int8"][:n]], mix, None))
+                c["int8", n].native))
+    cases["one-shot int8 x3"] = lambda c: native.dora_linear(
+        x, c["weight"]._packed_np, IN_F, c["weight"].scale, None,
+        [a.native for a in c["int8"]], mixes[3], None)
     times: dict[str, list[float]] = {k: [] for k in cases}
     it = itertools.cycle(copies)
     for _ in range(rounds):

@@ -639,6 +639,13 @@ def dora_mix_linear(x: torch.Tensor, weight: TernaryWeight, mix: DoRAMix,
     (to float rounding), with the gains already summed into ``mix.base_factor``."""
     if not isinstance(mix, DoRAMix):
         raise TypeError("mix: expected a DoRAMix from prepare_dora_mix")
+    if (bias is None and mix.native is not None and type(weight) is TernaryWeight
+            and _fast_input(x, weight.in_features)):
+        # Decode's hot path: the native call makes every remaining check itself.
+        y = _native.dora_mix_linear(x.numpy().reshape(-1, weight.in_features),
+                                    weight._packed_np, weight.in_features, weight.scale,
+                                    None, mix.native)
+        return torch.from_numpy(y).view(*x.shape[:-1], weight.out_features)
     if mix.native is None or _is_cuda(x) or not use_native() or not isinstance(
             weight, TernaryWeight):
         tokens = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
