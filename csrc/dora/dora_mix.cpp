@@ -277,8 +277,9 @@ std::vector<float> dora_base_factor(const std::vector<const DoraAdapter*>& adapt
       std::fill(cr, cr + n, 1.0f);
       continue;
     }
-    // Summed in the epilogue's order (base weight, then the adapters in the mix), so the
-    // table gives the same floats as the sum it replaces.
+    // Summed in the epilogue's order (base weight, then the adapters in the mix): the
+    // table equals the sum it replaces to float rounding (the SIMD epilogues fuse the
+    // multiply-add).
     std::fill(cr, cr + n, base_weight != nullptr ? base_weight[r] : 0.0f);
     for (std::size_t e = 0; e < E; ++e)
       if (w[e] != 0.0f)
