@@ -169,6 +169,10 @@ struct DoraMix {
   std::vector<int16_t> z16;
   std::vector<float> z16_scale;      // [entries]
   void quantize_z();
+  // Token m's row of base_factor, or nullptr when the epilogue sums c from the gains.
+  const float* factor_row(std::size_t m) const {
+    return base_factor == nullptr ? nullptr : base_factor + (base_factor_rows == 1 ? 0 : m) * N;
+  }
   // c[m, n] of a token with at least one mix entry.
   float factor(std::size_t m, std::size_t n) const;
 };

@@ -104,9 +104,7 @@ void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
     const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
     if (a0 == a1 && p.bias == nullptr) continue;
     const float* zm = p.z.data() + m * p.z_cols;
-    const float* factor =
-        p.base_factor == nullptr ? nullptr
-                                 : p.base_factor + (p.base_factor_rows == 1 ? 0 : m) * p.N;
+    const float* factor = p.factor_row(m);
     for (std::size_t nb = v0; nb < v1; nb += kDoraTile) {
       prefetch_tile(p, a0, a1, nb / kDoraTile + kEpiloguePrefetchTiles, factor == nullptr);
       __m512 acc = _mm512_loadu_ps(y + nb);

@@ -217,7 +217,7 @@ void DoraMix::quantize_z() {
 }
 
 float DoraMix::factor(std::size_t m, std::size_t n) const {
-  if (base_factor != nullptr) return base_factor[(base_factor_rows == 1 ? 0 : m) * N + n];
+  if (const float* row = factor_row(m)) return row[n];
   float c = base_w[m];
   for (uint32_t a = act_start[m]; a < act_start[m + 1]; ++a)
     c += act_w[a] * adapters[act_e[a]]->g[n];

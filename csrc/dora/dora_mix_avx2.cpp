@@ -73,9 +73,7 @@ R3MES_F16C void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
     const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
     if (a0 == a1 && p.bias == nullptr) continue;
     const float* zm = p.z.data() + m * p.z_cols;
-    const float* factor =
-        p.base_factor == nullptr ? nullptr
-                                 : p.base_factor + (p.base_factor_rows == 1 ? 0 : m) * p.N;
+    const float* factor = p.factor_row(m);
     for (std::size_t nb = v0; nb < v1; nb += kDoraTile) {
       __m256 acc0 = _mm256_loadu_ps(y + nb), acc1 = _mm256_loadu_ps(y + nb + 8);
       if (a0 != a1) {

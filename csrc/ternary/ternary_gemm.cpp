@@ -104,17 +104,15 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
   // threads: one pool hand-off for all of them.
   const std::size_t threads = static_cast<std::size_t>(get_num_threads());
   std::vector<Task> tasks;
-  // pending: prologue tasks of each product not yet finished; ready: its prologue (and
-  // prologue_finish) done, so its epilogue may run.
+  // pending: a product's prologue tasks not yet finished, plus one for its prologue_finish
+  // (0 from the start without a prologue); its epilogue may run once it reaches 0.
   std::unique_ptr<std::atomic<std::size_t>[]> pending(new std::atomic<std::size_t>[count]);
-  std::unique_ptr<std::atomic<bool>[]> ready(new std::atomic<bool>[count]);
   std::size_t total_bytes = 0;
   for (std::size_t i = 0; i < count; ++i) {
     const GemmArgs& g = a[i];
     const bool active = g.M != 0 && g.N != 0;
     const std::size_t pro = active && g.prologue != nullptr ? g.prologue_tasks : 0;
-    pending[i].store(pro, std::memory_order_relaxed);
-    ready[i].store(pro == 0, std::memory_order_relaxed);
+    pending[i].store(pro == 0 ? 0 : pro + 1, std::memory_order_relaxed);
     for (std::size_t t = 0; t < pro; ++t) tasks.push_back({i, t, t + 1, true});
   }
   for (std::size_t i = 0; i < count; ++i) {
@@ -136,9 +134,9 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
     const GemmArgs& g = a[t.product];
     if (t.prologue) {
       g.prologue(g.prologue_ctx, t.n0);
-      if (pending[t.product].fetch_sub(1, std::memory_order_acq_rel) == 1) {
+      if (pending[t.product].fetch_sub(1, std::memory_order_acq_rel) == 2) {  // the last
         if (g.prologue_finish != nullptr) g.prologue_finish(g.prologue_ctx);
-        ready[t.product].store(true, std::memory_order_release);
+        pending[t.product].store(0, std::memory_order_release);
       }
       return;
     }
@@ -152,7 +150,7 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
     // the chunk instead (its reads joining the weight stream) measured slower: 1.24 -> 1.32
     // to 1.42 of the bare GEMV at 2560x6912 with 3 int8 experts, for blocks of 864 to 16.
     if (g.epilogue != nullptr) {
-      while (!ready[t.product].load(std::memory_order_acquire)) relax();
+      while (pending[t.product].load(std::memory_order_acquire) != 0) relax();
       g.epilogue(g.epilogue_ctx, t.n0, t.n1);
     }
   };

@@ -639,26 +639,21 @@ def dora_mix_linear(x: torch.Tensor, weight: TernaryWeight, mix: DoRAMix,
     (to float rounding), with the gains already summed into ``mix.base_factor``."""
     if not isinstance(mix, DoRAMix):
         raise TypeError("mix: expected a DoRAMix from prepare_dora_mix")
-    if (bias is None and mix.native is not None and type(weight) is TernaryWeight
-            and _fast_input(x, weight.in_features)):
+    native = mix.native is not None and isinstance(weight, TernaryWeight)
+    if native and _fast_input(x, weight.in_features):
         # Decode's hot path: the native call makes every remaining check itself.
-        y = _native.dora_mix_linear(x.numpy().reshape(-1, weight.in_features),
-                                    weight._packed_np, weight.in_features, weight.scale,
-                                    None, mix.native)
-        return torch.from_numpy(y).view(*x.shape[:-1], weight.out_features)
-    if mix.native is None or _is_cuda(x) or not use_native() or not isinstance(
-            weight, TernaryWeight):
+        x2 = x.reshape(-1, weight.in_features)
+    elif native and use_native() and not _is_cuda(x):
+        x2 = _as_float32_matrix(x, "x", weight.in_features)
+    else:
         tokens = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
         if mix.weights.shape[0] not in (1, tokens):
             raise ValueError(f"mix: prepared for {mix.weights.shape[0]} rows, x has {tokens} "
                              "tokens")
         return dora_linear(x, weight, list(mix.adapters), mix.weights, bias, mix.base_weight)
-    if bias is not None:
-        bias = bias.detach().to(torch.float32).contiguous()
-    x2 = _as_float32_matrix(x, "x", weight.in_features)
+    b = None if bias is None else bias.detach().to(torch.float32).contiguous().numpy()
     y = _native.dora_mix_linear(x2.numpy(), weight._packed_np, weight.in_features,
-                                weight.scale, None if bias is None else bias.numpy(),
-                                mix.native)
+                                weight.scale, b, mix.native)
     return torch.from_numpy(y).reshape(*x.shape[:-1], weight.out_features)
 
 
