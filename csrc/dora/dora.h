@@ -191,14 +191,19 @@ float dora_dot_f16_avx2(const float* x, const uint16_t* a, std::size_t k);
 float dora_dot_f32_avx512(const float* x, const float* a, std::size_t k);
 float dora_dot_f16_avx512(const float* x, const uint16_t* a, std::size_t k);
 
-// The int8 A pass: exact sum_k a[k] x16[k] of an int8 row and an int16 row, and the int16
-// grid of a float row (x16[k] = round_half_even(x[k] * inv), |x[k] * inv| <= 32767). A token
-// with max|x| below kX16Floor gets x16 = 0.
+// The int8 A pass: out[r] = exact sum_k a[r * lda + k] x16[k] for `rows` int8 rows and one
+// int16 row (the SIMD kernels take four rows at once, sharing each load of x16), and the
+// int16 grid of a float row (x16[k] = round_half_even(x[k] * inv), |x[k] * inv| <= 32767).
+// A token with max|x| below kX16Floor gets x16 = 0.
 
-int64_t dora_dot_i8x16_scalar(const int8_t* a, const int16_t* x16, std::size_t k);
-int64_t dora_dot_i8x16_avx2(const int8_t* a, const int16_t* x16, std::size_t k);
-int64_t dora_dot_i8x16_avx512(const int8_t* a, const int16_t* x16, std::size_t k);
-int64_t dora_dot_i8x16_avx512vnni(const int8_t* a, const int16_t* x16, std::size_t k);
+void dora_dot_i8x16_rows_scalar(const int8_t* a, std::size_t lda, std::size_t rows,
+                                const int16_t* x16, std::size_t k, int64_t* out);
+void dora_dot_i8x16_rows_avx2(const int8_t* a, std::size_t lda, std::size_t rows,
+                              const int16_t* x16, std::size_t k, int64_t* out);
+void dora_dot_i8x16_rows_avx512(const int8_t* a, std::size_t lda, std::size_t rows,
+                                const int16_t* x16, std::size_t k, int64_t* out);
+void dora_dot_i8x16_rows_avx512vnni(const int8_t* a, std::size_t lda, std::size_t rows,
+                                    const int16_t* x16, std::size_t k, int64_t* out);
 void dora_quantize_x16_scalar(const float* x, std::size_t k, float inv, int16_t* x16);
 void dora_quantize_x16_avx2(const float* x, std::size_t k, float inv, int16_t* x16);
 void dora_quantize_x16_avx512(const float* x, std::size_t k, float inv, int16_t* x16);
@@ -229,13 +234,18 @@ class DoraCall {
   // The A pass (run as prologue tasks of a_grain_ rows of z each).
   const float* x_ = nullptr;
   const float* mix_ptr_ = nullptr;
-  std::size_t mix_rows_ = 1, a_rows_ = 0, a_grain_ = 1;
+  std::size_t mix_rows_ = 1, a_rows_ = 0, a_grain_ = 1, a_tasks_ = 0;
   std::vector<std::size_t> row_adapter_;
   float (*dot32_)(const float*, const float*, std::size_t) = nullptr;
   float (*dot16_)(const float*, const uint16_t*, std::size_t) = nullptr;
-  int64_t (*dot8_)(const int8_t*, const int16_t*, std::size_t) = nullptr;
-  std::vector<int16_t> x16_;   // [M, K]: x on the int16 grid (int8 adapters in the mix)
+  void (*dot8_)(const int8_t* a, std::size_t lda, std::size_t rows, const int16_t* x16,
+                std::size_t k, int64_t* out) = nullptr;
+  // x on the int16 grid (int8 adapters in the mix): [M, K], or for one token [a_tasks_, K],
+  // a copy per A-pass task.
+  std::vector<int16_t> x16_;
   std::vector<float> x16_scale_;  // [M]: sx
+  std::vector<float> x16_inv_;    // [M]: 1 / sx (0 for a token below kX16Floor)
+  void (*quant_x16_)(const float*, std::size_t, float, int16_t*) = nullptr;
   std::vector<const DoraAdapter*> adapters_;
   std::vector<int8_t> q_;
   std::vector<float> x_scale_;

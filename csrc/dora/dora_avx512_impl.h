@@ -185,5 +185,45 @@ inline int64_t dot_i8x16(const int8_t* a, const int16_t* x16, std::size_t k) {
   return _mm512_reduce_add_epi64(total);
 }
 
+// out[r] = exact sum_k a[r * lda + k] x16[k] for r < rows. Four rows at a time share each
+// load of x16 and stream as four runs at once. Each int32 lane takes 2 * 4096 / 32 products
+// of |127 * 32767| per block (< 2^31) before the block is widened into int64.
+template <class Pair>
+inline void dot_i8x16_rows(const int8_t* a, std::size_t lda, std::size_t rows,
+                           const int16_t* x16, std::size_t k, int64_t* out) {
+  constexpr std::size_t kBlock = 4096;
+  std::size_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const int8_t* ar[4] = {a + r * lda, a + (r + 1) * lda, a + (r + 2) * lda, a + (r + 3) * lda};
+    __m512i total[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+    std::size_t i = 0;
+    while (i < k) {
+      const std::size_t end = std::min(k, i + kBlock);
+      __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                        _mm512_setzero_si512()};
+      for (; i + 32 <= end; i += 32) {
+        const __m512i x = _mm512_loadu_si512(x16 + i);
+        for (int j = 0; j < 4; ++j)
+          acc[j] = Pair::dot(acc[j], _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                         reinterpret_cast<const __m256i*>(ar[j] + i))), x);
+      }
+      if (i < end) {
+        const __mmask32 m = (__mmask32{1} << (end - i)) - 1;
+        const __m512i x = _mm512_maskz_loadu_epi16(m, x16 + i);
+        for (int j = 0; j < 4; ++j)
+          acc[j] = Pair::dot(acc[j], _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, ar[j] + i)), x);
+        i = end;
+      }
+      for (int j = 0; j < 4; ++j) {
+        total[j] = _mm512_add_epi64(total[j], _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[j])));
+        total[j] = _mm512_add_epi64(total[j], _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[j], 1)));
+      }
+    }
+    for (int j = 0; j < 4; ++j) out[r + j] = _mm512_reduce_add_epi64(total[j]);
+  }
+  for (; r < rows; ++r) out[r] = dot_i8x16<Pair>(a + r * lda, x16, k);
+}
+
 }  // namespace
 }  // namespace r3mes

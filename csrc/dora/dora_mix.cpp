@@ -182,10 +182,13 @@ float dora_dot_f16_scalar(const float* x, const uint16_t* a, std::size_t k) {
   return s;
 }
 
-int64_t dora_dot_i8x16_scalar(const int8_t* a, const int16_t* x16, std::size_t k) {
-  int64_t s = 0;
-  for (std::size_t i = 0; i < k; ++i) s += int32_t{a[i]} * x16[i];
-  return s;
+void dora_dot_i8x16_rows_scalar(const int8_t* a, std::size_t lda, std::size_t rows,
+                                const int16_t* x16, std::size_t k, int64_t* out) {
+  for (std::size_t r = 0; r < rows; ++r) {
+    int64_t s = 0;
+    for (std::size_t i = 0; i < k; ++i) s += int32_t{a[r * lda + i]} * x16[i];
+    out[r] = s;
+  }
 }
 
 void dora_quantize_x16_scalar(const float* x, std::size_t k, float inv, int16_t* x16) {
@@ -294,7 +297,8 @@ namespace {
 
 using DotF32 = float (*)(const float*, const float*, std::size_t);
 using DotF16 = float (*)(const float*, const uint16_t*, std::size_t);
-using DotI8 = int64_t (*)(const int8_t*, const int16_t*, std::size_t);
+using DotI8 = void (*)(const int8_t*, std::size_t, std::size_t, const int16_t*, std::size_t,
+                      int64_t*);
 using QuantX16 = void (*)(const float*, std::size_t, float, int16_t*);
 using AbsMax = float (*)(const float*, std::size_t, bool*);
 using EpilogueFn = void (*)(const DoraMix&, std::size_t, std::size_t);
@@ -310,15 +314,15 @@ struct Isa {
 
 Isa isa_for(SimdLevel level) {
   if (level == SimdLevel::Avx512Vnni)
-    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_dot_i8x16_avx512vnni,
+    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_dot_i8x16_rows_avx512vnni,
             dora_epilogue_rows_avx512vnni, dora_quantize_x16_avx512, absmax_avx512};
   if (level == SimdLevel::Avx512)
-    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_dot_i8x16_avx512,
+    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_dot_i8x16_rows_avx512,
             dora_epilogue_rows_avx512, dora_quantize_x16_avx512, absmax_avx512};
   if (level == SimdLevel::Avx2)
-    return {dora_dot_f32_avx2, dora_dot_f16_avx2, dora_dot_i8x16_avx2, dora_epilogue_rows_avx2,
+    return {dora_dot_f32_avx2, dora_dot_f16_avx2, dora_dot_i8x16_rows_avx2, dora_epilogue_rows_avx2,
             dora_quantize_x16_avx2, absmax_avx2};
-  return {dora_dot_f32_scalar, dora_dot_f16_scalar, dora_dot_i8x16_scalar,
+  return {dora_dot_f32_scalar, dora_dot_f16_scalar, dora_dot_i8x16_rows_scalar,
           dora_epilogue_rows_scalar, dora_quantize_x16_scalar, absmax_scalar};
 }
 
@@ -417,20 +421,30 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
     dot32_ = isa.dot32;
     dot16_ = isa.dot16;
     dot8_ = isa.dot8;
-    // int8 adapters' A pass runs on x's int16 grid (see dora.h), made once per token here.
+    a_rows_ = p.z_cols * M;  // row i * M + m: adapter row i, token m
+    // One A-pass task a worker: the first chunk each worker claims runs one (ternary.h).
+    const std::size_t threads = static_cast<std::size_t>(get_num_threads());
+    a_grain_ = (a_rows_ + threads - 1) / threads;
+    a_tasks_ = (a_rows_ + a_grain_ - 1) / a_grain_;
+    // int8 adapters' A pass runs on x's int16 grid (see dora.h). For one token each A-pass
+    // task makes its own copy: the worker that reads it then writes it, and the 5 KB of a
+    // 2560-wide x do not cross between cores (measured at 2560x6912, 3 int8 experts:
+    // 0.5 points of the fused layer's cost). Several tokens share one grid, made here.
     bool any_int8 = false;
     for (const DoraAdapter* ad : adapters) any_int8 |= ad->storage == DoraStorage::I8;
     if (any_int8) {
-      x16_.resize(M * K);
+      x16_.resize((M == 1 ? a_tasks_ : M) * K);
       x16_scale_.resize(M);
+      x16_inv_.resize(M);
+      quant_x16_ = isa.quant_x16;
       for (std::size_t m = 0; m < M; ++m) {
         bool finite = true;
         float mx = isa.absmax(x + m * K, K, &finite);
         // Below kX16Floor, 32767 / max|x| would overflow: such a token's adapter path is 0.
         if (mx < kX16Floor) mx = 0.0f;
-        const float inv = mx > 0.0f ? 32767.0f / mx : 0.0f;
+        x16_inv_[m] = mx > 0.0f ? 32767.0f / mx : 0.0f;
         x16_scale_[m] = mx / 32767.0f;
-        isa.quant_x16(x + m * K, K, inv, x16_.data() + m * K);
+        if (M > 1) isa.quant_x16(x + m * K, K, x16_inv_[m], x16_.data() + m * K);
       }
     }
     p.z16_off.resize(p.act_e.size());
@@ -442,8 +456,6 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
     }
     p.z16.resize(z16_size);
     p.z16_scale.assign(p.act_e.size(), 0.0f);
-    a_rows_ = p.z_cols * M;  // row i * M + m: adapter row i, token m
-    a_grain_ = std::max<std::size_t>(1, 16384 / K);  // ~16K MACs a task
   } else {
     a_rows_ = 0;
   }
@@ -455,7 +467,7 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
     args.epilogue_ctx = &mix_;
     args.prologue = &DoraCall::a_pass_task;
     args.prologue_ctx = this;
-    args.prologue_tasks = (a_rows_ + a_grain_ - 1) / a_grain_;
+    args.prologue_tasks = a_tasks_;
     args.prologue_finish = &DoraCall::a_pass_finish;
   }
   return true;
@@ -468,23 +480,38 @@ void DoraCall::a_pass_task(void* ctx, std::size_t task) {
   DoraMix& p = c.mix_;
   const std::size_t M = p.M, E = c.adapters_.size(), K = c.adapters_[0]->in;
   const std::size_t r1 = std::min(c.a_rows_, (task + 1) * c.a_grain_);
-  for (std::size_t t = task * c.a_grain_; t < r1; ++t) {
+  const int16_t* x16 = nullptr;  // this task's int16 grid of the tokens' x (int8 adapters)
+  for (std::size_t t = task * c.a_grain_; t < r1;) {
     const std::size_t i = t / M, m = t % M, e = c.row_adapter_[i];
-    const float w = c.mix_ptr_[(c.mix_rows_ == 1 ? 0 : m) * E + e];
-    if (w == 0.0f) continue;
     const DoraAdapter& ad = *c.adapters_[e];
     const std::size_t j = i - p.z_off[e];
-    const float* xm = c.x_ + m * K;
-    float zj;
-    if (ad.storage == DoraStorage::F16) {
-      zj = c.dot16_(xm, ad.a16.data() + j * K, K);
-    } else if (ad.storage == DoraStorage::I8) {
-      zj = static_cast<float>(c.dot8_(ad.a8.data() + j * K, c.x16_.data() + m * K, K)) *
-           (ad.z_scale[j] * c.x16_scale_[m]);
-    } else {
-      zj = c.dot32_(xm, ad.a32.data() + j * K, K);
+    if (c.mix_ptr_[(c.mix_rows_ == 1 ? 0 : m) * E + e] == 0.0f) {
+      ++t;
+      continue;
     }
-    p.z[m * p.z_cols + i] = zj;
+    if (ad.storage != DoraStorage::I8) {
+      const float* xm = c.x_ + m * K;
+      p.z[m * p.z_cols + i] = ad.storage == DoraStorage::F16
+                                  ? c.dot16_(xm, ad.a16.data() + j * K, K)
+                                  : c.dot32_(xm, ad.a32.data() + j * K, K);
+      ++t;
+      continue;
+    }
+    if (x16 == nullptr) {
+      if (M == 1) c.quant_x16_(c.x_, K, c.x16_inv_[0], c.x16_.data() + task * K);
+      x16 = c.x16_.data() + (M == 1 ? task * K : 0);
+    }
+    // One token: this adapter's rows of the task in one call (they lie one after another).
+    const std::size_t rows = M == 1 ? std::min(r1, p.z_off[e] + ad.rank) - t : 1;
+    int64_t dots[16];
+    for (std::size_t r0 = 0; r0 < rows; r0 += 16) {
+      const std::size_t n = std::min<std::size_t>(16, rows - r0);
+      c.dot8_(ad.a8.data() + (j + r0) * K, K, n, x16 + m * K, K, dots);
+      for (std::size_t r = 0; r < n; ++r)
+        p.z[m * p.z_cols + i + r0 + r] =
+            static_cast<float>(dots[r]) * (ad.z_scale[j + r0 + r] * c.x16_scale_[m]);
+    }
+    t += rows;
   }
 }
 

@@ -166,7 +166,7 @@ R3MES_F16C float dora_dot_f16_avx2(const float* x, const uint16_t* a, std::size_
   return dot(x, a, k);
 }
 
-int64_t dora_dot_i8x16_avx2(const int8_t* a, const int16_t* x16, std::size_t k) {
+static int64_t dot_i8x16(const int8_t* a, const int16_t* x16, std::size_t k) {
   // Each int32 lane takes at most 2 * 2048 / 16 products of |127 * 32767| per block (< 2^31).
   constexpr std::size_t kBlock = 2048;
   int64_t total = 0;
@@ -185,6 +185,11 @@ int64_t dora_dot_i8x16_avx2(const int8_t* a, const int16_t* x16, std::size_t k) 
   }
   for (; i < k; ++i) total += int32_t{a[i]} * x16[i];
   return total;
+}
+
+void dora_dot_i8x16_rows_avx2(const int8_t* a, std::size_t lda, std::size_t rows,
+                              const int16_t* x16, std::size_t k, int64_t* out) {
+  for (std::size_t r = 0; r < rows; ++r) out[r] = dot_i8x16(a + r * lda, x16, k);
 }
 
 void dora_quantize_x16_avx2(const float* x, std::size_t k, float inv, int16_t* x16) {

@@ -23,8 +23,9 @@ void dora_epilogue_rows_avx512(const DoraMix& p, std::size_t n0, std::size_t n1)
   epilogue_rows<MaddPair>(p, n0, n1);
 }
 
-int64_t dora_dot_i8x16_avx512(const int8_t* a, const int16_t* x16, std::size_t k) {
-  return dot_i8x16<MaddPair>(a, x16, k);
+void dora_dot_i8x16_rows_avx512(const int8_t* a, std::size_t lda, std::size_t rows,
+                              const int16_t* x16, std::size_t k, int64_t* out) {
+  dot_i8x16_rows<MaddPair>(a, lda, rows, x16, k, out);
 }
 
 namespace {

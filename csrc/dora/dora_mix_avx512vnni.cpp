@@ -22,8 +22,9 @@ void dora_epilogue_rows_avx512vnni(const DoraMix& p, std::size_t n0, std::size_t
   epilogue_rows<DpwssdPair>(p, n0, n1);
 }
 
-int64_t dora_dot_i8x16_avx512vnni(const int8_t* a, const int16_t* x16, std::size_t k) {
-  return dot_i8x16<DpwssdPair>(a, x16, k);
+void dora_dot_i8x16_rows_avx512vnni(const int8_t* a, std::size_t lda, std::size_t rows,
+                              const int16_t* x16, std::size_t k, int64_t* out) {
+  dot_i8x16_rows<DpwssdPair>(a, lda, rows, x16, k, out);
 }
 
 }  // namespace r3mes

@@ -89,8 +89,10 @@ struct GemmArgs {
   void* epilogue_ctx = nullptr;
   // Optional prologue, run in the same pool hand-off: prologue(prologue_ctx, i) for
   // i < prologue_tasks, all finished before this product's first epilogue call (the
-  // fused DoRA mix computes its A pass here). Prologue tasks are claimed before any
-  // row chunk, so a worker waiting for them never waits on itself.
+  // fused DoRA mix computes its A pass here). A worker runs one unclaimed task at the
+  // start of each of the product's row chunks, and any still unclaimed at the chunk's end
+  // before it waits for the rest, so it never waits on itself. Best with one task a
+  // worker (the first chunk of each runs one).
   std::size_t prologue_tasks = 0;
   void (*prologue)(void* ctx, std::size_t task) = nullptr;
   void* prologue_ctx = nullptr;

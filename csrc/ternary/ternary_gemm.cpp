@@ -41,11 +41,9 @@ GemmRowsFn rows_fn_for(SimdLevel level) {
   return ternary_gemm_rows_scalar;
 }
 
-// One task of a ternary_gemm_multi call: a prologue task of a product, or a chunk of
-// its output rows.
+// One task of a ternary_gemm_multi call: a chunk of a product's output rows.
 struct Task {
   std::size_t product, n0, n1;
-  bool prologue;
 };
 
 inline void relax() {
@@ -99,53 +97,74 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
     }
   }
 #endif
-  // Prologue tasks first (claimed in order, so before any row chunk), then chunks of
-  // every product, each a multiple of the 4-row tile and small enough to balance the
-  // threads: one pool hand-off for all of them.
+  // Row chunks of every product, each a multiple of the 4-row tile: one pool hand-off for
+  // all of them. A product's prologue tasks are claimed by the workers from inside its
+  // chunks (see run_task), not handed out as tasks of their own.
   const std::size_t threads = static_cast<std::size_t>(get_num_threads());
   std::vector<Task> tasks;
-  // pending: a product's prologue tasks not yet finished, plus one for its prologue_finish
-  // (0 from the start without a prologue); its epilogue may run once it reaches 0.
+  // next: a product's next unclaimed prologue task. pending: its prologue tasks not yet
+  // finished, plus one for its prologue_finish (0 from the start without a prologue); its
+  // epilogue may run once it reaches 0.
+  std::unique_ptr<std::atomic<std::size_t>[]> next(new std::atomic<std::size_t>[count]);
   std::unique_ptr<std::atomic<std::size_t>[]> pending(new std::atomic<std::size_t>[count]);
   std::size_t total_bytes = 0;
   for (std::size_t i = 0; i < count; ++i) {
     const GemmArgs& g = a[i];
     const bool active = g.M != 0 && g.N != 0;
     const std::size_t pro = active && g.prologue != nullptr ? g.prologue_tasks : 0;
+    next[i].store(0, std::memory_order_relaxed);
     pending[i].store(pro == 0 ? 0 : pro + 1, std::memory_order_relaxed);
-    for (std::size_t t = 0; t < pro; ++t) tasks.push_back({i, t, t + 1, true});
   }
   for (std::size_t i = 0; i < count; ++i) {
     const GemmArgs& g = a[i];
     if (g.M == 0 || g.N == 0) continue;
     total_bytes += g.N * packed_row_bytes(g.K) * g.M;
-    // Two chunks a thread: enough to balance a worker that started late, few enough that a
-    // fused DoRA epilogue (run at each chunk's end, between two weight streams) rarely
-    // breaks the stream. Measured at 2560x6912, 2 threads, 3 int8 experts (ratio to the
-    // bare GEMV): 8 chunks a thread 1.34, 4 chunks 1.28, 2 chunks 1.23, 1 chunk 1.25;
-    // the bare GEMV itself is 2-3% faster with 2 than with 4.
-    std::size_t grain = (g.N + threads * 2 - 1) / (threads * 2);
+    // One chunk a worker: every chunk start costs a stream start-up (and, fused, an
+    // epilogue call and an A-pass hand-over). Measured at 2560x6912, 2 threads, against two
+    // chunks a worker: the bare GEMV 3% faster, the fused 3-expert int8 layer 4-5% faster.
+    std::size_t grain = (g.N + threads - 1) / threads;
     grain = std::max<std::size_t>(16, (grain + 15) / 16 * 16);
     for (std::size_t n0 = 0; n0 < g.N; n0 += grain)
-      tasks.push_back({i, n0, std::min(g.N, n0 + grain), false});
+      tasks.push_back({i, n0, std::min(g.N, n0 + grain)});
   }
+  constexpr std::size_t kNone = ~std::size_t{0};
+  auto claim_prologue = [&](std::size_t i) {
+    const GemmArgs& g = a[i];
+    if (g.prologue == nullptr || next[i].load(std::memory_order_relaxed) >= g.prologue_tasks)
+      return kNone;
+    const std::size_t k = next[i].fetch_add(1, std::memory_order_relaxed);
+    return k < g.prologue_tasks ? k : kNone;
+  };
+  auto run_prologue = [&](std::size_t i, std::size_t k) {
+    const GemmArgs& g = a[i];
+    g.prologue(g.prologue_ctx, k);
+    if (pending[i].fetch_sub(1, std::memory_order_acq_rel) == 2) {  // the last
+      if (g.prologue_finish != nullptr) g.prologue_finish(g.prologue_ctx);
+      pending[i].store(0, std::memory_order_release);
+    }
+  };
+  auto rows = [&](const GemmArgs& g, std::size_t n0, std::size_t n1) {
+    if (n0 >= n1) return;
+#if defined(R3MES_HAVE_AMX)
+    if (g.q_quads != nullptr) {
+      ternary_gemm_rows_amx(g, n0, n1);
+      return;
+    }
+#endif
+    rows_fn(g, n0, n1);
+  };
   auto run_task = [&](std::size_t c) {
     const Task& t = tasks[c];
     const GemmArgs& g = a[t.product];
-    if (t.prologue) {
-      g.prologue(g.prologue_ctx, t.n0);
-      if (pending[t.product].fetch_sub(1, std::memory_order_acq_rel) == 2) {  // the last
-        if (g.prologue_finish != nullptr) g.prologue_finish(g.prologue_ctx);
-        pending[t.product].store(0, std::memory_order_release);
-      }
-      return;
-    }
-#if defined(R3MES_HAVE_AMX)
-    if (g.q_quads != nullptr)
-      ternary_gemm_rows_amx(g, t.n0, t.n1);
-    else
-#endif
-      rows_fn(g, t.n0, t.n1);
+    // A chunk first runs one prologue task of its product, if one is left: with one task a
+    // worker (the fused DoRA A pass), each worker's first chunk runs its own, with no pool
+    // hand-off of its own. Measured against prologue tasks handed out ahead of the chunks,
+    // 6 rows of A each: 1.5-2 points of the fused layer's cost at 2560x6912, 3 int8 experts.
+    if (const std::size_t k = claim_prologue(t.product); k != kNone) run_prologue(t.product, k);
+    rows(g, t.n0, t.n1);
+    // Prologue tasks nobody has claimed yet run here: waiting on them could wait on this
+    // very thread.
+    for (std::size_t k; (k = claim_prologue(t.product)) != kNone;) run_prologue(t.product, k);
     // The epilogue runs once per chunk, after it. Running it every few dozen rows inside
     // the chunk instead (its reads joining the weight stream) measured slower: 1.24 -> 1.32
     // to 1.42 of the bare GEMV at 2560x6912 with 3 int8 experts, for blocks of 864 to 16.

@@ -115,6 +115,33 @@ def test_prepared_mix_gives_the_one_shot_result(simd, storage):
     assert (y1 - kernels.ternary_linear(x, w)).abs().max() > 1e-3  # the adapters act
 
 
+@pytest.mark.parametrize("storage", ["fp32", "int8"])
+def test_threaded_fused_layer_is_the_same_at_every_thread_count_and_batch_size(simd, storage):
+    # Big enough for the worker threads (the small cases above run inline): the A pass is
+    # split into one task a worker, claimed inside the row chunks, its tasks cutting across
+    # adapters (ranks 16, 4, 12 with 1-4 threads); one token quantises x once per task.
+    # Every row's result is an exact integer sum then the same float steps, so the output
+    # cannot depend on the split: bit for bit, at every thread count, in a batch or alone.
+    w = _weight(1000, 1111, seed=31)
+    made = [_adapter(w, r, 120 + r, storage)[0] for r in (16, 4, 12)]
+    x = torch.randn(3, 1111)
+    mix = torch.tensor([[0.5, 0.2, 0.3]])
+    prepared = kernels.prepare_dora_mix(made, mix)
+    outs = []
+    try:
+        for n in (1, 2, 3, 4):
+            kernels.set_num_threads(n)
+            outs.append(kernels.dora_mix_linear(x, w, prepared))
+            alone = torch.cat([kernels.dora_mix_linear(x[i:i + 1], w, prepared) for i in range(3)])
+            assert torch.equal(alone, outs[-1]), f"{n} threads: one token at a time differs"
+    finally:
+        kernels.set_num_threads(0)
+    assert all(torch.equal(outs[0], o) for o in outs[1:])
+    torch.testing.assert_close(outs[0], kernels.dora_linear_reference(x, w, made, mix),
+                               rtol=1e-5, atol=1e-5)
+    assert (outs[0] - kernels.ternary_linear(x, w)).abs().max() > 1e-3  # the adapters act
+
+
 def test_prepared_mix_rejects_what_does_not_fit():
     w = _weight(40, 64, seed=22)
     made = [_adapter(w, 4, 120 + e, "int8")[0] for e in range(2)]
