@@ -41,12 +41,11 @@ inline __m512 low_rank(const DoraAdapter& ad, const float* z, std::size_t t) {
   return _mm512_add_ps(u0, u1);
 }
 
-// int8 storage: sum_j B8[16 t + l, j] z16[j] exactly, as int32, for the 16 rows of tile t.
-// Each 32-byte run holds two ranks of the 16 rows, interleaved (see dora.h).
+// int8 storage: sum_j B8[16 t + l, j] z16[j] exactly, as int32, for the 16 rows of one
+// tile, b pointing at the tile (rank2 / 2 = pairs runs of 32 bytes, each two ranks of the 16
+// rows interleaved: see dora.h).
 template <class Pair>
-inline __m512i low_rank_i8(const DoraAdapter& ad, const int16_t* z16, std::size_t t) {
-  const std::size_t pairs = ad.rank2 / 2;
-  const int8_t* b = ad.bt8.data() + t * pairs * 2 * kDoraTile;
+inline __m512i low_rank_i8(const int8_t* b, const int16_t* z16, std::size_t pairs) {
   __m512i u0 = _mm512_setzero_si512(), u1 = _mm512_setzero_si512();
   std::size_t i = 0;
   for (; i + 2 <= pairs; i += 2) {
@@ -68,6 +67,26 @@ inline __m512i low_rank_i8(const DoraAdapter& ad, const int16_t* z16, std::size_
                    _mm512_set1_epi32(z0));
   }
   return _mm512_add_epi32(u0, u1);
+}
+
+// The same for a rank known at compile time (16: 8 pairs), fully unrolled.
+template <class Pair, std::size_t kPairs>
+inline __m512i low_rank_i8_fixed(const int8_t* b, const int16_t* z16) {
+  __m512i u[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                  _mm512_setzero_si512()};
+  for (std::size_t i = 0; i < kPairs; ++i) {
+    int32_t zp;
+    std::memcpy(&zp, z16 + 2 * i, 4);
+    u[i % 4] = Pair::dot(u[i % 4], _mm512_cvtepi8_epi16(_mm256_loadu_si256(
+                                       reinterpret_cast<const __m256i*>(b + i * 2 * kDoraTile))),
+                         _mm512_set1_epi32(zp));
+  }
+  return _mm512_add_epi32(_mm512_add_epi32(u[0], u[1]), _mm512_add_epi32(u[2], u[3]));
+}
+
+template <class Pair>
+inline __m512i low_rank_i8(const DoraAdapter& ad, const int16_t* z16, std::size_t t) {
+  return low_rank_i8<Pair>(ad.bt8.data() + t * ad.rank2 * kDoraTile, z16, ad.rank2 / 2);
 }
 
 // The epilogue reads each adapter's B (and gain) tiles in order, one short run per tile:
@@ -97,12 +116,58 @@ inline void prefetch_tile(const DoraMix& p, uint32_t a0, uint32_t a1, std::size_
   }
 }
 
+// Decode's common case, a prepared mix of int8 adapters: the same sums as tiles() below,
+// with every per-adapter constant (tile pointer, stride, the update's scale) taken out of
+// the loop over tiles.
+template <class Pair>
+void tiles_int8(const DoraMix& p, std::size_t m, const float* factor, std::size_t v0,
+                std::size_t v1) {
+  constexpr uint32_t kMax = 8;
+  const uint32_t a0 = p.act_start[m], n = p.act_start[m + 1] - a0;
+  const int8_t* b[kMax];
+  const int16_t* z[kMax];
+  std::size_t stride[kMax], pairs[kMax], tiles_of[kMax];
+  float scale[kMax];
+  for (uint32_t i = 0; i < n; ++i) {
+    const DoraAdapter& ad = *p.adapters[p.act_e[a0 + i]];
+    stride[i] = ad.rank2 * kDoraTile;
+    pairs[i] = ad.rank2 / 2;
+    tiles_of[i] = ad.out_padded / kDoraTile;
+    b[i] = ad.bt8.data();
+    z[i] = p.z16.data() + p.z16_off[a0 + i];
+    scale[i] = p.act_w[a0 + i] * ad.coef * p.z16_scale[a0 + i];
+  }
+  float* y = p.out + m * p.N;
+  for (std::size_t nb = v0; nb < v1; nb += kDoraTile) {
+    const std::size_t t = nb / kDoraTile, ahead = t + kEpiloguePrefetchTiles;
+    for (uint32_t i = 0; i < n; ++i)
+      if (ahead < tiles_of[i])
+        for (std::size_t o = 0; o < stride[i]; o += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(b[i] + ahead * stride[i] + o), _MM_HINT_T0);
+    __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(factor + nb), _mm512_loadu_ps(y + nb));
+    for (uint32_t i = 0; i < n; ++i)
+      acc = _mm512_fmadd_ps(
+          _mm512_cvtepi32_ps(pairs[i] == 8
+                                 ? low_rank_i8_fixed<Pair, 8>(b[i] + t * stride[i], z[i])
+                                 : low_rank_i8<Pair>(b[i] + t * stride[i], z[i], pairs[i])),
+          _mm512_set1_ps(scale[i]), acc);
+    if (p.bias != nullptr) acc = _mm512_add_ps(acc, _mm512_loadu_ps(p.bias + nb));
+    _mm512_storeu_ps(y + nb, acc);
+  }
+}
+
 template <class Pair>
 void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
   for (std::size_t m = 0; m < p.M; ++m) {
     float* y = p.out + m * p.N;
     const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
     if (a0 == a1 && p.bias == nullptr) continue;
+    if (a0 != a1 && a1 - a0 <= 8 && p.factor_row(m) != nullptr &&
+        std::all_of(p.act_e.begin() + a0, p.act_e.begin() + a1,
+                    [&](uint32_t e) { return p.adapters[e]->storage == DoraStorage::I8; })) {
+      tiles_int8<Pair>(p, m, p.factor_row(m), v0, v1);
+      continue;
+    }
     const float* zm = p.z.data() + m * p.z_cols;
     const float* factor = p.factor_row(m);
     for (std::size_t nb = v0; nb < v1; nb += kDoraTile) {
