@@ -145,7 +145,11 @@ def test_dora_merge_cost(benchmark, record_row, storage):
 
 def _interleaved(rounds: int = 2000) -> None:
     """Script mode: every implementation timed round-robin in one loop, so load from other
-    processes hits all of them alike (this machine is shared); prints min and median."""
+    processes hits all of them alike (this machine is shared); prints min and median. The
+    order is shuffled every round: a call's cost depends on the call before it (the same two
+    kernels measured 1.11x apart through the Python API and 1.19x through the bindings in a
+    fixed order), and a fixed order would give each case the same predecessor every time."""
+    import random
     import statistics
     import time
 
@@ -165,8 +169,11 @@ def _interleaved(rounds: int = 2000) -> None:
             lambda c, n=n, mix=mix: kernels.dora_linear(x, c["weight"], c["int8"][:n], mix))
         cases[f"unfused torch x{n}"] = lambda c, n=n: _unfused(x, c, n)
     times: dict[str, list[float]] = {k: [] for k in cases}
+    order = list(cases.items())
+    shuffle = random.Random(0).shuffle
     for _ in range(rounds):
-        for name, fn in cases.items():
+        shuffle(order)
+        for name, fn in order:
             c = next(it)
             t0 = time.perf_counter()
             fn(c)
