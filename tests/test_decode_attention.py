@@ -34,6 +34,27 @@ def test_decode_attention_ignores_cache_rows_beyond_length_and_before_pad() -> N
     assert torch.equal(kernels.decode_attention(q, k2, v2, pad, 5, 0.5), base)
 
 
+def test_weights_below_the_normal_float_range_are_exactly_zero() -> None:
+    # One key scores 100 below the other: exp(-100) = 3.7e-44 is a subnormal float, and
+    # every multiply-add touching a subnormal takes a microcode assist on x86 (a peaked
+    # softmax over a long context made decode 20% slower). The kernel drops such weights;
+    # the reference keeps them. A huge value behind the dropped weight shows the difference.
+    q = torch.zeros(1, 1, 4)
+    q[0, 0, 0] = 1.0
+    k = torch.zeros(1, 1, 3, 4)
+    k[0, 0, 0, 0] = 100.0  # the winner
+    k[0, 0, 1, 0] = 0.0    # 100 below: weight 3.7e-44
+    k[0, 0, 2, 0] = 60.0   # 40 below: weight 4.2e-18, a normal float, kept
+    v = torch.zeros(1, 1, 3, 4)
+    v[0, 0, 1] = 1e30
+    v[0, 0, 2] = 1.0
+    got = kernels.decode_attention(q, k, v, torch.tensor([0]), 3, 1.0)
+    want = reference.decode_attention(q, k, v, torch.tensor([0]), 3, 1.0)
+    assert want[0, 0, 0] > 1e-14  # the reference carries the subnormal weight's 3.7e-14
+    torch.testing.assert_close(got, torch.full((1, 1, 4), float(torch.exp(torch.tensor(-40.0)))),
+                               rtol=1e-6, atol=0)
+
+
 def test_fully_padded_row_gives_zeros() -> None:
     out = kernels.decode_attention(torch.randn(1, 2, 4), torch.randn(1, 1, 3, 4),
                                    torch.randn(1, 1, 3, 4), torch.tensor([3]), 3, 1.0)

@@ -35,6 +35,13 @@ R3MES_CLONES void axpy(float alpha, const float* x, float* y, std::size_t n) {
   for (std::size_t d = 0; d < n; ++d) y[d] += alpha * x[d];
 }
 
+// exp(-87) = 1.6e-38 is the last power of e above FLT_MIN (1.2e-38).
+constexpr float kExpFloor = -87.0f;
+// A normalised weight this small times any value the cache holds stays below the float
+// resolution of a sum whose largest weight is at least 1 / length; skipping it also keeps
+// its products out of the subnormal range.
+constexpr float kMinWeight = 1e-30f;
+
 }  // namespace
 
 void decode_attention(const float* q, const float* k, const float* v, const int64_t* pad,
@@ -61,14 +68,20 @@ void decode_attention(const float* q, const float* k, const float* v, const int6
         scores[s] = dot(qh, kg + s * head_dim, head_dim) * scaling;
         best = std::max(best, scores[s]);
       }
+      // A weight below exp(kExpFloor) would be a subnormal float, and subnormal operands
+      // take a microcode assist on x86 (~100x slower per operation): a peaked softmax over a
+      // long context made every later multiply-add of the value sum one. Such weights are 0
+      // here; they differ from exp's result by less than the smallest normal float.
       float total = 0.0f;
       for (std::size_t s = start; s < length; ++s) {
-        scores[s] = std::exp(scores[s] - best);
+        const float e = scores[s] - best;
+        scores[s] = e < kExpFloor ? 0.0f : std::exp(e);
         total += scores[s];
       }
       const float inv = 1.0f / total;
       for (std::size_t s = start; s < length; ++s) {
-        axpy(scores[s] * inv, vg + s * head_dim, o, head_dim);
+        const float w = scores[s] * inv;
+        if (w >= kMinWeight) axpy(w, vg + s * head_dim, o, head_dim);
       }
     }
   });
