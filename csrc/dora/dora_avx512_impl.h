@@ -277,12 +277,14 @@ inline void dot_i8x16_rows(const int8_t* a, std::size_t lda, std::size_t rows,
         const __mmask32 m = (__mmask32{1} << (end - i)) - 1;
         const __m512i x = _mm512_maskz_loadu_epi16(m, x16 + i);
         for (int j = 0; j < 4; ++j)
-          acc[j] = Pair::dot(acc[j], _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, ar[j] + i)), x);
+          acc[j] = Pair::dot(acc[j], _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, ar[j] + i)),
+                             x);
         i = end;
       }
       for (int j = 0; j < 4; ++j) {
-        total[j] = _mm512_add_epi64(total[j], _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[j])));
-        total[j] = _mm512_add_epi64(total[j], _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[j], 1)));
+        const __m512i lo = _mm512_cvtepi32_epi64(_mm512_castsi512_si256(acc[j]));
+        const __m512i hi = _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(acc[j], 1));
+        total[j] = _mm512_add_epi64(total[j], _mm512_add_epi64(lo, hi));
       }
     }
     for (int j = 0; j < 4; ++j) out[r + j] = _mm512_reduce_add_epi64(total[j]);

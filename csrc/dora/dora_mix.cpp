@@ -320,8 +320,8 @@ Isa isa_for(SimdLevel level) {
     return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_dot_i8x16_rows_avx512,
             dora_epilogue_rows_avx512, dora_quantize_x16_avx512, absmax_avx512};
   if (level == SimdLevel::Avx2)
-    return {dora_dot_f32_avx2, dora_dot_f16_avx2, dora_dot_i8x16_rows_avx2, dora_epilogue_rows_avx2,
-            dora_quantize_x16_avx2, absmax_avx2};
+    return {dora_dot_f32_avx2, dora_dot_f16_avx2, dora_dot_i8x16_rows_avx2,
+            dora_epilogue_rows_avx2, dora_quantize_x16_avx2, absmax_avx2};
   return {dora_dot_f32_scalar, dora_dot_f16_scalar, dora_dot_i8x16_rows_scalar,
           dora_epilogue_rows_scalar, dora_quantize_x16_scalar, absmax_scalar};
 }

@@ -239,14 +239,16 @@ def test_int8_storage_with_vanishing_activations_stays_finite(simd):
                                rtol=1e-5, atol=1e-6)
 
 
-def test_int8_a_pass_sums_exactly_past_int32_range(simd):
+@pytest.mark.parametrize("rank", [2, 8])
+def test_int8_a_pass_sums_exactly_past_int32_range(simd, rank):
     # K = 9000 (past the 4096 / 2048 blocks) with every |A8| = 127 and |x16| = 32767:
-    # sums of 3.7e10 overflow int32 unless each block is widened to int64.
+    # sums of 3.7e10 overflow int32 unless each block is widened to int64. Rank 8 runs the
+    # four-rows-at-once A pass, rank 2 the one-row kernel.
     k = 9000
     w = _weight(16, k, seed=10)
     sign = torch.where(torch.arange(k) % 3 == 0, -1.0, 1.0)
-    a = torch.ones(2, k) * 0.01
-    b = torch.full((16, 2), 0.02)
+    a = torch.ones(rank, k) * 0.01
+    b = torch.full((16, rank), 0.02)
     ad = kernels.prepare_dora_adapter(a, b, torch.ones(16), 1.0, "int8")
     x = sign.reshape(1, k)
     y = kernels.dora_linear(x, w, [ad], torch.ones(1, 1))
@@ -254,7 +256,7 @@ def test_int8_a_pass_sums_exactly_past_int32_range(simd):
     torch.testing.assert_close(y, ref, rtol=1e-6, atol=1e-6)
     # (A x)_j = 0.01 * (k - 2 * 3000): the update alone, against the base
     update = y - kernels.ternary_linear(x, w)
-    torch.testing.assert_close(update, torch.full((1, 16), 2 * 0.02 * 0.01 * (k - 6000)),
+    torch.testing.assert_close(update, torch.full((1, 16), rank * 0.02 * 0.01 * (k - 6000)),
                                rtol=1e-4, atol=0)
 
 
