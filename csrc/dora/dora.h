@@ -163,12 +163,24 @@ struct DoraMix {
   std::size_t z_cols = 0;           // sum of ranks
   std::vector<float> z;             // [M, z_cols]: A_e x_m (fp16 path: A16 x_m)
   // Each mix entry's z on the int16 grid (int8 adapters; rank2 wide, the padding rank 0)
-  // and its sz: made once per call, after the A pass (quantize_z), by whichever worker
+  // and its sz: made once per call, after the A pass (finish_a_pass), by whichever worker
   // finishes the A pass last, so every epilogue call reads the same grid.
   std::vector<std::size_t> z16_off;  // [entries]
   std::vector<int16_t> z16;
   std::vector<float> z16_scale;      // [entries]
-  void quantize_z();
+  // What the SIMD epilogues read of each mix entry on every tile, made with z16: where its
+  // B's tiles start and end, the bytes of one tile, its rank (rank2 for int8), its z (the
+  // int16 grid for int8 storage) and the update's scale w * coef (* sz for int8).
+  struct Entry {
+    const uint8_t* bt = nullptr;
+    const uint8_t* bt_end = nullptr;
+    std::size_t tile_bytes = 0, rank = 0;
+    DoraStorage storage = DoraStorage::F32;
+    const void* z = nullptr;
+    float scale = 0.0f;
+  };
+  std::vector<Entry> entries;        // [entries]
+  void finish_a_pass();
   // Token m's row of base_factor, or nullptr when the epilogue sums c from the gains.
   const float* factor_row(std::size_t m) const {
     return base_factor == nullptr ? nullptr : base_factor + (base_factor_rows == 1 ? 0 : m) * N;
@@ -179,6 +191,21 @@ struct DoraMix {
 
 // Per-ISA epilogue over output rows [n0, n1) for all tokens.
 void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1);
+// How the SIMD epilogues split a row range: tiles(v0, v1) on its whole 16-row tiles, the
+// scalar spec on the partial tiles at either edge.
+template <class Tiles>
+inline void dora_epilogue_by_tiles(const DoraMix& p, std::size_t n0, std::size_t n1,
+                                   Tiles&& tiles) {
+  const std::size_t v0 = (n0 + kDoraTile - 1) / kDoraTile * kDoraTile;
+  const std::size_t v1 = n1 / kDoraTile * kDoraTile;
+  if (v0 >= v1) {
+    dora_epilogue_rows_scalar(p, n0, n1);
+    return;
+  }
+  if (n0 < v0) dora_epilogue_rows_scalar(p, n0, v0);
+  tiles(v0, v1);
+  if (v1 < n1) dora_epilogue_rows_scalar(p, v1, n1);
+}
 void dora_epilogue_rows_avx2(const DoraMix& p, std::size_t n0, std::size_t n1);
 void dora_epilogue_rows_avx512(const DoraMix& p, std::size_t n0, std::size_t n1);
 void dora_epilogue_rows_avx512vnni(const DoraMix& p, std::size_t n0, std::size_t n1);

@@ -209,13 +209,31 @@ float quantize_z16(const float* z, std::size_t rank, std::size_t rank2, int16_t*
   return sz;
 }
 
-void DoraMix::quantize_z() {
+void DoraMix::finish_a_pass() {
+  entries.resize(act_e.size());
   for (std::size_t m = 0; m < M; ++m)
     for (uint32_t a = act_start[m]; a < act_start[m + 1]; ++a) {
       const DoraAdapter& ad = *adapters[act_e[a]];
-      if (ad.storage == DoraStorage::I8)
+      Entry& e = entries[a];
+      e.storage = ad.storage;
+      e.scale = act_w[a] * ad.coef;
+      if (ad.storage == DoraStorage::I8) {
         z16_scale[a] = quantize_z16(z.data() + m * z_cols + z_off[act_e[a]], ad.rank, ad.rank2,
                                     z16.data() + z16_off[a]);
+        e.scale *= z16_scale[a];
+        e.rank = ad.rank2;
+        e.z = z16.data() + z16_off[a];
+        e.bt = reinterpret_cast<const uint8_t*>(ad.bt8.data());
+        e.tile_bytes = ad.rank2 * kDoraTile;
+      } else {
+        e.rank = ad.rank;
+        e.z = z.data() + m * z_cols + z_off[act_e[a]];
+        const bool f16 = ad.storage == DoraStorage::F16;
+        e.bt = f16 ? reinterpret_cast<const uint8_t*>(ad.bt16.data())
+                   : reinterpret_cast<const uint8_t*>(ad.bt32.data());
+        e.tile_bytes = ad.rank * kDoraTile * (f16 ? 2 : 4);
+      }
+      e.bt_end = e.bt + ad.out_padded / kDoraTile * e.tile_bytes;
     }
 }
 
@@ -473,7 +491,7 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
   return true;
 }
 
-void DoraCall::a_pass_finish(void* ctx) { static_cast<DoraCall*>(ctx)->mix_.quantize_z(); }
+void DoraCall::a_pass_finish(void* ctx) { static_cast<DoraCall*>(ctx)->mix_.finish_a_pass(); }
 
 void DoraCall::a_pass_task(void* ctx, std::size_t task) {
   DoraCall& c = *static_cast<DoraCall*>(ctx);

@@ -18,7 +18,6 @@ R3MES_F16C inline __m256 load_h8(const uint16_t* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-
 R3MES_F16C inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -27,11 +26,9 @@ R3MES_F16C inline float hsum(__m256 v) {
 }
 
 // int8 storage: sum_j B8[16 t + l, j] z16[j] exactly (int32) for the two 8-row halves of
-// tile t, one vpmaddwd per two ranks and 8 rows (layout in dora.h).
-inline void low_rank_i8(const DoraAdapter& ad, const int16_t* z16, std::size_t t, __m256* lo,
+// one tile, b pointing at it: one vpmaddwd per two ranks and 8 rows (layout in dora.h).
+inline void low_rank_i8(const int8_t* b, const int16_t* z16, std::size_t pairs, __m256* lo,
                         __m256* hi) {
-  const std::size_t pairs = ad.rank2 / 2;
-  const int8_t* b = ad.bt8.data() + t * pairs * 2 * kDoraTile;
   __m256i u0 = _mm256_setzero_si256(), u1 = _mm256_setzero_si256();
   for (std::size_t i = 0; i < pairs; ++i) {
     int32_t zp;
@@ -47,32 +44,30 @@ inline void low_rank_i8(const DoraAdapter& ad, const int16_t* z16, std::size_t t
   *hi = _mm256_cvtepi32_ps(u1);
 }
 
-// u for the two 8-row halves of tile t (fp32 / fp16 storage).
-R3MES_F16C inline void low_rank(const DoraAdapter& ad, const float* z, std::size_t t,
-                                __m256* lo, __m256* hi) {
-  const std::size_t off = t * ad.rank * kDoraTile;
+// Eight floats of a row stored as float32 or fp16 (converted on load).
+R3MES_F16C inline __m256 load8(const float* a) { return _mm256_loadu_ps(a); }
+R3MES_F16C inline __m256 load8(const uint16_t* a) { return load_h8(a); }
+
+// u for the two 8-row halves of one tile, b pointing at it (fp32 / fp16 storage).
+template <class T>
+R3MES_F16C inline void low_rank(const T* b, const float* z, std::size_t rank, __m256* lo,
+                                __m256* hi) {
   __m256 u0 = _mm256_setzero_ps(), u1 = _mm256_setzero_ps();
-  for (std::size_t j = 0; j < ad.rank; ++j) {
+  for (std::size_t j = 0; j < rank; ++j) {
     const __m256 zj = _mm256_set1_ps(z[j]);
-    const std::size_t o = off + j * kDoraTile;
-    if (ad.storage == DoraStorage::F16) {
-      u0 = _mm256_fmadd_ps(zj, load_h8(ad.bt16.data() + o), u0);
-      u1 = _mm256_fmadd_ps(zj, load_h8(ad.bt16.data() + o + 8), u1);
-    } else {
-      u0 = _mm256_fmadd_ps(zj, _mm256_loadu_ps(ad.bt32.data() + o), u0);
-      u1 = _mm256_fmadd_ps(zj, _mm256_loadu_ps(ad.bt32.data() + o + 8), u1);
-    }
+    u0 = _mm256_fmadd_ps(zj, load8(b + j * kDoraTile), u0);
+    u1 = _mm256_fmadd_ps(zj, load8(b + j * kDoraTile + 8), u1);
   }
   *lo = u0;
   *hi = u1;
 }
 
+// Rows [v0, v1) (whole tiles) of every token, each entry's constants from DoraMix::entries.
 R3MES_F16C void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
   for (std::size_t m = 0; m < p.M; ++m) {
     float* y = p.out + m * p.N;
     const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
     if (a0 == a1 && p.bias == nullptr) continue;
-    const float* zm = p.z.data() + m * p.z_cols;
     const float* factor = p.factor_row(m);
     for (std::size_t nb = v0; nb < v1; nb += kDoraTile) {
       __m256 acc0 = _mm256_loadu_ps(y + nb), acc1 = _mm256_loadu_ps(y + nb + 8);
@@ -94,16 +89,19 @@ R3MES_F16C void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
         acc1 = _mm256_mul_ps(c1, acc1);
       }
       for (uint32_t a = a0; a < a1; ++a) {
-        const DoraAdapter& ad = *p.adapters[p.act_e[a]];
+        const DoraMix::Entry& e = p.entries[a];
+        const uint8_t* b = e.bt + nb / kDoraTile * e.tile_bytes;
         __m256 u0, u1;
-        float coef = p.act_w[a] * ad.coef;
-        if (ad.storage == DoraStorage::I8) {
-          low_rank_i8(ad, p.z16.data() + p.z16_off[a], nb / kDoraTile, &u0, &u1);
-          coef *= p.z16_scale[a];
-        } else {
-          low_rank(ad, zm + p.z_off[p.act_e[a]], nb / kDoraTile, &u0, &u1);
-        }
-        const __m256 c = _mm256_set1_ps(coef);
+        if (e.storage == DoraStorage::I8)
+          low_rank_i8(reinterpret_cast<const int8_t*>(b), static_cast<const int16_t*>(e.z),
+                      e.rank / 2, &u0, &u1);
+        else if (e.storage == DoraStorage::F16)
+          low_rank(reinterpret_cast<const uint16_t*>(b), static_cast<const float*>(e.z), e.rank,
+                   &u0, &u1);
+        else
+          low_rank(reinterpret_cast<const float*>(b), static_cast<const float*>(e.z), e.rank,
+                   &u0, &u1);
+        const __m256 c = _mm256_set1_ps(e.scale);
         acc0 = _mm256_fmadd_ps(u0, c, acc0);
         acc1 = _mm256_fmadd_ps(u1, c, acc1);
       }
@@ -120,22 +118,12 @@ R3MES_F16C void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
 }  // namespace
 
 void dora_epilogue_rows_avx2(const DoraMix& p, std::size_t n0, std::size_t n1) {
-  const std::size_t v0 = (n0 + kDoraTile - 1) / kDoraTile * kDoraTile;
-  const std::size_t v1 = n1 / kDoraTile * kDoraTile;
-  if (v0 >= v1) {
-    dora_epilogue_rows_scalar(p, n0, n1);
-    return;
-  }
-  if (n0 < v0) dora_epilogue_rows_scalar(p, n0, v0);
-  tiles(p, v0, v1);
-  if (v1 < n1) dora_epilogue_rows_scalar(p, v1, n1);
+  dora_epilogue_by_tiles(p, n0, n1, [&](std::size_t v0, std::size_t v1) { tiles(p, v0, v1); });
 }
 
 namespace {
 
-// A row of A as float32 or as fp16 (converted on load); the scalar tail likewise.
-R3MES_F16C inline __m256 load8(const float* a) { return _mm256_loadu_ps(a); }
-R3MES_F16C inline __m256 load8(const uint16_t* a) { return load_h8(a); }
+// The scalar tail of a row of A as float32 or as fp16 (load8 above for the vectors).
 inline float scalar(float v) { return v; }
 inline float scalar(uint16_t v) { return half_to_float(v); }
 

@@ -143,16 +143,6 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
       pending[i].store(0, std::memory_order_release);
     }
   };
-  auto rows = [&](const GemmArgs& g, std::size_t n0, std::size_t n1) {
-    if (n0 >= n1) return;
-#if defined(R3MES_HAVE_AMX)
-    if (g.q_quads != nullptr) {
-      ternary_gemm_rows_amx(g, n0, n1);
-      return;
-    }
-#endif
-    rows_fn(g, n0, n1);
-  };
   auto run_task = [&](std::size_t c) {
     const Task& t = tasks[c];
     const GemmArgs& g = a[t.product];
@@ -161,7 +151,12 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
     // hand-off of its own. Measured against prologue tasks handed out ahead of the chunks,
     // 6 rows of A each: 1.5-2 points of the fused layer's cost at 2560x6912, 3 int8 experts.
     if (const std::size_t k = claim_prologue(t.product); k != kNone) run_prologue(t.product, k);
-    rows(g, t.n0, t.n1);
+#if defined(R3MES_HAVE_AMX)
+    if (g.q_quads != nullptr)
+      ternary_gemm_rows_amx(g, t.n0, t.n1);
+    else
+#endif
+      rows_fn(g, t.n0, t.n1);
     // Prologue tasks nobody has claimed yet run here: waiting on them could wait on this
     // very thread.
     for (std::size_t k; (k = claim_prologue(t.product)) != kNone;) run_prologue(t.product, k);

@@ -640,15 +640,12 @@ def dora_mix_linear(x: torch.Tensor, weight: TernaryWeight, mix: DoRAMix,
     if not isinstance(mix, DoRAMix):
         raise TypeError("mix: expected a DoRAMix from prepare_dora_mix")
     native = mix.native is not None and isinstance(weight, TernaryWeight)
-    if bias is None and native and _fast_input(x, weight.in_features):
+    if native and _fast_input(x, weight.in_features):
         # Decode's hot path, as ternary_linear's: the native call makes every remaining
         # check itself.
-        y = _native.dora_mix_linear(x.numpy().reshape(-1, weight.in_features),
-                                    weight._packed_np, weight.in_features, weight.scale, None,
-                                    mix.native)
-        return torch.from_numpy(y).view(*x.shape[:-1], weight.out_features)
-    if native and use_native() and not _is_cuda(x):
-        x2 = _as_float32_matrix(x, "x", weight.in_features)
+        x_np = x.numpy().reshape(-1, weight.in_features)
+    elif native and use_native() and not _is_cuda(x):
+        x_np = _as_float32_matrix(x, "x", weight.in_features).numpy()
     else:
         tokens = x.numel() // max(1, x.shape[-1]) if x.dim() else 0
         if mix.weights.shape[0] not in (1, tokens):
@@ -656,9 +653,9 @@ def dora_mix_linear(x: torch.Tensor, weight: TernaryWeight, mix: DoRAMix,
                              "tokens")
         return dora_linear(x, weight, list(mix.adapters), mix.weights, bias, mix.base_weight)
     b = None if bias is None else bias.detach().to(torch.float32).contiguous().numpy()
-    y = _native.dora_mix_linear(x2.numpy(), weight._packed_np, weight.in_features,
-                                weight.scale, b, mix.native)
-    return torch.from_numpy(y).reshape(*x.shape[:-1], weight.out_features)
+    y = _native.dora_mix_linear(x_np, weight._packed_np, weight.in_features, weight.scale, b,
+                                mix.native)
+    return torch.from_numpy(y).view(*x.shape[:-1], weight.out_features)
 
 
 def dora_linear_reference(
