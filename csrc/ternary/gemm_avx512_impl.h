@@ -26,8 +26,10 @@ inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0) {
   const int8_t* qs[T];
   for (int t = 0; t < T; ++t) qs[t] = a.q + (m0 + t) * kp;
 
-  // Decode (T == 1) streams weights from memory: prefetch ahead (see kPrefetchTiles).
-  const bool prefetch_ahead = T == 1 && n + (kPrefetchTiles + 1) * R <= a.N;
+  // Decode streams weights from memory: the first token tile prefetches ahead (see
+  // kPrefetchTiles, kStreamTokens).
+  const bool prefetch_ahead =
+      m0 == 0 && a.M <= kStreamTokens && n + (kPrefetchTiles + 1) * R <= a.N;
   for (std::size_t g = 0; g < kp / kGroupWeights; ++g) {
     __m512i v[R];
     for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(rows[r] + g * kGroupBytes);

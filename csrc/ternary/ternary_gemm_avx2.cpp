@@ -25,7 +25,7 @@ void rows_tokens(const GemmArgs& a, std::size_t n, std::size_t m0) {
   // Decode streams weights: prefetch the row kPrefetchTiles * 4 rows ahead (as the
   // AVX-512 kernels do for their 4-row tiles).
   const std::size_t ahead = kPrefetchTiles * 4;
-  const bool prefetch_ahead = T == 1 && n + ahead < a.N;
+  const bool prefetch_ahead = m0 == 0 && a.M <= kStreamTokens && n + ahead < a.N;
   const std::size_t row_bytes = packed_row_bytes(a.K);
   for (std::size_t b = 0; b < kp / 128; ++b) {
     const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b));
