@@ -269,10 +269,19 @@ py::array_t<float> py_decode_attention(const py::array& q, const py::array& k, c
   if (length == 0 || length > max_len)
     throw std::invalid_argument("length must be in [1, max_len]");
   py::array_t<float> out({batch, heads, dim});
+  // The contiguous cache is a pool of one block a row, max_len positions long.
+  std::vector<int32_t> table(batch);
+  std::vector<int64_t> lengths(batch, static_cast<int64_t>(length));
+  for (std::size_t b = 0; b < batch; ++b) table[b] = static_cast<int32_t>(b);
+  KvBlocks kv;
+  kv.k = const_cast<float*>(data_of<float>(k));
+  kv.v = const_cast<float*>(data_of<float>(v));
+  kv.block_size = max_len;
+  kv.max_blocks = 1;
+  kv.table = table.data();
   py::gil_scoped_release release;
-  decode_attention(data_of<float>(q), data_of<float>(k), data_of<float>(v),
-                   static_cast<const int64_t*>(pad.data()), batch, heads, kv_heads, dim,
-                   max_len, length, scaling, out.mutable_data());
+  decode_attention(data_of<float>(q), kv, static_cast<const int64_t*>(pad.data()),
+                   lengths.data(), batch, heads, kv_heads, dim, scaling, out.mutable_data());
   return out;
 }
 

@@ -44,44 +44,48 @@ constexpr float kMinWeight = 1e-30f;
 
 }  // namespace
 
-void decode_attention(const float* q, const float* k, const float* v, const int64_t* pad,
-                      std::size_t batch, std::size_t heads, std::size_t kv_heads,
-                      std::size_t head_dim, std::size_t max_len, std::size_t length,
-                      float scaling, float* out) {
+void decode_attention(const float* q, const KvBlocks& kv, const int64_t* start,
+                      const int64_t* length, std::size_t batch, std::size_t heads,
+                      std::size_t kv_heads, std::size_t head_dim, float scaling, float* out) {
   const std::size_t rep = heads / kv_heads;
   const std::size_t tasks = batch * heads;
+  std::size_t longest = 0, total = 0;
+  for (std::size_t b = 0; b < batch; ++b) {
+    const std::size_t n = static_cast<std::size_t>(std::max<int64_t>(0, length[b]));
+    longest = std::max(longest, n);
+    total += n;
+  }
   // Enough work per task to be worth a hand-off only for long contexts.
-  const std::size_t grain = length * head_dim * tasks < (1u << 16) ? tasks : 1;
+  const std::size_t grain = total * heads * head_dim < (1u << 16) ? tasks : 1;
   parallel_for(tasks, grain, [&](std::size_t t0, std::size_t t1) {
-    std::vector<float> scores(length);
+    std::vector<float> scores(longest);
     for (std::size_t t = t0; t < t1; ++t) {
       const std::size_t b = t / heads, h = t % heads, g = h / rep;
       const float* qh = q + (b * heads + h) * head_dim;
-      const float* kg = k + ((b * kv_heads + g) * max_len) * head_dim;
-      const float* vg = v + ((b * kv_heads + g) * max_len) * head_dim;
       float* o = out + (b * heads + h) * head_dim;
-      const std::size_t start = static_cast<std::size_t>(std::max<int64_t>(0, pad[b]));
+      const std::size_t first = static_cast<std::size_t>(std::max<int64_t>(0, start[b]));
+      const std::size_t end = static_cast<std::size_t>(std::max<int64_t>(0, length[b]));
       std::fill(o, o + head_dim, 0.0f);
-      if (start >= length) continue;  // a fully padded row: zeros, as a masked softmax row
+      if (first >= end) continue;  // a fully padded row: zeros, as a masked softmax row
       float best = -INFINITY;
-      for (std::size_t s = start; s < length; ++s) {
-        scores[s] = dot(qh, kg + s * head_dim, head_dim) * scaling;
+      for (std::size_t s = first; s < end; ++s) {
+        scores[s] = dot(qh, kv.k + kv.offset(b, kv_heads, g, s, head_dim), head_dim) * scaling;
         best = std::max(best, scores[s]);
       }
       // A weight below exp(kExpFloor) would be a subnormal float, and subnormal operands
       // take a microcode assist on x86 (~100x slower per operation): a peaked softmax over a
       // long context made every later multiply-add of the value sum one. Such weights are 0
       // here; they differ from exp's result by less than the smallest normal float.
-      float total = 0.0f;
-      for (std::size_t s = start; s < length; ++s) {
+      float sum = 0.0f;
+      for (std::size_t s = first; s < end; ++s) {
         const float e = scores[s] - best;
         scores[s] = e < kExpFloor ? 0.0f : std::exp(e);
-        total += scores[s];
+        sum += scores[s];
       }
-      const float inv = 1.0f / total;
-      for (std::size_t s = start; s < length; ++s) {
+      const float inv = 1.0f / sum;
+      for (std::size_t s = first; s < end; ++s) {
         const float w = scores[s] * inv;
-        if (w >= kMinWeight) axpy(w, vg + s * head_dim, o, head_dim);
+        if (w >= kMinWeight) axpy(w, kv.v + kv.offset(b, kv_heads, g, s, head_dim), o, head_dim);
       }
     }
   });

@@ -62,9 +62,9 @@ bool project(const DecodeLayerSpec& spec, const int* which, std::size_t count, c
 
 }  // namespace
 
-bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, float* k_cache,
-                       float* v_cache, std::size_t max_len, const int64_t* pad, std::size_t pos,
-                       const float* cos, const float* sin, DecodeScratch& s, SimdLevel level) {
+bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, const KvBlocks& kv,
+                       const int64_t* start, const int64_t* pos, const float* cos,
+                       const float* sin, DecodeScratch& s, SimdLevel level) {
   const std::size_t H = spec.hidden, I = spec.intermediate, D = spec.head_dim;
   const std::size_t qn = spec.heads * D, kvn = spec.kv_heads * D;
   s.x.resize(B * H);
@@ -76,6 +76,7 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, flo
   s.up.resize(B * I);
   s.y.resize(B * H);
   s.rope.resize(D);
+  s.lengths.resize(B);
 
   // ---- attention
   rms_norm(h, spec.input_norm, B, H, spec.eps, s.x.data());
@@ -86,17 +87,20 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, flo
   }
   apply_rope(s.q.data(), B, spec.heads, D, cos, sin, s.rope.data());
   apply_rope(s.k.data(), B, spec.kv_heads, D, cos, sin, s.rope.data());
-  for (std::size_t b = 0; b < B; ++b)
+  for (std::size_t b = 0; b < B; ++b) {
+    const std::size_t p = static_cast<std::size_t>(pos[b]);
+    s.lengths[b] = pos[b] + 1;
     for (std::size_t g = 0; g < spec.kv_heads; ++g) {
-      const std::size_t dst = ((b * spec.kv_heads + g) * max_len + pos) * D;
+      const std::size_t dst = kv.offset(b, spec.kv_heads, g, p, D);
       const std::size_t src = (b * spec.kv_heads + g) * D;
       for (std::size_t d = 0; d < D; ++d) {
-        k_cache[dst + d] = s.k[src + d];
-        v_cache[dst + d] = s.v[src + d];
+        kv.k[dst + d] = s.k[src + d];
+        kv.v[dst + d] = s.v[src + d];
       }
     }
-  decode_attention(s.q.data(), k_cache, v_cache, pad, B, spec.heads, spec.kv_heads, D, max_len,
-                   pos + 1, spec.attn_scaling, s.o.data());
+  }
+  decode_attention(s.q.data(), kv, start, s.lengths.data(), B, spec.heads, spec.kv_heads, D,
+                   spec.attn_scaling, s.o.data());
   const float* o = s.o.data();
   if (spec.attn_sub_norm != nullptr) {
     rms_norm(s.o.data(), spec.attn_sub_norm, B, qn, spec.eps, s.q.data());

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "attention/decode_attention.h"
 #include "common/cpu_features.h"
 #include "dora/dora.h"
 
@@ -54,17 +55,19 @@ struct DecodeLayerSpec {
 // Buffers reused from one step to the next (no allocation in the steady state).
 struct DecodeScratch {
   std::vector<float> x, q, k, v, o, gate, up, y, rope;
+  std::vector<int64_t> lengths;
   DoraCall calls[kNumProjections];
 };
 
-// One decode step for B rows. h [B, hidden] is updated in place. k_cache, v_cache are
-// this layer's [B, kv_heads, max_len, head_dim]; the new keys/values go to position
-// `pos` and keys [pad[b], pos] are attended. cos, sin [B, head_dim] are the RoPE
-// tables of each row's position. Returns false if an activation became NaN/Inf.
-bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, float* k_cache,
-                       float* v_cache, std::size_t max_len, const int64_t* pad, std::size_t pos,
-                       const float* cos, const float* sin, DecodeScratch& scratch,
-                       SimdLevel level);
+// One decode step for B rows, each at its own position (continuous batching: rows of
+// different sequences, prompt lengths and ages share the step). h [B, hidden] is updated in
+// place. kv holds this layer's cache blocks; row b's new key and value go to position
+// pos[b] and its positions [start[b], pos[b]] are attended. cos, sin [B, head_dim] are
+// the RoPE tables of each row's position. A row's result does not depend on the other rows
+// of the call. Returns false if an activation became NaN/Inf.
+bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, const KvBlocks& kv,
+                       const int64_t* start, const int64_t* pos, const float* cos,
+                       const float* sin, DecodeScratch& scratch, SimdLevel level);
 
 void register_decode_layer_bindings(pybind11::module_& mod);
 

@@ -161,23 +161,52 @@ class PyDecodeLayer {
     adapter_refs_[index] = py::cast(adapters);  // keep the adapters alive
   }
 
+  // One decode step of B rows. k_cache, v_cache: [layers, num_blocks, kv_heads, block_size,
+  // head_dim] (a contiguous cache [layers, B, kv_heads, max_len, head_dim] is the same with
+  // one block a row). block_table [B, max_blocks] int32: row b's blocks in position order.
+  // start, pos [B] int64: row b writes position pos[b] and attends [start[b], pos[b]].
   void step(const py::array& h, const py::array& k_cache, const py::array& v_cache,
-            std::size_t layer, const py::array& pad, std::size_t pos, const py::array& cos,
-            const py::array& sin) {
+            std::size_t layer, const py::array& block_table, const py::array& start,
+            const py::array& pos, const py::array& cos, const py::array& sin) {
     check_array<float>(h, "h", 2);
     const std::size_t B = h.shape(0);
     if (static_cast<std::size_t>(h.shape(1)) != spec_.hidden)
       throw std::invalid_argument("h: expected [batch, " + std::to_string(spec_.hidden) + "]");
     if (!h.writeable()) throw std::invalid_argument("h: must be writeable (updated in place)");
-    check_cache(k_cache, "k_cache", B, layer);
-    check_cache(v_cache, "v_cache", B, layer);
-    const std::size_t max_len = k_cache.shape(3);
-    if (pos >= max_len)
-      throw std::invalid_argument("pos " + std::to_string(pos) + " is past the cache (" +
-                                  std::to_string(max_len) + " positions)");
-    check_array<int64_t>(pad, "pad", 1);
-    if (static_cast<std::size_t>(pad.shape(0)) != B)
-      throw std::invalid_argument("pad: expected one entry per row");
+    check_cache(k_cache, "k_cache", layer);
+    check_cache(v_cache, "v_cache", layer);
+    for (int i = 0; i < 5; ++i)
+      if (k_cache.shape(i) != v_cache.shape(i))
+        throw std::invalid_argument("k_cache and v_cache must have the same shape");
+    const std::size_t num_blocks = k_cache.shape(1), block_size = k_cache.shape(3);
+    check_array<int32_t>(block_table, "block_table", 2);
+    if (static_cast<std::size_t>(block_table.shape(0)) != B)
+      throw std::invalid_argument("block_table: expected one row per batch row");
+    const std::size_t max_blocks = block_table.shape(1);
+    check_array<int64_t>(start, "start", 1);
+    check_array<int64_t>(pos, "pos", 1);
+    if (static_cast<std::size_t>(start.shape(0)) != B ||
+        static_cast<std::size_t>(pos.shape(0)) != B)
+      throw std::invalid_argument("start, pos: expected one entry per batch row");
+    const int32_t* table = data_of<int32_t>(block_table);
+    const int64_t* sp = data_of<int64_t>(start);
+    const int64_t* pp = data_of<int64_t>(pos);
+    for (std::size_t b = 0; b < B; ++b) {
+      if (pp[b] < 0 || static_cast<std::size_t>(pp[b]) >= max_blocks * block_size)
+        throw std::invalid_argument("pos[" + std::to_string(b) + "] = " +
+                                    std::to_string(pp[b]) + " is outside the row's " +
+                                    std::to_string(max_blocks * block_size) + " positions");
+      if (sp[b] < 0 || sp[b] > pp[b])
+        throw std::invalid_argument("start[" + std::to_string(b) + "] must be in [0, pos]");
+      for (std::size_t j = 0; j <= static_cast<std::size_t>(pp[b]) / block_size; ++j) {
+        const int32_t blk = table[b * max_blocks + j];
+        if (blk < 0 || static_cast<std::size_t>(blk) >= num_blocks)
+          throw std::invalid_argument("block_table[" + std::to_string(b) + ", " +
+                                      std::to_string(j) + "] = " + std::to_string(blk) +
+                                      " is not a block of the cache (" +
+                                      std::to_string(num_blocks) + " blocks)");
+      }
+    }
     for (const py::array* t : {&cos, &sin}) {
       check_array<float>(*t, "cos/sin", 2);
       if (static_cast<std::size_t>(t->shape(0)) != B ||
@@ -191,19 +220,22 @@ class PyDecodeLayer {
                                     std::to_string(p.mix_rows) + " rows for a batch of " +
                                     std::to_string(B));
     }
-    const std::size_t per_layer = B * spec_.kv_heads * max_len * spec_.head_dim;
+    const std::size_t per_layer = num_blocks * spec_.kv_heads * block_size * spec_.head_dim;
     float* hp = static_cast<float*>(const_cast<void*>(h.data()));
-    float* kp = static_cast<float*>(const_cast<void*>(k_cache.data())) + layer * per_layer;
-    float* vp = static_cast<float*>(const_cast<void*>(v_cache.data())) + layer * per_layer;
+    KvBlocks kv;
+    kv.k = static_cast<float*>(const_cast<void*>(k_cache.data())) + layer * per_layer;
+    kv.v = static_cast<float*>(const_cast<void*>(v_cache.data())) + layer * per_layer;
+    kv.block_size = block_size;
+    kv.max_blocks = max_blocks;
+    kv.table = table;
     bool ok;
     {
       py::gil_scoped_release release;
       // One step at a time per layer: the scratch buffers are the layer's. Two threads
       // decoding different caches through one model take turns layer by layer.
       std::lock_guard<std::mutex> lock(mutex_);
-      ok = decode_layer_step(spec_, hp, B, kp, vp, max_len, data_of<int64_t>(pad), pos,
-                             data_of<float>(cos), data_of<float>(sin), scratch_,
-                             active_simd_level());
+      ok = decode_layer_step(spec_, hp, B, kv, sp, pp, data_of<float>(cos), data_of<float>(sin),
+                             scratch_, active_simd_level());
     }
     if (!ok) throw std::invalid_argument("decode step: activations contain NaN or Inf");
   }
@@ -218,15 +250,14 @@ class PyDecodeLayer {
     return data_of<float>(a);
   }
 
-  void check_cache(const py::array& c, const char* name, std::size_t B, std::size_t layer) {
+  void check_cache(const py::array& c, const char* name, std::size_t layer) {
     check_array<float>(c, name, 5);
     if (!c.writeable()) throw std::invalid_argument(std::string(name) + ": must be writeable");
-    if (layer >= static_cast<std::size_t>(c.shape(0)) ||
-        static_cast<std::size_t>(c.shape(1)) != B ||
+    if (layer >= static_cast<std::size_t>(c.shape(0)) || c.shape(1) == 0 || c.shape(3) == 0 ||
         static_cast<std::size_t>(c.shape(2)) != spec_.kv_heads ||
         static_cast<std::size_t>(c.shape(4)) != spec_.head_dim)
       throw std::invalid_argument(std::string(name) +
-                                  ": expected [layers > layer, batch, kv_heads, max_len, "
+                                  ": expected [layers > layer, blocks, kv_heads, block_size, "
                                   "head_dim]");
   }
 
@@ -252,7 +283,8 @@ void register_decode_layer_bindings(py::module_& mod) {
       .def("set_mix", &PyDecodeLayer::set_mix, py::arg("index"), py::arg("adapters"),
            py::arg("mix"), py::arg("base_weight"))
       .def("step", &PyDecodeLayer::step, py::arg("h"), py::arg("k_cache"), py::arg("v_cache"),
-           py::arg("layer"), py::arg("pad"), py::arg("pos"), py::arg("cos"), py::arg("sin"));
+           py::arg("layer"), py::arg("block_table"), py::arg("start"), py::arg("pos"),
+           py::arg("cos"), py::arg("sin"));
 }
 
 }  // namespace r3mes

@@ -146,19 +146,29 @@ def test_decode_layer_refuses_bad_arguments_by_name() -> None:
     model = _model()
     layer = model._native_decode_layers()[0]
     h = np.zeros((1, 96), dtype=np.float32)
-    cache = np.zeros((2, 1, 2, 8, 24), dtype=np.float32)
-    pad = np.zeros(1, dtype=np.int64)
+    cache = np.zeros((2, 1, 2, 8, 24), dtype=np.float32)  # [layers, blocks, kv, 8, dim]
+    table = np.zeros((1, 1), dtype=np.int32)
+    start = np.zeros(1, dtype=np.int64)
+    pos = np.zeros(1, dtype=np.int64)
     cs = np.ones((1, 24), dtype=np.float32)
+
+    def step(h=h, k=cache, table=table, start=start, pos=pos, cos=cs):
+        layer.step(h, k, k.copy(), 0, table, start, pos, cos, cs)
+
     with pytest.raises(ValueError, match="h: expected"):
-        layer.step(np.zeros((1, 95), np.float32), cache, cache.copy(), 0, pad, 0, cs, cs)
-    with pytest.raises(ValueError, match="past the cache"):
-        layer.step(h, cache, cache.copy(), 0, pad, 8, cs, cs)
+        step(h=np.zeros((1, 95), np.float32))
+    with pytest.raises(ValueError, match="outside the row's 8 positions"):
+        step(pos=np.array([8], np.int64))
+    with pytest.raises(ValueError, match="is not a block of the cache"):
+        step(table=np.array([[1]], np.int32))
+    with pytest.raises(ValueError, match="start"):
+        step(start=np.array([1], np.int64))
     with pytest.raises(ValueError, match="k_cache"):
-        layer.step(h, cache[:, :, :1].copy(), cache.copy(), 0, pad, 0, cs, cs)
+        step(k=cache[:, :, :1].copy())
     with pytest.raises(ValueError, match="cos/sin"):
-        layer.step(h, cache, cache.copy(), 0, pad, 0, cs[:, :12].copy(), cs)
+        step(cos=cs[:, :12].copy())
     with pytest.raises(ValueError, match="NaN or Inf"):
-        layer.step(np.full((1, 96), np.nan, np.float32), cache, cache.copy(), 0, pad, 0, cs, cs)
+        step(h=np.full((1, 96), np.nan, np.float32))
     tw = model.model.layers[0].self_attn.q_proj.base.ternary
     norm = np.ones(96, np.float32)
     good = [(tw._packed_np, 96, tw.scale)] * 7

@@ -435,11 +435,9 @@ class BitLinearDoRA(nn.Module):
                 )
         else:
             rows = [self._mix]
-        names: list[str] = []
-        for row in rows:
-            for n, _ in row:
-                if n is not None and n not in names:
-                    names.append(n)
+        # One order for every mix, by name: a row's terms are then summed in the same order
+        # alone or batched with rows of other mixes, so its result is the same bit for bit.
+        names = sorted({n for row in rows for n, _ in row if n is not None})
         mat = torch.zeros(len(rows), len(names))
         base_w = torch.zeros(len(rows))
         for b, row in enumerate(rows):

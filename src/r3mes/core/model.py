@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -31,6 +31,9 @@ from torch import nn
 from r3mes import kernels
 from r3mes.core.bitlinear import BitLinear
 from r3mes.core.dora import BitLinearDoRA
+
+if TYPE_CHECKING:
+    from r3mes.core.kv_blocks import KVBlockPool
 
 __all__ = [
     "BitNetConfig",
@@ -495,6 +498,23 @@ class BitNetForCausalLM(nn.Module):
         """One decode step with every layer in native code; logits [B, 1, V]. None (nothing
         touched) when a projection has stopped qualifying since the layers were built."""
         bsz = input_ids.shape[0]
+        start = cache.length
+        # The contiguous cache is a pool of one block a row, max_len positions long.
+        table = torch.arange(bsz, dtype=torch.int32)[:, None]
+        pos = torch.full((bsz,), start, dtype=torch.long)
+        logits = self._native_step(input_ids[:, 0], cache.k, cache.v, table, cache.pad, pos,
+                                   (start - cache.pad).clamp(min=0))
+        if logits is not None:
+            cache.length = start + 1
+        return logits
+
+    def _native_step(self, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     table: torch.Tensor, start: torch.Tensor, pos: torch.Tensor,
+                     rope_pos: torch.Tensor) -> torch.Tensor | None:
+        """Runs the native layers on one token a row: row b writes cache position pos[b]
+        (its blocks: ``table[b]``), attends [start[b], pos[b]] and is rotated for position
+        rope_pos[b]. Logits [B, 1, V], or None when the layers can no longer run."""
+        bsz = tokens.shape[0]
         state = (bsz, [m.mix_serial for layer in self._native_modules for m in layer],
                  [p._version for p in self._native_watched])
         if state != self._native_mix_state:
@@ -508,18 +528,82 @@ class BitNetForCausalLM(nn.Module):
                                     for p in m.mix_parameters()]
             self._native_mix_state = (bsz, state[1],
                                       [p._version for p in self._native_watched])
-        start = cache.length
-        positions = (start - cache.pad).clamp(min=0)
-        cos, sin = self._rope(positions)
+        cos, sin = self._rope(rope_pos)
         cos_np, sin_np = cos.contiguous().numpy(), sin.contiguous().numpy()
-        pad_np = cache.pad.contiguous().numpy()
-        k_np, v_np = cache.k.numpy(), cache.v.numpy()
-        h = self.model.embed_tokens.weight[input_ids[:, 0]].float().contiguous()
+        table_np = table.to(torch.int32).contiguous().numpy()
+        start_np = start.to(torch.long).contiguous().numpy()
+        pos_np = pos.to(torch.long).contiguous().numpy()
+        k_np, v_np = k.numpy(), v.numpy()
+        h = self.model.embed_tokens.weight[tokens].float().contiguous()
         h_np = h.numpy()
         for li, native in enumerate(self._native_layers):
-            native.step(h_np, k_np, v_np, li, pad_np, start, cos_np, sin_np)
-        cache.length = start + 1
+            native.step(h_np, k_np, v_np, li, table_np, start_np, pos_np, cos_np, sin_np)
         return self.lm_head(self.model.norm(h.view(bsz, 1, -1)))
+
+    # ---------------------------------------------------------------- paged decode
+    def prefill_paged(self, prompt: Sequence[int], pool: KVBlockPool,
+                      blocks: list[int]) -> torch.Tensor:
+        """Runs one sequence's prompt and stores its keys/values in ``blocks`` of ``pool``;
+        returns the logits [V] of its last position (the first generated token's)."""
+        ids = torch.as_tensor(list(prompt), dtype=torch.long)[None]
+        cache = self.new_cache(1, ids.shape[1])
+        logits = self(ids, cache, last_only=True)
+        pool.write(blocks, cache.k[:, 0], cache.v[:, 0])
+        return logits[0, -1]
+
+    @torch.no_grad()
+    def decode_paged(self, tokens: torch.Tensor, pool: KVBlockPool, table: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor:
+        """One new token for each of B sequences of a block pool, each at its own position.
+
+        Args:
+            tokens: long [B], row b's input token (its last generated one).
+            pool: the block pool holding every row's earlier keys and values.
+            table: int32 [B, max_blocks], row b's blocks in position order.
+            positions: long [B], the position row b's token takes (its length so far).
+        Returns logits float32 [B, V]. A row's logits do not depend on the other rows
+        (bit for bit on the native path: one row alone or in any batch).
+        """
+        bsz = tokens.shape[0]
+        if kernels.use_native() and self._native_decode_layers():
+            logits = self._native_step(tokens, pool.k, pool.v, table,
+                                       torch.zeros(bsz, dtype=torch.long), positions, positions)
+            if logits is not None:
+                return logits[:, 0]
+        return self._decode_paged_torch(tokens, pool, table, positions)
+
+    def _decode_paged_torch(self, tokens: torch.Tensor, pool: KVBlockPool, table: torch.Tensor,
+                            positions: torch.Tensor) -> torch.Tensor:
+        """The reference of :meth:`decode_paged`: the model's layer ops in torch, each row's
+        cache gathered from its blocks."""
+        cfg = self.config
+        bsz = tokens.shape[0]
+        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        cos, sin = self._rope(positions[:, None])  # [B, 1, hd]
+        cos, sin = cos[:, None], sin[:, None]
+        bs = pool.block_size
+        blocks = [[int(b) for b in row] for row in table]
+        h = self.model.embed_tokens.weight[tokens[:, None]].float()
+        for li, layer in enumerate(self.model.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(h)
+            q = attn.q_proj(x).view(bsz, 1, nh, hd).transpose(1, 2)
+            k = attn.k_proj(x).view(bsz, 1, nkv, hd).transpose(1, 2)
+            v = attn.v_proj(x).view(bsz, 1, nkv, hd).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            outs = []
+            for b in range(bsz):
+                p = int(positions[b])
+                pool.k[li, blocks[b][p // bs], :, p % bs] = k[b, :, 0]
+                pool.v[li, blocks[b][p // bs], :, p % bs] = v[b, :, 0]
+                keys, values = pool.gather(li, blocks[b], p + 1)
+                outs.append(kernels.decode_attention(
+                    q[b:b + 1, :, 0], keys[None], values[None],
+                    torch.zeros(1, dtype=torch.long), p + 1, attn.scaling))
+            o = torch.cat(outs).view(bsz, 1, nh * hd)
+            h = self._finish_layer(layer, h, o)
+        return self.lm_head(self.model.norm(h))[:, 0]
 
     def _sync_native_mix(self, li: int, native: Any, bsz: int) -> None:
         """Hands the layer's current DoRA mixes to its native twin when they changed."""

@@ -12,6 +12,7 @@ import os
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from r3mes.core.dora import dora_modules, set_adapter_mix
 from r3mes.core.generation import GenerationConfig, GenerationResult, TokenEvent
 from r3mes.core.generation import generate as _generate
 from r3mes.core.generation import stream as _stream
+from r3mes.core.kv_blocks import KVBlockPool
 from r3mes.core.model import BitNetForCausalLM, KVCache
 from r3mes.core.tokenizer import Tokenizer
 
@@ -29,6 +31,8 @@ __all__ = ["InferenceBackend", "Prompt"]
 
 #: A prompt: token ids, a string, or chat messages ([{"role": ..., "content": ...}]).
 Prompt = Sequence[int] | str | Sequence[dict[str, str]]
+#: An expert mix: ``[(adapter_id, weight)]`` (empty: the base model alone).
+Mix = Sequence[tuple[str, float]]
 
 
 class InferenceBackend(ABC):
@@ -45,6 +49,7 @@ class InferenceBackend(ABC):
         self.load_info: LoadInfo | None = None
         self.adapters: dict[str, Path] = {}
         self._lock = threading.RLock()
+        self._rows_key: tuple[Any, ...] | None = None  # the mix rows set last (_use_rows)
 
     # ---- loading ---------------------------------------------------------------------
     def load_base_model(self, path: str | os.PathLike[str], *, head: str = "int8",
@@ -74,6 +79,7 @@ class InferenceBackend(ABC):
                 raise ValueError(f"adapter {adapter_id!r} is already loaded")
             load_peft_adapter(model, path, adapter_id)
             self.adapters[adapter_id] = Path(path)
+            self._rows_key = None
 
     def unload_dora_adapter(self, adapter_id: str) -> None:
         with self._lock:
@@ -83,6 +89,7 @@ class InferenceBackend(ABC):
                 if adapter_id in module.adapter_names:
                     module.remove_adapter(adapter_id)
             del self.adapters[adapter_id]
+            self._rows_key = None
 
     # ---- the mix -----------------------------------------------------------------------
     def _set_mix(self, adapter_ids: Sequence[str], adapter_weights: Sequence[float]) -> None:
@@ -95,6 +102,7 @@ class InferenceBackend(ABC):
                 raise KeyError(f"adapter {a!r} is not loaded (loaded: {sorted(self.adapters)})")
         model = self._require_model()
         set_adapter_mix(model, list(zip(ids, weights, strict=True)) if ids else None)
+        self._rows_key = None
 
     def _set_mixes(self, adapter_mixes: Sequence[Sequence[tuple[str, float]]]) -> None:
         """One expert mix per batch row (a heterogeneous batch); an empty row is the base."""
@@ -105,6 +113,7 @@ class InferenceBackend(ABC):
                     raise KeyError(f"adapter {a!r} is not loaded (loaded: {sorted(self.adapters)})")
             rows.append([(a, float(w)) for a, w in row])
         set_adapter_mix(self._require_model(), rows)
+        self._rows_key = None
 
     def _apply_mix(self, n_rows: int, adapter_ids: Sequence[str],
                    adapter_weights: Sequence[float],
@@ -117,6 +126,50 @@ class InferenceBackend(ABC):
         if len(adapter_mixes) != n_rows:
             raise ValueError(f"adapter_mixes: {len(adapter_mixes)} mixes for {n_rows} prompts")
         self._set_mixes(adapter_mixes)
+
+    # ---- continuous batching (serving.engine) ----------------------------------------
+    @contextmanager
+    def _kernel_context(self) -> Iterator[None]:
+        """Where this backend's forward passes run (e.g. the reference kernels)."""
+        yield
+
+    def new_kv_pool(self, *, tokens: int | None = None, megabytes: float | None = None,
+                    block_size: int = 16, max_tokens: int | None = None) -> KVBlockPool:
+        """A KV block pool for the loaded model, sized by ``tokens`` or ``megabytes``."""
+        return KVBlockPool.from_budget(self._require_model().config, tokens=tokens,
+                                       megabytes=megabytes, block_size=block_size,
+                                       max_tokens=max_tokens)
+
+    def _use_rows(self, mixes: Sequence[Mix]) -> None:
+        """Sets one expert mix per row, skipping the work when it is the one already set."""
+        key = tuple(tuple(sorted((a, float(w)) for a, w in row)) for row in mixes)
+        if key == self._rows_key:
+            return
+        if len(key) == 1:
+            self._set_mix([a for a, _ in key[0]], [w for _, w in key[0]])
+        else:
+            self._set_mixes(key)
+        self._rows_key = key
+
+    def prefill_paged(self, prompt_ids: Sequence[int], mix: Mix, pool: KVBlockPool,
+                      blocks: list[int]) -> torch.Tensor:
+        """Runs one sequence's prompt with its expert mix into ``blocks`` of ``pool``;
+        returns the logits [V] of its last position."""
+        model = self._require_model()
+        with self._lock, self._kernel_context():
+            self._use_rows([mix])
+            return model.prefill_paged(prompt_ids, pool, blocks)
+
+    def decode_paged(self, tokens: torch.Tensor, mixes: Sequence[Mix], pool: KVBlockPool,
+                     table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One token for each of B sequences, row b with expert mix ``mixes[b]`` (see
+        :meth:`BitNetForCausalLM.decode_paged`); logits [B, V]."""
+        model = self._require_model()
+        if len(mixes) != tokens.shape[0]:
+            raise ValueError(f"{len(mixes)} expert mixes for {tokens.shape[0]} rows")
+        with self._lock, self._kernel_context():
+            self._use_rows(mixes)
+            return model.decode_paged(tokens, pool, table, positions)
 
     # ---- running -----------------------------------------------------------------------
     @abstractmethod

@@ -16,6 +16,8 @@ default). Prefill runs the model's torch attention with the CUDA GEMM; each deco
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -108,19 +110,27 @@ class BitNetCppBackend(InferenceBackend):
         """Threads for the native kernels (n <= 0: all cores). Results do not depend on it."""
         kernels.set_num_threads(n)
 
-    def _forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
-        model = self._require_model()
+    @contextmanager
+    def _kernel_context(self) -> Iterator[None]:
         if self.device.type == "cuda":
-            return self._forward_cuda(model, input_ids, cache, last_only)
+            raise RuntimeError("paged (continuous-batching) decode runs on the CPU backend; "
+                               "on a GPU the engine batches statically")
         if os.environ.get("R3MES_BACKEND", "").lower() == "torch":
             raise RuntimeError("R3MES_BACKEND=torch disables the native kernels; use "
                                "PyTorchBackend instead")
         previous = torch.get_num_threads()
         torch.set_num_threads(1)  # fixed float reduction order: bit-identical results
         try:
-            return model(input_ids, cache, last_only=last_only)
+            yield
         finally:
             torch.set_num_threads(previous)
+
+    def _forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
+        model = self._require_model()
+        if self.device.type == "cuda":
+            return self._forward_cuda(model, input_ids, cache, last_only)
+        with self._kernel_context():
+            return model(input_ids, cache, last_only=last_only)
 
     def _forward_cuda(self, model: Any, input_ids: torch.Tensor, cache: KVCache,
                       last_only: bool) -> torch.Tensor:
@@ -147,8 +157,8 @@ class BitNetCppBackend(InferenceBackend):
             "threads": info.get("num_threads"),
             "deterministic": True,
             "features": ["generate", "stream", "dora", "dora_mix", "batch",
-                         "heterogeneous_batch", "chat_template", "kv_cache", "native_kernels",
-                         "fingerprint"],
+                         "heterogeneous_batch", "continuous_batching", "chat_template",
+                         "kv_cache", "native_kernels", "fingerprint"],
             **self._model_capabilities(),
         }
 

@@ -49,9 +49,14 @@ class PyTorchBackend(InferenceBackend):
 
     name = "pytorch"
 
+    @contextmanager
+    def _kernel_context(self) -> Iterator[None]:
+        with torch_reference_kernels():
+            yield
+
     def _forward(self, input_ids: torch.Tensor, cache: KVCache, last_only: bool) -> torch.Tensor:
         model = self._require_model()
-        with torch_reference_kernels():
+        with self._kernel_context():
             return model(input_ids, cache, last_only=last_only)
 
     def get_capabilities(self) -> dict[str, Any]:
@@ -65,6 +70,7 @@ class PyTorchBackend(InferenceBackend):
             "threads": torch.get_num_threads(),
             "deterministic": True,
             "features": ["generate", "stream", "dora", "dora_mix", "batch",
-                         "heterogeneous_batch", "chat_template", "kv_cache"],
+                         "heterogeneous_batch", "continuous_batching", "chat_template",
+                         "kv_cache"],
             **self._model_capabilities(),
         }
