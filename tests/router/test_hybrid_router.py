@@ -91,7 +91,8 @@ def test_restricted_router_only_returns_installed_experts(router: HybridRouter) 
 
 def test_fusion_weights_are_configurable(router: HybridRouter) -> None:
     keyword_only = HybridRouter(
-        config=HybridConfig(keyword_weight=1.0, semantic_weight=0.0, adaptive_weighting=False),
+        config=HybridConfig(keyword_weight=1.0, semantic_weight=0.0, adaptive_weighting=False,
+                            calibrated=False),
         semantic=router.semantic,
     )
     # With the semantic weight at zero only keyword evidence counts: a query with no

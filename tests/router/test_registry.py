@@ -26,14 +26,19 @@ def test_packaged_registry_has_the_seeds_19_experts_with_their_kinds() -> None:
     assert registry.fallback.id == "general_dora"
 
 
-def test_every_expert_has_15_to_20_representative_queries_in_turkish_and_english() -> None:
+def test_every_expert_has_representative_queries_in_every_language_it_serves() -> None:
+    """Language experts: 15-20 examples, Turkish, English and their own language. Topical
+    experts: at least 40, with short questions in each of TR/EN/DE/FR/ES (what real users
+    type is what the semantic stage must recognise)."""
     detector = language_detector(["tr", "en", "de", "fr", "es", "ar", "zh"])
     for expert in load_registry():
-        assert 15 <= len(expert.queries) <= 20, expert.id
         languages = {detector.classify(q)[0] for q in expert.queries}
-        assert {"tr", "en"} <= languages, (expert.id, languages)
-        if expert.language is not None:
-            assert expert.language in languages, expert.id
+        if expert.kind == "language":
+            assert 15 <= len(expert.queries) <= 20, expert.id
+            assert {"tr", "en", expert.language} <= languages, (expert.id, languages)
+        else:
+            assert len(expert.queries) >= 40, expert.id
+            assert {"tr", "en", "de", "fr", "es"} <= languages, (expert.id, languages)
 
 
 def test_language_experts_name_their_language() -> None:

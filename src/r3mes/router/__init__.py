@@ -5,3 +5,21 @@
 weights sum to 1. See ``hybrid_router`` for the stages and ``data/experts.yaml`` for the
 experts.
 """
+
+from r3mes.router.hybrid_router import (
+    EmptyQueryError,
+    HybridConfig,
+    HybridRouter,
+    RoutingDecision,
+)
+from r3mes.router.registry import ExpertRegistry, RegistryError, load_registry
+
+__all__ = [
+    "EmptyQueryError",
+    "ExpertRegistry",
+    "HybridConfig",
+    "HybridRouter",
+    "RegistryError",
+    "RoutingDecision",
+    "load_registry",
+]

@@ -11,7 +11,9 @@ JSON schemas (``--json``; keys are stable, new keys may be added):
      "language": str|null, "language_probability": float,
      "fallback_used": bool, "top_k": int, "vram_gb": float, "truncated": bool,
      "timings_ms": {"keyword": float, "semantic"?: float, "fusion"?: float, "gating": float},
-     "total_ms": float}
+     "total_ms": float,
+     "topic_confidence": float|null,   # calibrated p of the best topical expert
+     "general_decision": bool}         # the fallback went first: that p was too low
 
 ``r3mes experts list``::
 
@@ -169,7 +171,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     route.add_argument("--strategy", choices=("keyword", "semantic", "hybrid"), default="hybrid")
     route.add_argument("--experts", default=None,
                        help="comma-separated installed expert ids to route over (default: all)")
-    route.add_argument("--model", default=None, help="sentence model (default: bundled MiniLM)")
+    route.add_argument("--model", default=None,
+                       help="sentence encoder (default: the bundled multilingual-e5-small)")
     _common(route)
     route.set_defaults(func=_cmd_route)
 
@@ -179,7 +182,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(listing)
     listing.set_defaults(func=_cmd_experts_list)
     embed = sub.add_parser("embed", help="(re)build the semantic router's expert embeddings")
-    embed.add_argument("--model", default=None, help="sentence model (default: bundled MiniLM)")
+    embed.add_argument("--model", default=None,
+                       help="sentence encoder (default: the bundled multilingual-e5-small)")
     embed.add_argument("--output", default=None,
                        help="directory for the .npy/.json pair (default: <home>/router)")
     _common(embed)

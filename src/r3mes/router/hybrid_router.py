@@ -4,20 +4,26 @@
 2. **Fast path**: when the keyword confidence of a domain/task/fallback expert is at least
    ``fast_path_threshold`` (0.85, i.e. two strong keyword hits) the semantic stage is
    skipped; the sentence model is not even loaded until a query needs it.
-3. **Semantic + fusion** (:mod:`semantic_router`): the max-pooled cosine similarities are
-   turned into a distribution over experts with a softmax at ``semantic_temperature``
-   (MiniLM's raw similarities sit in a narrow band, about 0.75-0.85 for any Turkish
-   text, so only their differences carry information), then fused
-   ``keyword_weight * keyword + semantic_weight * semantic``. With
-   ``adaptive_weighting`` (default) an expert keeps at least its keyword score: semantic
-   evidence can raise an expert but an unsure semantic stage cannot dilute a keyword hit.
-   Measured on the training split of the evaluation set, this raised hybrid top-1 from
-   0.67 (plain linear fusion) to 0.83.
-4. **Language experts** rank behind the topic: the language of a query says how to
+3. **Semantic** (:mod:`semantic_router`): the query is embedded with the multilingual
+   encoder and compared with every expert's representative queries.
+4. **Calibrated fusion** (:mod:`calibration`, the default wherever a fitted model exists
+   for the encoder): keyword confidence and four semantic features per topical expert go
+   through a conditional logit fitted on the train split of the real-style questions,
+   giving ``p(expert | query)``. The best expert's score is ``0.5 + 0.5·p`` and the others
+   keep their probability ratio to it (the gating's weights follow ``p``). When the best
+   ``p`` is under the fitted ``general_threshold`` the router decides "general": the
+   fallback expert goes first and the unsure specialist stays behind it.
+   Without a fitted model (``calibrated=False`` or a custom encoder) the hand-set fusion
+   runs: a softmax at ``semantic_temperature`` over the max-pooled similarities, fused
+   ``keyword_weight * keyword + semantic_weight * semantic``, and with
+   ``adaptive_weighting`` an expert keeps at least its keyword score.
+5. **Language experts** rank behind the topic: the language of a query says how to
    answer, the topic says what. Once the best domain/task expert scores at least
    ``language_lead_threshold`` a language expert is capped just below it; otherwise (a
-   Turkish query with no clear topic) the language expert may lead.
-5. **Gating** (:mod:`vram_adaptive_gating`): top-k by memory budget, fallback, weights.
+   Turkish query with no clear topic) the language expert may lead. A question *about*
+   a language ("Almancada der die das farkı") names it, which the keyword stage sees; the
+   language expert then competes with the topic on that keyword score, uncapped.
+6. **Gating** (:mod:`vram_adaptive_gating`): top-k by memory budget, fallback, weights.
 
 Input contract (also enforced by the CLI):
 
@@ -44,7 +50,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from r3mes.router.keyword_router import KeywordRouter, clean_query
+from r3mes.router.calibration import FusionModel, load_fusion
+from r3mes.router.keyword_router import KeywordRouter, LanguageGuess, clean_query
 from r3mes.router.registry import ExpertRegistry, resolve_registry
 from r3mes.router.semantic_router import SemanticRouter
 from r3mes.router.vram_adaptive_gating import GatingConfig, VRAMAdaptiveGating
@@ -72,6 +79,13 @@ class HybridConfig:
     language_cap: float = 0.95
     semantic_language_experts: bool = True
     max_query_chars: int = 4096
+    #: an unsure language guess at least this probable still adds its language expert
+    #: (calibrated fusion only), at ``language_weight × probability``
+    unsure_language_floor: float = 0.35
+    #: use the fitted fusion (``fusion-<encoder>.json``) when one exists for the encoder
+    calibrated: bool = True
+    #: override the fitted general-fallback threshold (``None``: the fitted one)
+    general_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if self.keyword_weight < 0 or self.semantic_weight < 0:
@@ -82,6 +96,8 @@ class HybridConfig:
             raise ValueError("HybridConfig.semantic_temperature must be positive")
         if self.max_query_chars < 1:
             raise ValueError("HybridConfig.max_query_chars must be at least 1")
+        if self.general_threshold is not None and not 0.0 <= self.general_threshold < 1.0:
+            raise ValueError("HybridConfig.general_threshold must be in [0, 1)")
 
 
 @dataclass
@@ -90,7 +106,10 @@ class RoutingDecision:
 
     ``experts`` are the gated ``(expert_id, weight)`` pairs (weights sum to 1); ``scores``
     the full ranking they were chosen from; ``timings_ms`` per stage (``keyword``,
-    ``semantic``, ``fusion``, ``gating``) and ``total_ms``.
+    ``semantic``, ``fusion``, ``gating``) and ``total_ms``. ``topic_confidence`` is the
+    calibrated ``p`` of the best topical expert (``None`` on the fast path and without a
+    fitted fusion); ``general_decision`` says the router chose the fallback because that
+    ``p`` was under the threshold.
     """
 
     experts: list[tuple[str, float]]
@@ -106,6 +125,8 @@ class RoutingDecision:
     truncated: bool
     timings_ms: dict[str, float] = field(default_factory=dict)
     total_ms: float = 0.0
+    topic_confidence: float | None = None
+    general_decision: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (the ``r3mes route --json`` schema)."""
@@ -185,7 +206,24 @@ class HybridRouter:
         self.stats = RouterStats()
         self._ids = self.registry.ids
         self._language = np.array([e.kind == "language" for e in self.registry])
+        self._topical_ids = [e.id for e in self.registry if e.kind != "language"]
+        self._language_experts = {
+            code: self._ids.index(eid) for code, eid in self.registry.languages().items()}
+        self._fallback_topical = self._topical_ids.index(self.registry.fallback.id)
         self._lock = threading.Lock()
+        self._fusion: FusionModel | None = None
+        self._fusion_checked = False
+
+    @property
+    def fusion(self) -> FusionModel | None:
+        """The fitted fusion for this router's encoder, or ``None`` (hand-set fusion)."""
+        if not self._fusion_checked:
+            with self._lock:
+                if not self._fusion_checked:
+                    if self.config.calibrated:
+                        self._fusion = load_fusion(self.semantic.encoder_slug)
+                    self._fusion_checked = True
+        return self._fusion
 
     # -- public API ----------------------------------------------------------------------
 
@@ -196,6 +234,7 @@ class HybridRouter:
         self.gating.budget_gb()
         if semantic:
             self.semantic.load()
+            _ = self.fusion
         return self
 
     def route(
@@ -238,6 +277,8 @@ class HybridRouter:
             truncated=truncated,
             timings_ms=timings,
             total_ms=(time.perf_counter() - start) * 1e3,
+            topic_confidence=info.get("topic_confidence"),
+            general_decision=info.get("general_decision", False),
         )
         self._record(decision)
         return decision
@@ -253,13 +294,11 @@ class HybridRouter:
         text, _ = self._prepare(query)
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        keyword_scores, confidence, guess = self.keyword.analyse(text)
+        stems, guess = self.keyword.evidence(text)
+        confidence = self.keyword.topical_confidence(stems)
+        keyword = np.asarray(self.keyword.with_language(stems, guess))
         timings["keyword"] = (time.perf_counter() - t0) * 1e3
-        keyword = np.zeros(len(self._ids))
-        index = {eid: i for i, eid in enumerate(self._ids)}
-        for eid, s in keyword_scores:
-            keyword[index[eid]] = s
-        info = {
+        info: dict[str, Any] = {
             "fast_path": False,
             "keyword_confidence": round(confidence, 6),
             "language": guess.language,
@@ -273,12 +312,19 @@ class HybridRouter:
             final = keyword.copy()
         else:
             t0 = time.perf_counter()
-            similarities = self.semantic.similarities(text)
+            features = self.semantic.features(text)
             timings["semantic"] = (time.perf_counter() - t0) * 1e3
             if strategy == "semantic":
-                return self._ranked(np.clip(similarities, 0.0, None)), info, timings
+                return self._ranked(np.clip(features[:, 0], 0.0, None)), info, timings
             t0 = time.perf_counter()
-            final = self._fuse(keyword, similarities)
+            fusion = self.fusion
+            if fusion is not None:
+                final = self._fuse_calibrated(fusion, np.asarray(stems), features, info)
+                final = self._rank_languages_calibrated(
+                    final, np.asarray(stems), guess, info["general_topic"])
+                timings["fusion"] = (time.perf_counter() - t0) * 1e3
+                return self._ranked(final), info, timings
+            final = self._fuse(keyword, features[:, 0])
             timings["fusion"] = (time.perf_counter() - t0) * 1e3
         final = self._rank_languages(final, keyword)
         return self._ranked(final), info, timings
@@ -300,6 +346,64 @@ class HybridRouter:
         if self.config.adaptive_weighting:
             fused = np.maximum(fused, keyword)
         return np.clip(fused, 0.0, 1.0)
+
+    def _fuse_calibrated(
+        self, fusion: FusionModel, stems: np.ndarray, features: np.ndarray,
+        info: dict[str, Any],
+    ) -> np.ndarray:
+        topical = ~self._language
+        evidence = np.column_stack([stems[topical], features[topical]])
+        p = fusion.probabilities(evidence, self._topical_ids)
+        top = int(p.argmax())
+        p_top = float(p[top])
+        # The best expert's score is 0.5 + 0.5 p (so the gating's fallback threshold of 0.5
+        # never overrides a decision made here); the others keep their ratio to it, which
+        # is what the gating turns into mixing weights.
+        scores = p * ((0.5 + 0.5 * p_top) / p_top)
+        threshold = (fusion.general_threshold if self.config.general_threshold is None
+                     else self.config.general_threshold)
+        general = self._fallback_topical
+        decided = p_top < threshold and top != general
+        if decided:
+            scores[general] = min(1.0, scores[top] + 1e-3)
+        info["general_topic"] = top == general
+        info["topic_confidence"] = round(p_top, 6)
+        info["general_decision"] = decided
+        final = np.zeros(len(self._ids))
+        final[topical] = scores
+        return final
+
+    def _rank_languages_calibrated(
+        self, final: np.ndarray, stems: np.ndarray, guess: LanguageGuess, general_topic: bool
+    ) -> np.ndarray:
+        if not self._language.any():
+            return final
+        best = float(final[~self._language].max())
+        detected = np.zeros(len(self._ids))
+        # A short question often leaves the detector unsure ("qué es git"); its best guess
+        # still beats nothing when it is clearly ahead, at the weight its probability says.
+        code = guess.language or (
+            guess.candidate if guess.probability >= self.config.unsure_language_floor else None)
+        expert = self._language_experts.get(code or "")
+        if expert is not None:
+            detected[expert] = self.config.language_weight * guess.probability
+        language = np.maximum(stems, detected) * self._language
+        capped = np.minimum(language, best * self.config.language_cap)
+        lead = np.zeros(len(self._ids), dtype=bool)
+        if general_topic and guess.language is not None:
+            # No topic (the fusion itself found the fallback most likely, not merely an
+            # unsure specialist), a clear language: the language expert is the informative
+            # choice (the seed's rule; with one expert allowed it is the one that runs).
+            lead |= detected > 0
+        # A question that names a language ("Almancada fiiller ...", "French nasal vowels")
+        # is about it unless the keyword stage found a stronger topic (a translation
+        # request names its target language too, and also says "translate").
+        topical_keyword = float(np.where(self._language, 0.0, stems).max())
+        lead |= self._language & (stems >= 0.7) & (stems > topical_keyword)
+        if lead.any():
+            leader = int(np.where(lead, language, -1.0).argmax())
+            capped[leader] = min(1.0, best + 2e-3)
+        return np.where(self._language, capped, final)
 
     def _rank_languages(self, final: np.ndarray, keyword: np.ndarray) -> np.ndarray:
         if not self._language.any():

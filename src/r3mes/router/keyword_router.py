@@ -78,10 +78,15 @@ def _stem_regex(stem: str) -> str:
 
 @dataclass(frozen=True)
 class LanguageGuess:
-    """The detected language of a query: ISO code and the detector's probability."""
+    """The detected language of a query: ISO code and the detector's probability.
+
+    ``language`` is ``None`` when the detector is unsure; ``candidate`` is its best guess
+    all the same (``None`` only when the text had too few letters to try).
+    """
 
     language: str | None
     probability: float
+    candidate: str | None = None
 
 
 _detector_lock = threading.Lock()
@@ -199,8 +204,8 @@ class KeywordRouter:
         language, probability = self._detector.classify(query[:2000])
         probability = float(probability)
         if probability < self.min_language_probability:
-            return LanguageGuess(None, probability)
-        return LanguageGuess(language, probability)
+            return LanguageGuess(None, probability, language)
+        return LanguageGuess(language, probability, language)
 
     def topical_scores(self, folded: str) -> list[float]:
         """Per-expert keyword confidence (registry order) for already-folded text."""
@@ -243,6 +248,12 @@ class KeywordRouter:
             scores.append(1.0 - miss)
         return scores
 
+    def evidence(self, query: str) -> tuple[list[float], LanguageGuess]:
+        """Per-expert stem and pattern confidence (registry order, language experts
+        included, detector not applied) and the detected language of ``query``."""
+        query = clean_query(query)
+        return self.topical_scores(fold(query)), self.detect_language(query)
+
     def analyse(self, query: str) -> tuple[list[tuple[str, float]], float, LanguageGuess]:
         """``(scores, keyword_confidence, language)`` for ``query``.
 
@@ -251,18 +262,27 @@ class KeywordRouter:
         only, the number the hybrid router's fast path tests: the language of a query says
         nothing about its topic.
         """
-        query = clean_query(query)
-        scores = self.topical_scores(fold(query))
-        confidence = max((s for s, t in zip(scores, self._topical, strict=True) if t), default=0.0)
-        guess = self.detect_language(query)
-        if guess.language is not None and guess.language in self._language_expert:
-            i = self._language_expert[guess.language]
-            scores[i] = max(scores[i], self.language_weight * guess.probability)
+        scores, guess = self.evidence(query)
+        confidence = self.topical_confidence(scores)
+        scores = self.with_language(scores, guess)
         ranked = sorted(
             ((eid, round(s, 6)) for eid, s in zip(self._ids, scores, strict=True) if s > 0.0),
             key=lambda item: (-item[1], item[0]),
         )
         return ranked, confidence, guess
+
+    def topical_confidence(self, scores: list[float]) -> float:
+        """The best score among domain, task and fallback experts (the fast path's test)."""
+        return max((s for s, t in zip(scores, self._topical, strict=True) if t), default=0.0)
+
+    def with_language(self, scores: list[float], guess: LanguageGuess) -> list[float]:
+        """``scores`` with the detected language's expert raised to
+        ``language_weight × probability`` (a new list)."""
+        scores = list(scores)
+        if guess.language is not None and guess.language in self._language_expert:
+            i = self._language_expert[guess.language]
+            scores[i] = max(scores[i], self.language_weight * guess.probability)
+        return scores
 
     def score(self, query: str) -> list[tuple[str, float]]:
         """``[(expert_id, confidence)]``, best first; experts with no evidence are omitted."""

@@ -1,10 +1,13 @@
 """Stage 2 of routing: sentence-embedding similarity to each expert's representative queries.
 
-The query is embedded with the shared sentence model (``r3mes.core.text_encoder``; bundled
-all-MiniLM-L6-v2 by default, any local sentence-transformers directory by name) and compared
-by cosine similarity with every representative query of every expert; an expert's score is
-the *maximum* over its queries (max-pooling, as the seed says), so one close example is
-enough and a broad expert is not diluted by its other examples.
+The query is embedded with the router's sentence encoder (:mod:`r3mes.router.encoders`: the
+bundled multilingual-e5-small by default, MiniLM or a local sentence-transformers directory
+by name) and compared by cosine similarity with every representative query of every
+expert. :meth:`SemanticRouter.similarities` is the *maximum* over an expert's queries
+(max-pooling, as the seed says), so one close example is enough and a broad expert is not
+diluted by its other examples; :meth:`SemanticRouter.features` adds the mean of the closest
+3 and 8 examples and the similarity to the expert's centroid, which the calibrated fusion
+(:mod:`r3mes.router.calibration`) weighs.
 
 Expert embeddings are computed once (``r3mes experts embed``) and stored as a pair of files,
 ``expert_embeddings-<model>.npy`` (float32, L2-normalised rows, loaded with
@@ -29,13 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from r3mes.core.text_encoder import (
-    DEFAULT_MODEL,
-    encode_query,
-    load_sentence_model,
-    model_fingerprint,
-    resolve_model_path,
-)
+from r3mes.core.text_encoder import DEFAULT_MODEL, resolve_model_path
+from r3mes.router.encoders import E5Encoder, encoder_slug, load_encoder
 from r3mes.router.registry import ExpertRegistry, resolve_registry
 from r3mes.utils.atomic import atomic_write_bytes, atomic_write_json
 from r3mes.utils.paths import r3mes_home
@@ -44,11 +42,13 @@ log = logging.getLogger(__name__)
 
 EMBEDDINGS_FORMAT = 1
 PACKAGED_DIR = Path(__file__).with_name("data")
+#: names of the per-expert columns of :meth:`SemanticRouter.features`
+FEATURE_NAMES = ("max", "top3", "top8", "centroid")
 
 
 def model_slug(model_name: str | None) -> str:
-    """File-name-safe identity of a model name: the default keeps its name, a local path
-    becomes its directory name plus a short hash of the full path."""
+    """File-name-safe identity of a sentence-transformers model name: MiniLM keeps its
+    name, a local path becomes its directory name plus a short hash of the full path."""
     if model_name in (None, DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"):
         return DEFAULT_MODEL
     path = str(resolve_model_path(model_name).resolve())
@@ -58,7 +58,7 @@ def model_slug(model_name: str | None) -> str:
 
 def embedding_paths(directory: str | Path, model_name: str | None) -> tuple[Path, Path]:
     """``(npy, json)`` paths of the expert-embedding pair for ``model_name`` in ``directory``."""
-    return _paths_for_slug(directory, model_slug(model_name))
+    return _paths_for_slug(directory, encoder_slug(model_name))
 
 
 def _paths_for_slug(directory: str | Path, slug: str) -> tuple[Path, Path]:
@@ -108,21 +108,15 @@ def build_embeddings(registry: ExpertRegistry, model_name: str | None = None) ->
     """Embed every representative query of every expert in the registry *file*."""
     experts = registry.universe
     texts = [q for e in experts for q in e.queries]
-    model = load_sentence_model(model_name)
-    matrix = model.encode(
-        texts,
-        batch_size=64,
-        normalize_embeddings=True,
-        convert_to_numpy=True,
-        show_progress_bar=False,
-    ).astype(np.float32, copy=False)
+    encoder = load_encoder(model_name)
+    matrix = encoder.encode(texts)
     return ExpertEmbeddings(
-        matrix=np.ascontiguousarray(matrix),
+        matrix=np.ascontiguousarray(matrix, dtype=np.float32),
         expert_ids=tuple(e.id for e in experts),
         counts=tuple(len(e.queries) for e in experts),
         registry_sha256=registry.digest,
-        model=model_slug(model_name),
-        model_fingerprint=model_fingerprint(model_name),
+        model=encoder.slug,
+        model_fingerprint=encoder.fingerprint(),
     )
 
 
@@ -159,7 +153,7 @@ def read_embeddings(
         return None, f"{json_path}: unknown format"
     if meta.get("registry_sha256") != registry.digest:
         return None, f"{json_path}: stale, built for another registry"
-    fingerprint = model_fingerprint(model_name)
+    fingerprint = load_encoder(model_name).fingerprint()
     if meta.get("model_fingerprint") != fingerprint:
         return None, f"{json_path}: stale, built with another model"
     if meta.get("npy_sha256") != hashlib.sha256(data).hexdigest():
@@ -211,9 +205,9 @@ def load_or_build_embeddings(
 
 
 class SemanticRouter:
-    """Scores experts by max-pooled cosine similarity of the query to their examples.
+    """Scores experts by their representative queries' cosine similarity to the query.
 
-    The sentence model and the embeddings are loaded on first use (:meth:`load`), so a
+    The sentence encoder and the embeddings are loaded on first use (:meth:`load`), so a
     router whose queries all take the keyword fast path never loads them.
     """
 
@@ -232,23 +226,30 @@ class SemanticRouter:
         # save (measured 10 ms with 1 thread against 70-130 ms with 2 on a loaded 2-core
         # machine), but torch's thread count is process-wide, so changing it while the
         # pipeline runs inference on another thread would race: opt in only when the router
-        # runs alone. None (the default) leaves torch's setting alone.
+        # runs alone. None (the default) leaves torch's setting alone. Only the
+        # sentence-transformers encoders use torch; the default e5 engine does not.
         self.torch_threads = torch_threads
         self.model_name = model_name
         self.home = home
         self.max_chars = max_chars
         self.embeddings_source: str | None = None
-        self._model: Any = None
+        self._encoder: Any = None
         self._matrix: np.ndarray | None = None
         self._offsets: np.ndarray | None = None
+        self._centroids: np.ndarray | None = None
 
     @property
     def loaded(self) -> bool:
-        return self._model is not None
+        return self._encoder is not None
+
+    @property
+    def encoder_slug(self) -> str:
+        """Identity of the encoder this router uses (names its stored files)."""
+        return self._encoder.slug if self._encoder is not None else encoder_slug(self.model_name)
 
     def load(self) -> SemanticRouter:
-        """Load the sentence model and the expert embeddings (building them if stale)."""
-        if self._model is not None:
+        """Load the sentence encoder and the expert embeddings (building them if stale)."""
+        if self._encoder is not None:
             return self
         embeddings, source = load_or_build_embeddings(self.registry, self.model_name, self.home)
         # Keep only the rows of the experts in this (possibly restricted) view.
@@ -256,22 +257,26 @@ class SemanticRouter:
         self._matrix = np.ascontiguousarray(np.concatenate([embeddings.matrix[s] for s in slices]))
         sizes = [s.stop - s.start for s in slices]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
+        centroids = np.stack([embeddings.matrix[s].mean(axis=0) for s in slices])
+        norms = np.linalg.norm(centroids, axis=1, keepdims=True)
+        self._centroids = np.ascontiguousarray(centroids / np.where(norms > 0, norms, 1.0),
+                                               dtype=np.float32)
         self.embeddings_source = source
-        self._model = load_sentence_model(self.model_name)
+        self._encoder = load_encoder(self.model_name)
         return self
 
     def encode(self, query: str) -> np.ndarray:
         """The unit-norm float32 embedding of ``query`` (its first ``max_chars`` characters)."""
         self.load()
         previous = None
-        if self.torch_threads is not None:
+        if self.torch_threads is not None and self._encoder.slug != E5Encoder.slug:
             import torch
 
             previous = torch.get_num_threads()
             if previous != self.torch_threads:
                 torch.set_num_threads(self.torch_threads)
         try:
-            vector = encode_query(query[: self.max_chars], self.model_name)
+            vector = self._encoder.encode_query(query[: self.max_chars])
         finally:
             if previous is not None and previous != self.torch_threads:
                 torch.set_num_threads(previous)
@@ -282,6 +287,25 @@ class SemanticRouter:
         vector = self.encode(query)
         assert self._matrix is not None and self._offsets is not None
         return np.maximum.reduceat(self._matrix @ vector, self._offsets)
+
+    def features(self, query: str) -> np.ndarray:
+        """``(len(registry), 4)`` per-expert evidence, registry order, columns
+        :data:`FEATURE_NAMES`: the closest example's similarity, the mean of the closest 3
+        and 8 (an expert with several close examples is surer than one with a single
+        lucky neighbour), and the similarity to the mean of the expert's examples."""
+        vector = self.encode(query)
+        assert self._matrix is not None and self._offsets is not None
+        assert self._centroids is not None
+        sims = self._matrix @ vector
+        ends = [*self._offsets[1:].tolist(), sims.shape[0]]
+        out = np.empty((len(ends), len(FEATURE_NAMES)), dtype=np.float64)
+        for i, (start, end) in enumerate(zip(self._offsets.tolist(), ends, strict=True)):
+            segment = np.sort(sims[start:end])[::-1]
+            out[i, 0] = segment[0]
+            out[i, 1] = segment[:3].mean()
+            out[i, 2] = segment[:8].mean()
+        out[:, 3] = self._centroids @ vector
+        return out
 
     def score(self, query: str) -> list[tuple[str, float]]:
         """``[(expert_id, similarity)]`` for every expert, best first."""
