@@ -130,6 +130,12 @@ class InferenceSection(_Section):
     # Adapter storage of the native backend: None = its default (int8 on CPU, fp16 on GPU).
     adapter_storage: Literal["int8", "fp16", "fp32"] | None = None
     max_batch_size: int = Field(8, ge=1, le=256)
+    # Requests waiting for a batch row; one more is refused (HTTP 429 with Retry-After).
+    max_queue: int = Field(64, ge=0, le=100000)
+    # The KV-cache budget shared by all running requests: tokens, or else MiB.
+    kv_cache_tokens: int | None = Field(None, ge=1)
+    kv_cache_mb: float = Field(1024.0, gt=0)
+    kv_block_size: int = Field(16, ge=1, le=1024)
 
 
 class ServingNodeSection(_Section):

@@ -97,8 +97,8 @@ async def test_batch_answers_match_single_runs_in_order(pipeline):
     assert [r.query for r in batch] == queries
     assert [r.tokens for r in batch] == [r.tokens for r in singles]
     assert after["batched_jobs"] - before["batched_jobs"] == len(queries)
-    # Same expert mix: the queued jobs share backend batches.
-    assert after["backend_batches"] - before["backend_batches"] < len(queries)
+    # The queued jobs decode together (continuous batching).
+    assert max(r.metrics.batch_size for r in batch) > 1
 
 
 async def test_stats_report_router_cache_and_pipeline(pipeline):

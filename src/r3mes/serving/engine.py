@@ -1,74 +1,383 @@
-"""Token generation on an :class:`~r3mes.core.backends.InferenceBackend`, batch by batch.
+"""Token generation for many users at once: continuous (iteration-level) batching.
 
 The pipeline never touches the model directly: every generation is a
 :class:`GenerationJob` (prompt ids, the expert mix, sampling parameters, a per-token
-callback) handed to :meth:`Engine.generate`, which runs in the pipeline's single inference
-thread. Jobs that queued while a batch was running are generated together in the next one
-through the backend's batched ``stream(prompts, config, adapter_ids, adapter_weights)``:
+callback) handed to :meth:`Engine.submit`. The engine's own thread runs the schedule:
 
-- jobs batch together when their sampling parameters agree (the length limit may differ:
-  a row that reached its own limit is simply no longer reported);
-- their expert mixes must be equal, unless the backend mixes experts per row
-  (``supports_feature("heterogeneous_batch")`` and a ``stream(..., adapter_mixes=...)``
-  keyword), in which case any mixes share a batch.
+- **Every decode step**, finished rows leave and waiting jobs join (FIFO): a joining job's
+  prompt is prefilled alone, its first token is sampled from the prefill's logits, and from
+  the next step on it decodes together with every other running row in one native call per
+  layer (:meth:`~r3mes.core.backends.InferenceBackend.decode_paged`): each row at its own
+  position, with its own expert mix, temperature, top-k, top-p, repetition penalty and seed.
+  A row's tokens do not depend on the rows it shares a step with.
+- **KV memory is a budget**: one pool of cache blocks (:class:`~r3mes.core.kv_blocks.KVBlockPool`)
+  sized in the config. A job joins only when the pool has the blocks for its prompt plus
+  its whole answer, so a running row never runs out of cache and nothing is truncated.
+  Jobs that do not fit wait in the queue; when the queue holds ``max_queue`` jobs,
+  :meth:`Engine.submit` raises :class:`EngineOverloaded` (the server answers 429 with
+  ``Retry-After``).
+- A row stops at the model's EOS, at its length limit, when its callback returns ``False``
+  (stop string seen) or when its ``cancel`` event is set (client gone): its blocks go back
+  to the pool before the next step.
 
-Stop strings are the pipeline's business (it decodes incrementally); the engine stops a row
-at the model's EOS, at its length limit, or when the job's callback returns ``False``
-(stop string seen, client gone). When every row of a batch has stopped the backend's
-generator is closed, which ends the batch early.
+Backends without paged decode (the CUDA path for now) get the previous schedule: the jobs
+that queued while a batch ran are generated together through the backend's batched
+``stream`` (rows batch when their sampling parameters agree).
 """
 
 from __future__ import annotations
 
-import inspect
+import collections
+import logging
+import math
+import os
+import threading
+import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from r3mes.core.generation import GenerationConfig
+import torch
 
-#: ``on_token(token_id) -> keep_going``; runs in the inference thread.
+from r3mes.core.generation import GenerationConfig, sample_next
+
+log = logging.getLogger(__name__)
+
+#: ``on_token(token_id) -> keep_going``; runs in the engine thread.
 TokenCallback = Callable[[int], bool]
+#: Called in the engine thread with the backend adapter names the running rows and the
+#: joining job need, before the job's prefill (the pipeline loads and releases adapters).
+AdapterHook = Callable[[set[str]], None]
 
 
-def _sampling_key(config: GenerationConfig) -> tuple[Any, ...]:
-    """Jobs batch together only when everything but the length limit agrees."""
-    return (config.temperature, config.top_k, config.top_p, config.repetition_penalty,
-            config.seed)
+class EngineOverloaded(RuntimeError):
+    """The queue is full; try again after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineClosed(RuntimeError):
+    """The engine was closed before the job ran."""
 
 
 @dataclass
 class GenerationJob:
     """One prompt to continue. ``mix`` is ``[(backend adapter name, weight)]`` (empty: the
-    base model alone). :meth:`Engine.generate` fills ``tokens`` (EOS excluded) and
-    ``finish_reason`` (``"stop"``: EOS or callback, ``"length"``)."""
+    base model alone). The engine fills ``tokens`` (EOS excluded) and ``finish_reason``
+    (``"stop"``: EOS, callback or cancel; ``"length"``)."""
 
     prompt_ids: list[int]
     mix: list[tuple[str, float]]
     params: GenerationConfig
     on_token: TokenCallback | None = None
+    cancel: threading.Event | None = None
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
 
+@dataclass
+class JobTiming:
+    """What :meth:`Engine.submit`'s future resolves to."""
+
+    queue_ms: float  # from submit to the start of the job's prefill
+    batch_size: int  # the most rows that decoded together while the job ran
+
+
+@dataclass
+class _Row:
+    job: GenerationJob
+    future: Future[JobTiming]
+    submitted: float
+    started: float = 0.0
+    prompt: list[int] = field(default_factory=list)
+    blocks: list[int] = field(default_factory=list)
+    position: int = 0  # where the next token's key/value goes (= tokens in the cache)
+    last: int = 0  # the token fed to the next step
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # bool [1, V] for the repetition penalty
+    batch_size: int = 1
+
+
+def _sampling_key(config: GenerationConfig) -> tuple[Any, ...]:
+    """Jobs of the static schedule batch together only when everything but the length
+    limit agrees."""
+    return (config.temperature, config.top_k, config.top_p, config.repetition_penalty,
+            config.seed)
+
+
 class Engine:
-    """Runs batches of :class:`GenerationJob` on a loaded backend.
+    """Schedules :class:`GenerationJob` s on a loaded backend (see the module notes).
 
     Args:
         backend: an InferenceBackend with a model loaded.
         max_context: the model's context length; a prompt longer than it allows (with the
             answer's budget) is cut from the left, keeping the question at the end.
+        max_batch: rows decoded together at most.
+        max_queue: jobs waiting at most; beyond it :meth:`submit` raises EngineOverloaded.
+        kv_tokens / kv_megabytes: the KV-cache budget (one of them; default 1024 MiB),
+            capped at what ``max_batch`` rows of ``max_context`` positions could use.
+        kv_block_size: positions per cache block.
+        adapters: see :data:`AdapterHook`.
     """
 
-    def __init__(self, backend: Any, max_context: int | None = None) -> None:
+    def __init__(self, backend: Any, max_context: int | None = None, *, max_batch: int = 8,
+                 max_queue: int = 64, kv_tokens: int | None = None,
+                 kv_megabytes: float | None = None, kv_block_size: int = 16,
+                 adapters: AdapterHook | None = None) -> None:
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.backend = backend
         self.max_context = max_context
+        self.max_batch = max_batch
+        self.max_queue = max_queue
         self.name = str(getattr(backend, "name", type(backend).__name__))
-        self.hetero = _supports(backend, "heterogeneous_batch") and _takes_kwarg(
-            backend.stream, "adapter_mixes")
-        self.batching = _supports(backend, "batch")
+        self.continuous = backend.supports_feature("continuous_batching")
+        self.hetero = backend.supports_feature("heterogeneous_batch")
+        self.batching = backend.supports_feature("batch")
+        self._kv_budget = (kv_tokens, None if kv_tokens is not None else (kv_megabytes or 1024.0))
+        self._kv_block_size = kv_block_size
+        self._adapters = adapters
+        self.pool: Any = None  # the KVBlockPool, made at the first job
+        self._waiting: collections.deque[_Row] = collections.deque()
+        self._running: list[_Row] = []
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._service_s = 5.0  # running mean of a job's time in the engine (Retry-After)
+        self.counters = {"jobs": 0, "steps": 0, "tokens": 0, "rejected": 0, "batches": 0}
 
-    def plan(self, jobs: Sequence[GenerationJob], max_batch: int) -> list[list[GenerationJob]]:
+    # ---- the public side ----------------------------------------------------------------
+    def submit(self, job: GenerationJob) -> Future[JobTiming]:
+        """Queue ``job``; the future resolves when it has finished (or fails with its error).
+        Raises EngineOverloaded when the queue is full and EngineClosed after close()."""
+        row = _Row(job, Future(), time.perf_counter())
+        with self._cond:
+            if self._closed:
+                raise EngineClosed("the engine is closed")
+            if len(self._waiting) >= self.max_queue:
+                self.counters["rejected"] += 1
+                raise EngineOverloaded(
+                    f"{len(self._waiting)} requests are already waiting (the queue holds "
+                    f"{self.max_queue})", self.retry_after())
+            self._waiting.append(row)
+            self.counters["jobs"] += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="r3mes-engine",
+                                                daemon=True)
+                self._thread.start()
+            self._cond.notify()
+        return row.future
+
+    def generate(self, jobs: Sequence[GenerationJob]) -> None:
+        """Run ``jobs`` to completion (blocking; for callers without an event loop)."""
+        futures = [self.submit(job) for job in jobs]
+        for f in futures:
+            f.result()
+
+    def accepting(self) -> bool:
+        """Whether :meth:`submit` would take a job now."""
+        return not self._closed and len(self._waiting) < self.max_queue
+
+    def retry_after(self) -> float:
+        """Seconds until a queue slot is likely free (a whole-second estimate, at least 1)."""
+        waiting = len(self._waiting) + 1
+        return float(max(1, math.ceil(self._service_s * waiting / self.max_batch)))
+
+    def stats(self) -> dict[str, Any]:
+        """Queue, rows and KV-cache occupancy (for /metrics and ``get_stats``)."""
+        pool = self.pool
+        return {"scheduler": "continuous" if self.continuous else "static",
+                "running": len(self._running), "waiting": len(self._waiting),
+                "max_batch": self.max_batch, "max_queue": self.max_queue,
+                "kv_blocks_total": 0 if pool is None else pool.num_blocks,
+                "kv_blocks_used": 0 if pool is None else pool.used_blocks,
+                "kv_block_size": self._kv_block_size,
+                "kv_bytes": 0 if pool is None else pool.nbytes, **self.counters}
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop the thread; jobs not finished fail with EngineClosed."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the schedule -------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._running and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    break
+            try:
+                if self.continuous:
+                    self._step()
+                else:
+                    self._static_batch()
+            except Exception as exc:  # a failed step fails its rows, never the engine
+                log.exception("engine step failed")
+                for row in self._running:
+                    self._finish(row, error=exc)
+                self._running = []
+        error = EngineClosed("the engine was closed")
+        for row in [*self._running, *self._waiting]:
+            self._finish(row, error=error)
+        self._running, self._waiting = [], collections.deque()
+
+    def _step(self) -> None:
+        """One iteration: cancelled rows leave, waiting jobs join, every row decodes a token."""
+        for row in [r for r in self._running if self._cancelled(r)]:
+            self._leave(row, "stop")
+        self._admit()
+        rows = self._running
+        if not rows:
+            return
+        pool = self.pool
+        logits = self.backend.decode_paged(
+            torch.tensor([r.last for r in rows]), [r.job.mix for r in rows], pool,
+            pool.table([r.blocks for r in rows]), torch.tensor([r.position for r in rows]))
+        self.counters["steps"] += 1
+        for row in rows:
+            row.batch_size = max(row.batch_size, len(rows))
+        for i, row in enumerate(list(rows)):
+            row.position += 1
+            self._deliver(row, logits[i])
+
+    def _admit(self) -> None:
+        """Moves waiting jobs into the batch while rows and KV blocks are free (in order: a
+        job that does not fit yet keeps its place, and the ones behind it wait too)."""
+        while len(self._running) < self.max_batch:
+            with self._cond:
+                if not self._waiting:
+                    return
+                row = self._waiting[0]
+                if self._cancelled(row) or row.future.cancelled():
+                    self._waiting.popleft()
+                    self._finish(row, reason="stop")
+                    continue
+                pool = self._ensure_pool()
+                budget = row.job.params.max_new_tokens
+                row.prompt = self._fit(row.job.prompt_ids, budget)
+                need = pool.blocks_for(len(row.prompt) + budget)
+                if need > pool.num_blocks:
+                    self._waiting.popleft()
+                    self._finish(row, error=ValueError(
+                        f"the request needs {len(row.prompt) + budget} positions of KV cache "
+                        f"(prompt {len(row.prompt)} + max_tokens {budget}); the cache holds "
+                        f"{pool.capacity_tokens} (raise inference.kv_cache_tokens or lower "
+                        "max_tokens)"))
+                    continue
+                if need > pool.free_blocks:
+                    return
+                self._waiting.popleft()
+                row.blocks = pool.allocate(need)
+            self._join(row)
+
+    def _join(self, row: _Row) -> None:
+        """Prefills a job alone and delivers its first token; it decodes from the next step."""
+        row.started = time.perf_counter()
+        job = row.job
+        try:
+            if self._adapters is not None:
+                needed = {n for r in (*self._running, row) for n, _ in r.job.mix}
+                self._adapters(needed)
+            params = job.params
+            if params.temperature > 0:
+                row.generator = torch.Generator()
+                row.generator.manual_seed(params.seed if params.seed is not None
+                                          else int.from_bytes(os.urandom(8), "little") >> 1)
+            logits = self.backend.prefill_paged(row.prompt, job.mix, self.pool, row.blocks)
+            if params.repetition_penalty != 1.0:
+                row.seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool)
+                row.seen[0, torch.as_tensor(row.prompt)] = True
+        except Exception as exc:
+            self._finish(row, error=exc)
+            return
+        row.position = len(row.prompt)
+        self._running.append(row)
+        row.batch_size = len(self._running)
+        self._deliver(row, logits)
+
+    def _deliver(self, row: _Row, logits: torch.Tensor) -> None:
+        """Samples the row's next token from its logits [V] and hands it to the job."""
+        job, params = row.job, row.job.params
+        if params.temperature == 0 and row.seen is None:
+            token = int(logits.argmax())
+        else:
+            token = int(sample_next(logits[None], params, row.seen, row.generator)[0])
+        if row.seen is not None:
+            row.seen[0, token] = True
+        self.counters["tokens"] += 1
+        if token in self._stop_ids(params):
+            self._leave(row, "stop")
+            return
+        job.tokens.append(token)
+        row.last = token
+        if job.on_token is not None and job.on_token(token) is False:
+            self._leave(row, "stop")
+        elif self._cancelled(row):
+            self._leave(row, "stop")
+        elif len(job.tokens) >= params.max_new_tokens:
+            self._leave(row, "length")
+
+    def _leave(self, row: _Row, reason: str) -> None:
+        if row in self._running:
+            self._running.remove(row)
+        self._finish(row, reason=reason)
+
+    def _finish(self, row: _Row, reason: str | None = None,
+                error: BaseException | None = None) -> None:
+        if row.blocks and self.pool is not None:
+            self.pool.release(row.blocks)
+            row.blocks = []
+        if row.job.finish_reason is None:
+            row.job.finish_reason = reason or "stop"
+        if row.started:
+            spent = time.perf_counter() - row.started
+            self._service_s = 0.8 * self._service_s + 0.2 * spent
+        if row.future.done():
+            return
+        if error is not None:
+            row.future.set_exception(error)
+        else:
+            started = row.started or time.perf_counter()
+            row.future.set_result(JobTiming((started - row.submitted) * 1e3, row.batch_size))
+
+    # ---- helpers ----------------------------------------------------------------------
+    def _ensure_pool(self) -> Any:
+        if self.pool is None:
+            tokens, megabytes = self._kv_budget
+            cap = None
+            if self.max_context is not None:
+                cap = self.max_batch * (self.max_context + self._kv_block_size)
+            self.pool = self.backend.new_kv_pool(tokens=tokens, megabytes=megabytes,
+                                                 block_size=self._kv_block_size, max_tokens=cap)
+        return self.pool
+
+    def _stop_ids(self, params: GenerationConfig) -> set[int]:
+        if params.stop_token_ids is not None:
+            return set(params.stop_token_ids)
+        ids = set(self.backend.model.config.eos_token_id)
+        tok = getattr(self.backend, "tokenizer", None)
+        if tok is not None and tok.eos_token_id is not None:
+            ids.add(tok.eos_token_id)
+        return ids
+
+    @staticmethod
+    def _cancelled(row: _Row) -> bool:
+        return row.job.cancel is not None and row.job.cancel.is_set()
+
+    def _fit(self, ids: list[int], budget: int) -> list[int]:
+        if self.max_context is None:
+            return list(ids)
+        return list(ids[-max(1, self.max_context - budget):])
+
+    # ---- the static schedule (backends without paged decode) ----------------------------
+    def plan(self, jobs: Sequence[GenerationJob]) -> list[list[GenerationJob]]:
         """Split ``jobs`` into batches this backend can run together, in arrival order."""
         groups: dict[tuple[Any, ...], list[GenerationJob]] = {}
         batches: list[list[GenerationJob]] = []
@@ -80,26 +389,35 @@ class Engine:
             if not self.hetero:
                 key = key + (tuple((n, round(w, 9)) for n, w in job.mix),)
             group = groups.get(key)
-            if group is None or len(group) >= max_batch:
+            if group is None or len(group) >= self.max_batch:
                 group = groups[key] = []
                 batches.append(group)
             group.append(job)
         return batches
 
-    def generate(self, jobs: Sequence[GenerationJob], max_batch: int = 8) -> int:
-        """Generate every job; returns the number of backend batches used. Runs in the
-        inference thread."""
-        batches = self.plan(jobs, max_batch)
-        for batch in batches:
-            self._run(batch)
-        return len(batches)
+    def _static_batch(self) -> None:
+        with self._cond:
+            rows = [self._waiting.popleft()
+                    for _ in range(min(len(self._waiting), self.max_batch))]
+        by_job = {id(r.job): r for r in rows}
+        for batch in self.plan([r.job for r in rows]):
+            batch_rows = [by_job[id(j)] for j in batch]
+            start = time.perf_counter()
+            for r in batch_rows:
+                r.started, r.batch_size = start, len(batch)
+            try:
+                if self._adapters is not None:
+                    self._adapters({n for j in batch for n, _ in j.mix})
+                self._run_static(batch)
+            except Exception as exc:
+                for r in batch_rows:
+                    self._finish(r, error=exc)
+                continue
+            self.counters["batches"] += 1
+            for r in batch_rows:
+                self._finish(r, reason=r.job.finish_reason or "length")
 
-    def _fit(self, ids: list[int], budget: int) -> list[int]:
-        if self.max_context is None:
-            return ids
-        return ids[-max(1, self.max_context - budget):]
-
-    def _run(self, batch: list[GenerationJob]) -> None:
+    def _run_static(self, batch: list[GenerationJob]) -> None:
         steps = max(j.params.max_new_tokens for j in batch)
         config = replace(batch[0].params, max_new_tokens=steps)
         prompts = [self._fit(j.prompt_ids, steps) for j in batch]
@@ -123,6 +441,8 @@ class Engine:
                     job.tokens.append(token)
                     if job.on_token is not None and job.on_token(token) is False:
                         job.finish_reason = "stop"
+                    elif job.cancel is not None and job.cancel.is_set():
+                        job.finish_reason = "stop"
                     elif len(job.tokens) >= job.params.max_new_tokens:
                         job.finish_reason = "length"
                     elif ev.finished:
@@ -135,21 +455,3 @@ class Engine:
             close = getattr(events, "close", None)
             if callable(close):
                 close()
-        for job in batch:
-            if job.finish_reason is None:
-                job.finish_reason = "length"
-
-
-def _supports(backend: Any, feature: str) -> bool:
-    fn = getattr(backend, "supports_feature", None)
-    try:
-        return bool(fn(feature)) if callable(fn) else False
-    except Exception:  # an unknown feature name must not break serving
-        return False
-
-
-def _takes_kwarg(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        return name in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from r3mes.core.generation import GenerationConfig
-from r3mes.serving.engine import Engine, GenerationJob
+from r3mes.serving.engine import Engine, EngineOverloaded, GenerationJob
 from r3mes.serving.postprocess import Postprocessor, SafetyFilter
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,10 @@ class PipelineConfig:
     device: str = "cpu"
     adapter_storage: str | None = None
     max_batch_size: int = 8
+    max_queue: int = 64
+    kv_cache_tokens: int | None = None
+    kv_cache_mb: float | None = 1024.0
+    kv_block_size: int = 16
     home: str | None = None
     # generation
     max_new_tokens: int = 128
@@ -185,7 +189,9 @@ class PipelineConfig:
             model_path=s.model.path, experts_dir=s.model.experts_dir,
             knowledge_dir=s.model.knowledge_dir, backend=s.inference.backend,
             device=s.inference.device, adapter_storage=s.inference.adapter_storage,
-            max_batch_size=s.inference.max_batch_size, home=home,
+            max_batch_size=s.inference.max_batch_size, max_queue=s.inference.max_queue,
+            kv_cache_tokens=s.inference.kv_cache_tokens, kv_cache_mb=s.inference.kv_cache_mb,
+            kv_block_size=s.inference.kv_block_size, home=home,
             max_new_tokens=s.generation.max_new_tokens, temperature=s.generation.temperature,
             top_k=s.generation.top_k, top_p=s.generation.top_p,
             repetition_penalty=s.generation.repetition_penalty, stop=list(s.generation.stop),
@@ -252,7 +258,8 @@ class PipelineResult:
     ``[(expert_id, weight)]`` as routed (or forced); ``sources`` the retrieved chunks
     (``{"number", "doc_id", "chunk_id", "index", "title", "source", "score", "cited"}``);
     ``success=False`` carries ``error`` and ``error_type`` (``"invalid_request"``,
-    ``"unknown_expert"``, ``"internal"``) instead of raising.
+    ``"unknown_expert"``, ``"overloaded"`` with ``retry_after`` seconds, ``"internal"``)
+    instead of raising.
     """
 
     query: str
@@ -265,6 +272,7 @@ class PipelineResult:
     success: bool = True
     error: str | None = None
     error_type: str | None = None
+    retry_after: float | None = None  # with error_type "overloaded"
     finish_reason: str | None = None
     routing: dict[str, Any] | None = None
     masked_terms: list[str] = field(default_factory=list)
@@ -391,14 +399,11 @@ class InferencePipeline:
         self._stage_executor = ThreadPoolExecutor(2, thread_name_prefix="r3mes-stage")
         self._rag_lock = threading.RLock()
         self._init_lock: asyncio.Lock | None = None
-        self._queue: asyncio.Queue[tuple[GenerationJob, asyncio.Future[None], float]] | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
         self._names_by_id: dict[str, str] = {}
         self._paths_by_name: dict[str, Path] = {}
         self._adapter_lock = threading.RLock()
         self._counters: dict[str, float] = {
-            "requests": 0, "failures": 0, "tokens_generated": 0, "batches": 0,
-            "backend_batches": 0,
+            "requests": 0, "failures": 0, "tokens_generated": 0,
             "batched_jobs": 0, "total_ms": 0.0, "overhead_ms": 0.0, "inference_ms": 0.0,
         }
         self._closed = False
@@ -538,8 +543,12 @@ class InferencePipeline:
         if self.tokenizer is None:
             self.tokenizer = _backend_tokenizer(self.backend, self.model_path)
         if self.engine is None:
+            c = self.config
             self.engine = Engine(self.backend,
-                                 max_context=_max_context(self.backend, self.model_path))
+                                 max_context=_max_context(self.backend, self.model_path),
+                                 max_batch=c.max_batch_size, max_queue=c.max_queue,
+                                 kv_tokens=c.kv_cache_tokens, kv_megabytes=c.kv_cache_mb,
+                                 kv_block_size=c.kv_block_size, adapters=self._use_adapters)
         if self.cache is None:
             from r3mes.cache import TieredDoRACache
 
@@ -608,10 +617,8 @@ class InferencePipeline:
     async def close(self) -> None:
         """Stop the dispatcher and the cache, release the threads."""
         self._closed = True
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
         if self.cache is not None:
             await self.cache.close()
         self._infer_executor.shutdown(wait=False, cancel_futures=True)
@@ -727,8 +734,7 @@ class InferencePipeline:
             "pipeline": {
                 "requests": int(c["requests"]), "failures": int(c["failures"]),
                 "tokens_generated": int(c["tokens_generated"]),
-                "batches": int(c["batches"]), "batched_jobs": int(c["batched_jobs"]),
-                "backend_batches": int(c["backend_batches"]),
+                "batched_jobs": int(c["batched_jobs"]),
                 "mean_total_ms": c["total_ms"] / n, "mean_overhead_ms": c["overhead_ms"] / n,
                 "mean_inference_ms": c["inference_ms"] / n,
             },
@@ -737,6 +743,7 @@ class InferencePipeline:
             "rag": None,
             "backend": {"name": self.engine.name if self.engine else None,
                         "capabilities": _capabilities(self.backend)},
+            "engine": self.engine.stats() if self.engine is not None else None,
             "experts": {"installed": self.installed_experts,
                         "routable": self.routable_experts()},
             "model_path": str(self.model_path) if self.model_path else None,
@@ -767,6 +774,9 @@ class InferencePipeline:
         except InvalidRequestError as exc:
             self._fail(result, exc, "unknown_expert" if isinstance(exc, UnknownExpertError)
                        else "invalid_request")
+        except EngineOverloaded as exc:  # the queue is full: the caller retries later
+            self._fail(result, exc, "overloaded")
+            result.retry_after = exc.retry_after
         except Exception as exc:  # a failed request must never take the caller down
             log.exception("query failed")
             self._fail(result, exc, "internal")
@@ -1044,7 +1054,7 @@ class InferencePipeline:
                     emit(out)
             return not decoder.stopped and not (cancel is not None and cancel.is_set())
 
-        job = GenerationJob(prep.prompt_ids, prep.mix, prep.params, on_token)
+        job = GenerationJob(prep.prompt_ids, prep.mix, prep.params, on_token, cancel)
         t0 = time.perf_counter()
         queue_ms, batch_size = await self._submit(job)
         m.inference_time_ms = (time.perf_counter() - t0) * 1e3 - queue_ms
@@ -1070,55 +1080,24 @@ class InferencePipeline:
             src["cited"] = src["number"] in cited
 
     async def _submit(self, job: GenerationJob) -> tuple[float, int]:
-        """Queue ``job`` for the inference thread; returns (ms waited, batch size)."""
-        loop = asyncio.get_running_loop()
-        if self._queue is None or self._dispatcher is None or self._dispatcher.done():
-            self._queue = asyncio.Queue()
-            self._dispatcher = loop.create_task(self._dispatch())
-        fut: asyncio.Future[tuple[float, int]] = loop.create_future()
-        await self._queue.put((job, fut, time.perf_counter()))
-        return await fut
+        """Hands ``job`` to the engine and waits for it; returns (ms queued, batch size).
+        Raises EngineOverloaded when the engine's queue is full."""
+        assert self.engine is not None
+        timing = await asyncio.wrap_future(self.engine.submit(job))
+        self._counters["batched_jobs"] += 1
+        return timing.queue_ms, timing.batch_size
 
-    async def _dispatch(self) -> None:
-        """Take whatever queued while the previous batch ran and generate it together."""
-        assert self._queue is not None
-        loop = asyncio.get_running_loop()
-        while True:
-            items = [await self._queue.get()]
-            while len(items) < self.config.max_batch_size and not self._queue.empty():
-                items.append(self._queue.get_nowait())
-            live = [it for it in items if not it[1].done()]
-            if not live:
-                continue
-            t0 = time.perf_counter()
-            jobs = [job for job, _, _ in live]
-            self._counters["batches"] += 1
-            self._counters["batched_jobs"] += len(jobs)
-            try:
-                await loop.run_in_executor(self._infer_executor, self._generate_sync, jobs)
-            except Exception as exc:
-                for _, fut, _ in live:
-                    if not fut.done():
-                        fut.set_exception(exc)
-                continue
-            for _job, fut, queued in live:
-                if not fut.done():
-                    fut.set_result(((t0 - queued) * 1e3, len(jobs)))
-
-
-    def _generate_sync(self, jobs: list[GenerationJob]) -> None:
-        needed = {name for job in jobs for name, _ in job.mix}
+    def _use_adapters(self, needed: set[str]) -> None:
+        """Engine hook (engine thread, before a job joins the batch): release the adapters
+        the cache evicted and no running row needs, load any the job needs that were
+        released before the cache recorded them in tier 1 (prepare and bookkeeping are not
+        one step)."""
         self._release_evicted_adapters(needed)
-        # An adapter the cache prepared may have been released before the cache recorded
-        # it in tier 1 (prepare and bookkeeping are not one step): load it again.
         loaded = getattr(self.backend, "adapters", None)
         if loaded is not None:
             with self._adapter_lock:
                 for name in sorted(needed - set(loaded)):
                     self.backend.load_dora_adapter(name, str(self._paths_by_name[name]))
-        assert self.engine is not None
-        self._counters["backend_batches"] += self.engine.generate(jobs,
-                                                                  self.config.max_batch_size)
 
 
 class _IncrementalDecoder:

@@ -62,15 +62,23 @@ class APIError(Exception):
     """An error answered with ``status`` and OpenAI's error body."""
 
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None) -> None:
+                 param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = (
             status, message, type_, param, code)
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content={"error": {
+        return JSONResponse(status_code=self.status, headers=self.headers, content={"error": {
             "message": self.message, "type": self.type, "param": self.param,
             "code": self.code}})
+
+
+def _overloaded(message: str, retry_after: float) -> APIError:
+    """429 with Retry-After: the engine's queue is full (see r3mes.serving.engine)."""
+    return APIError(429, message, type_="rate_limit_error", code="engine_overloaded",
+                    headers={"Retry-After": str(max(1, int(retry_after)))})
 
 
 # --------------------------------------------------------------------------- schemas
@@ -188,10 +196,22 @@ class ServerMetrics:
                    [({}, p["failures"])])
             metric("r3mes_tokens_generated_total", "counter", "Tokens generated",
                    [({}, p["tokens_generated"])])
-            metric("r3mes_generation_batches_total", "counter", "Generation batches run",
-                   [({}, p["batches"])])
             metric("r3mes_generation_batched_jobs_total", "counter",
-                   "Generations run inside those batches", [({}, p["batched_jobs"])])
+                   "Generations run by the engine", [({}, p["batched_jobs"])])
+            engine = stats.get("engine") or {}
+            if engine:
+                metric("r3mes_engine_decode_steps_total", "counter",
+                       "Decode steps run (one token for every running request)",
+                       [({}, engine["steps"])])
+                metric("r3mes_engine_running_requests", "gauge",
+                       "Requests decoding in the batch", [({}, engine["running"])])
+                metric("r3mes_engine_waiting_requests", "gauge",
+                       "Requests waiting for a batch row", [({}, engine["waiting"])])
+                metric("r3mes_engine_rejected_total", "counter",
+                       "Requests refused with 429 (queue full)", [({}, engine["rejected"])])
+                metric("r3mes_kv_cache_blocks", "gauge", "KV-cache blocks by state",
+                       [({"state": "used"}, engine["kv_blocks_used"]),
+                        ({"state": "total"}, engine["kv_blocks_total"])])
             metric("r3mes_pipeline_mean_overhead_ms", "gauge",
                    "Mean time per query outside token generation", [({}, p["mean_overhead_ms"])])
             router = stats.get("router") or {}
@@ -422,6 +442,11 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         created = int(time.time())
         if body.stream:
+            # Refused before the stream starts: once it has, the status line is sent.
+            engine = pipe().engine
+            if engine is not None and not engine.accepting():
+                raise _overloaded("the server is busy: the request queue is full",
+                                  engine.retry_after())
             return StreamingResponse(_stream(body, query, history, kwargs, rid, created, chat),
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
@@ -561,6 +586,8 @@ def _raise_for(result: PipelineResult) -> None:
                        code="model_not_found")
     if result.error_type == "invalid_request":
         raise APIError(400, result.error or "invalid request")
+    if result.error_type == "overloaded":
+        raise _overloaded(f"the server is busy: {result.error}", result.retry_after or 1.0)
     raise APIError(500, f"the query failed: {result.error}", type_="server_error")
 
 
