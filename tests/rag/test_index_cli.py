@@ -165,14 +165,24 @@ def test_an_archive_with_a_path_outside_the_export_is_refused(home, tmp_path, ca
     assert not list(tmp_path.rglob("escaped.txt"))
 
 
-def test_an_export_naming_an_unknown_index_is_refused(home, tmp_path, capsys):
+def test_an_export_naming_an_invalid_index_is_refused(home, tmp_path, capsys):
+    out = tmp_path / "exp"
+    _json(capsys, ["index", "export", str(out), "--index", "medical", "--home", home, "--json"])
+    header = json.loads((out / "export.json").read_text(encoding="utf-8"))
+    header["index"] = "../sports"
+    (out / "export.json").write_text(json.dumps(header), encoding="utf-8")
+    assert main(["index", "import", str(out), "--home", home, "--json"]) == 2
+    assert "invalid index name '../sports'" in json.loads(capsys.readouterr().out)["error"]
+
+
+def test_an_export_relabelled_to_another_index_is_refused(home, tmp_path, capsys):
     out = tmp_path / "exp"
     _json(capsys, ["index", "export", str(out), "--index", "medical", "--home", home, "--json"])
     header = json.loads((out / "export.json").read_text(encoding="utf-8"))
     header["index"] = "sports"
     (out / "export.json").write_text(json.dumps(header), encoding="utf-8")
     assert main(["index", "import", str(out), "--home", home, "--json"]) == 2
-    assert "unknown index 'sports'" in json.loads(capsys.readouterr().out)["error"]
+    assert "not 'sports'" in json.loads(capsys.readouterr().out)["error"]
 
 
 def test_export_refuses_an_existing_path_and_an_index_without_snapshot(home, tmp_path, capsys):
@@ -204,9 +214,9 @@ def test_bad_input_is_refused_clearly_and_the_existing_index_stays_intact(
         assert _json(capsys, ["index", "stats", "--home", home, "--json"]) == before
 
     with pytest.raises(SystemExit) as exc:
-        main(["index", "add", str(empty), "--index", "sports", "--home", home])
+        main(["index", "add", str(empty), "--index", "sports/../x", "--home", home])
     assert exc.value.code == 2
-    assert "invalid choice: 'sports'" in capsys.readouterr().err
+    assert "invalid index name 'sports/../x'" in capsys.readouterr().err
 
     digest = before["indices"][0]["snapshot"]
     vectors = Path(home) / "rag" / "snapshots" / digest / "vectors.npy"

@@ -5,7 +5,9 @@ Both names are registered on the same implementation. Every sub-command takes ``
 data directory) and ``--json``. JSON schemas (stable):
 
 - ``add``:      ``{"index", "files": [..], "documents", "replaced", "chunks",
-  "expired": [doc ids already past their time-to-live], "snapshot": S}``
+  "expired": [doc ids already past their time-to-live], "snapshot": S,
+  "skipped": [{"path", "reason"}, ...]}`` (files read are in ``files``; unsupported or
+  unreadable ones are listed in ``skipped`` and do not stop the others)
 - ``search``:   ``{"query", "mode", "indices": [..], "hits": [H, ...]}`` with
   ``H = {"doc_id", "chunk_id", "text", "score", "index", "position", "metadata"}``
 - ``stats``:    ``{"indices": [T, ...], "totals": {"documents", "chunks", "disk_bytes"}}`` with
@@ -35,7 +37,7 @@ import sys
 from typing import Any
 
 from r3mes.rag.errors import RagError
-from r3mes.rag.indices import INDEX_NAMES
+from r3mes.rag.indices import INDEX_NAMES, check_index_name
 
 # The name first; ``rag`` stays as an alias of the same commands.
 GROUP_NAMES = ("index", "rag")
@@ -56,16 +58,20 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--json", action="store_true", help="machine-readable output")
         return p
 
-    p = common(sub.add_parser("add", help="index text, Markdown or JSONL files"))
-    p.add_argument("paths", nargs="+", help=".txt, .md or .jsonl files")
-    p.add_argument("--index", default="general", choices=INDEX_NAMES)
+    p = common(sub.add_parser(
+        "add", help="index files and directories (text, Markdown, JSONL, PDF, HTML, DOCX)"))
+    p.add_argument("paths", nargs="+",
+                   help="files, or directories (walked recursively; hidden entries skipped)")
+    p.add_argument("--glob", help="in directories, only files matching this pattern "
+                   "(e.g. '*.pdf'; default: every supported type)")
+    p.add_argument("--index", default="general", type=_index_name, help=_INDEX_HELP)
     p.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"),
                    help="vector index type for a new index (default flat)")
     p.set_defaults(func=_cmd_add)
 
     p = common(sub.add_parser("search", help="search the indices"))
     p.add_argument("query")
-    p.add_argument("--index", action="append", choices=INDEX_NAMES,
+    p.add_argument("--index", action="append", type=_index_name,
                    help="index to search (repeatable; default: every index with content)")
     p.add_argument("--domain", help="route by a router domain (medical, legal, code, news...)")
     p.add_argument("--mode", default="hybrid", choices=("dense", "sparse", "hybrid"))
@@ -84,23 +90,23 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_list)
 
     p = common(sub.add_parser("snapshot", help="write the current state as a new snapshot"))
-    p.add_argument("--index", default="general", choices=INDEX_NAMES)
+    p.add_argument("--index", default="general", type=_index_name, help=_INDEX_HELP)
     p.set_defaults(func=_cmd_snapshot)
 
     p = common(sub.add_parser("restore", help="make an earlier snapshot current"))
     p.add_argument("digest", help="snapshot digest (a unique prefix of at least 6 digits)")
-    p.add_argument("--index", default="general", choices=INDEX_NAMES)
+    p.add_argument("--index", default="general", type=_index_name, help=_INDEX_HELP)
     p.set_defaults(func=_cmd_restore)
 
     p = common(sub.add_parser("purge", help="drop expired documents (and named ones)"))
-    p.add_argument("--index", default="news", choices=INDEX_NAMES)
+    p.add_argument("--index", default="news", type=_index_name, help=_INDEX_HELP)
     p.add_argument("--doc-id", action="append", default=[], help="also delete this document")
     p.set_defaults(func=_cmd_purge)
 
     p = common(sub.add_parser(
         "export", help="write a verified snapshot to a directory or .tar/.tar.gz archive"))
     p.add_argument("out", help="new directory, or a path ending in .tar, .tar.gz or .tgz")
-    p.add_argument("--index", default="general", choices=INDEX_NAMES)
+    p.add_argument("--index", default="general", type=_index_name, help=_INDEX_HELP)
     p.add_argument("--snapshot", help="digest (prefix) to export (default: the current one)")
     p.set_defaults(func=_cmd_export)
 
@@ -108,6 +114,17 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
         "import", help="verify an exported snapshot and make it current for its index"))
     p.add_argument("path", help="a directory or archive written by 'r3mes index export'")
     p.set_defaults(func=_cmd_import)
+
+
+_INDEX_HELP = (f"index name: letters, digits, '-', '_' (defaults: {', '.join(INDEX_NAMES)}; "
+               "a new name makes a new index)")
+
+
+def _index_name(value: str) -> str:
+    try:
+        return check_index_name(value)
+    except RagError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _store(args: argparse.Namespace, configs: dict[str, Any] | None = None):
@@ -134,23 +151,33 @@ def _run(args: argparse.Namespace, body) -> int:
 
 def _cmd_add(args: argparse.Namespace) -> int:
     def body():
-        from r3mes.rag.chunker import load_documents
+        from r3mes.rag.errors import DocumentError
         from r3mes.rag.indices import IndexConfig
+        from r3mes.rag.ingest import ingest
 
         configs = {args.index: IndexConfig.for_index(args.index, kind=args.kind)} \
             if args.kind else None
         store = _store(args, configs)
-        # Read and validate every file before touching the index.
-        docs = [d for path in args.paths for d in load_documents(path)]
+        # Read and validate every file before touching the index; files that cannot be
+        # read are listed and skipped, not fatal.
+        found = ingest(args.paths, args.glob, progress=sys.stderr.isatty())
+        if not found.documents:
+            detail = "; ".join(f"{s['path']}: {s['reason']}" for s in found.skipped[:10])
+            raise DocumentError("no documents to index" + (f" ({detail})" if detail else ""))
+        docs = found.documents
         with store.lock():
             index = store.index(args.index)
             counts = index.add_documents(docs)
             expired = index.purge_expired()  # e.g. news older than its time-to-live
             info = store.save(args.index)
-        data = {"index": args.index, "files": list(args.paths), **counts, "expired": expired,
-                "snapshot": info.to_dict()}
-        text = (f"added {counts['documents']} document(s), {counts['chunks']} chunk(s) to "
-                f"'{args.index}' (replaced {counts['replaced']}); snapshot {info.digest[:12]}")
+        data = {"index": args.index, "files": found.files, **counts, "expired": expired,
+                "snapshot": info.to_dict(), "skipped": found.skipped}
+        text = (f"added {counts['documents']} document(s) from {len(found.files)} file(s), "
+                f"{counts['chunks']} chunk(s) to '{args.index}' (replaced "
+                f"{counts['replaced']}); snapshot {info.digest[:12]}")
+        if found.skipped:
+            text += f"\nskipped {len(found.skipped)} file(s):" + "".join(
+                f"\n  {s['path']}: {s['reason']}" for s in found.skipped)
         if expired:
             text += f"\n{len(expired)} document(s) were already expired and were not kept"
         return data, text

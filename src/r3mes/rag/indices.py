@@ -1,6 +1,7 @@
 """Named indices and their versioned, content-addressed snapshots.
 
-There are six indices: ``general``, ``news``, ``medical``, ``legal``, ``code`` and ``user``.
+Six indices exist by default: ``general``, ``news``, ``medical``, ``legal``, ``code`` and
+``user``; any other valid name (:func:`check_index_name`) makes a new index on first use.
 ``news`` has a time-to-live of 7 days: a news chunk expires 7 days after its document's
 ``timestamp`` metadata (epoch seconds or ISO 8601), else after it was added; expired chunks are
 never returned and :meth:`NamedIndex.purge_expired` (run before every save) removes them.
@@ -43,6 +44,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tarfile
 import tempfile
@@ -91,11 +93,19 @@ DOMAIN_TO_INDEX: dict[str, str] = {
 }
 
 
+_INDEX_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+
+
 def check_index_name(name: str) -> str:
-    """``name`` if it is one of :data:`INDEX_NAMES`, else :class:`UnknownIndexError`."""
-    if name not in INDEX_NAMES:
+    """``name`` if it is a valid index name, else :class:`UnknownIndexError`.
+
+    Index names are the user's: letters, digits, ``-`` and ``_``, starting with a letter or
+    digit, at most 64 characters (they become file names). :data:`INDEX_NAMES` are the
+    defaults that exist without being created (``news`` with its time-to-live)."""
+    if not isinstance(name, str) or not _INDEX_NAME.match(name):
         raise UnknownIndexError(
-            f"unknown index '{name}' (the indices are: {', '.join(INDEX_NAMES)})")
+            f"invalid index name {name!r}: use letters, digits, '-' and '_' (at most 64, "
+            f"starting with a letter or digit; the defaults are {', '.join(INDEX_NAMES)})")
     return name
 
 
@@ -574,8 +584,17 @@ class RagStore:
 
     def existing(self) -> list[str]:
         """Names of the indices that have a saved snapshot or unsaved content."""
-        return [n for n in INDEX_NAMES if (self.root / "refs" / f"{n}.json").exists()
+        return [n for n in self.names() if (self.root / "refs" / f"{n}.json").exists()
                 or (n in self._loaded and len(self._loaded[n]))]
+
+    def names(self) -> list[str]:
+        """Every index name known here: the defaults, then the user's (from the refs on disk
+        and the indices loaded in this process), sorted."""
+        refs = self.root / "refs"
+        found = {p.stem for p in refs.glob("*.json")} if refs.is_dir() else set()
+        found |= set(self._loaded)
+        user = sorted(n for n in found if n not in INDEX_NAMES and _INDEX_NAME.match(n))
+        return [*INDEX_NAMES, *user]
 
     # -- snapshots -----------------------------------------------------------------------
 
@@ -635,7 +654,7 @@ class RagStore:
         ttl_s, created, disk_bytes, embedding_model, error``. ``verify=True`` also loads each
         index, checking every digest; a failure is reported in ``error`` (None when fine)."""
         rows = []
-        for name in INDEX_NAMES:
+        for name in self.names():
             row: dict[str, Any] = {
                 "name": name, "snapshot": None, "snapshot_kind": None, "deltas": None,
                 "base": None, "documents": None, "chunks": None, "kind": None, "ttl_s": None,
@@ -998,7 +1017,7 @@ class RagStore:
         """Delete snapshot directories that no ref mentions (within each ref's history) and
         that no kept delta builds on."""
         keep: set[str] = set()
-        for n in INDEX_NAMES:
+        for n in self.names():  # user-named indices too, or their snapshots would go
             ref = self._read_ref(n, strict=False)
             if ref is None and self._ref_path(n).exists():
                 return  # an unreadable ref: keep everything so nothing it needed is lost
