@@ -7,6 +7,7 @@ import pytest
 from r3mes.core.text_encoder import default_model_path
 from r3mes.rag import (
     Document,
+    Hit,
     QueryError,
     RerankerUnavailableError,
     Retriever,
@@ -16,7 +17,7 @@ from r3mes.rag import (
     rrf_fuse,
 )
 from r3mes.rag.indices import DAY_S
-from r3mes.rag.retriever import MAX_QUERY_CHARS, CrossEncoderReranker
+from r3mes.rag.retriever import MAX_QUERY_CHARS, PASSAGE_SEPARATOR, CrossEncoderReranker
 
 
 @pytest.fixture
@@ -136,3 +137,31 @@ def test_prompt_numbers_sources_and_citations_map_back(retriever):
     assert sources[1]["doc_id"] == hits[0].doc_id
     cited = cited_sources("Knead it [1], see also [7] and [1].", sources)
     assert [c["number"] for c in cited] == [1]
+
+
+def test_two_chunks_of_one_document_make_one_source_with_both_passages():
+    hits = [
+        Hit("guide.md", "guide.md#3", "third part", 0.9, "general", 3, {"title": "Guide"}),
+        Hit("other.txt", "other.txt#0", "elsewhere", 0.8, "general", 0, {}),
+        Hit("guide.md", "guide.md#1", "first part", 0.7, "general", 1, {"title": "Guide"}),
+        Hit("guide.md", "guide.md#0", "same id, other index", 0.6, "medical", 0, {}),
+    ]
+    prompt, sources = build_prompt("q", hits)
+    assert list(sources) == [1, 2, 3]
+    assert sources[1]["doc_id"] == "guide.md" and sources[1]["index"] == "general"
+    assert sources[1]["chunk_id"] == "guide.md#3"  # the best-ranked chunk
+    assert sources[1]["chunk_ids"] == ["guide.md#1", "guide.md#3"]  # reading order
+    assert sources[1]["positions"] == [1, 3] and sources[1]["score"] == 0.9
+    assert "[1] first part" + PASSAGE_SEPARATOR + "third part" in prompt
+    assert "[2] elsewhere" in prompt and "[3] same id, other index" in prompt
+    assert [s["doc_id"] for s in sources.values()].count("guide.md") == 2  # two indices
+
+
+def test_a_long_document_retrieved_twice_is_cited_once(store):
+    paragraph = ("Sourdough needs a lively starter, fed flour and water every day. " * 12)
+    text = paragraph + "\n\n" + paragraph.replace("Sourdough", "A sourdough loaf")
+    store.index("general").add_documents([Document("bread.md", text, {"title": "Bread"})])
+    hits = Retriever(store).search("sourdough starter flour water", top_k=5)
+    assert len({h.chunk_id for h in hits if h.doc_id == "bread.md"}) >= 2
+    _, sources = build_prompt("q", hits)
+    assert [s["doc_id"] for s in sources.values()].count("bread.md") == 1

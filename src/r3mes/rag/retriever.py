@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r3mes.rag.errors import QueryError, RerankerUnavailableError
+from r3mes.rag.errors import QueryError, RerankerUnavailableError, UnknownIndexError
 from r3mes.rag.indices import RagStore, check_index_name, route_domain
 
 MODES = ("dense", "sparse", "hybrid")
@@ -187,7 +187,16 @@ class Retriever:
         if indices is not None:
             if not indices:
                 raise QueryError("indices is empty; name at least one index or pass None")
-            return list(dict.fromkeys(check_index_name(n) for n in indices))
+            names = list(dict.fromkeys(check_index_name(n) for n in indices))
+            # A default index exists even when empty; a user-named one only once created
+            # (a typo in a name must not read as "no hits").
+            known = set(self.store.names())
+            missing = [n for n in names if n not in known]
+            if missing:
+                raise UnknownIndexError(
+                    f"unknown index {', '.join(repr(n) for n in missing)} (the indices are: "
+                    f"{', '.join(sorted(known))}; create one with 'r3mes index add')")
+            return names
         if domain is not None:
             return route_domain(domain)
         return self.store.existing() or ["general"]
@@ -225,15 +234,33 @@ def _check_query(query: Any) -> str:
 PROMPT_TEMPLATE = "Context:\n{retrieved_docs}\n\nQuery: {user_query}"
 
 
+#: between two passages of one document under one source number
+PASSAGE_SEPARATOR = "\n[...]\n"
+
+
 def build_prompt(query: str, hits: Sequence[Hit]) -> tuple[str, dict[int, dict[str, Any]]]:
     """The seed's prompt with numbered sources, and the map ``number -> source`` to resolve
-    citations such as ``[2]`` in the answer."""
+    citations such as ``[2]`` in the answer.
+
+    One document is one source: chunks of the same document (same index and ``doc_id``)
+    share the number of its best-ranked chunk, their passages in reading order joined by
+    :data:`PASSAGE_SEPARATOR`, so an answer never lists one document twice. A source has
+    ``doc_id, chunk_id`` (the best chunk), ``chunk_ids`` and ``positions`` (every merged
+    chunk, in reading order), ``index, title, source`` and ``score`` (the best chunk's)."""
+    groups: dict[tuple[str, str], list[Hit]] = {}
+    for hit in hits:
+        groups.setdefault((hit.index, hit.doc_id), []).append(hit)
     lines = []
     sources: dict[int, dict[str, Any]] = {}
-    for n, hit in enumerate(hits, start=1):
-        lines.append(f"[{n}] {hit.text}")
-        sources[n] = {"doc_id": hit.doc_id, "chunk_id": hit.chunk_id, "index": hit.index,
-                      "title": hit.metadata.get("title"), "source": hit.metadata.get("source")}
+    for n, group in enumerate(groups.values(), start=1):
+        best = group[0]  # hits arrive best first
+        passages = sorted(group, key=lambda h: h.position)
+        lines.append(f"[{n}] " + PASSAGE_SEPARATOR.join(h.text for h in passages))
+        sources[n] = {"doc_id": best.doc_id, "chunk_id": best.chunk_id,
+                      "chunk_ids": [h.chunk_id for h in passages],
+                      "positions": [h.position for h in passages], "index": best.index,
+                      "title": best.metadata.get("title"), "source": best.metadata.get("source"),
+                      "score": float(best.score)}
     return PROMPT_TEMPLATE.format(retrieved_docs="\n\n".join(lines), user_query=query), sources
 
 

@@ -906,7 +906,7 @@ class InferencePipeline:
             context, sources_map = self._context(query, hits)
             result.rag_context = context
             result.sources = [
-                {"number": n, **src, "score": round(float(hits[n - 1].score), 6),
+                {"number": n, **src, "score": round(float(src["score"]), 6),
                  "cited": False} for n, src in sources_map.items()]
             m.rag_docs_retrieved = len(hits)
             m.rag_context_length = len(context)
