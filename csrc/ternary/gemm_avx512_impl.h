@@ -62,6 +62,11 @@ inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0) {
 template <class Dot, int R>
 inline void row_tile(const GemmArgs& a, std::size_t n) {
   std::size_t m = 0;
+  if (a.M <= kStreamTokens) {
+    // A decode batch: tiles of 3 tokens, whose 4 x 3 accumulators, 4 weight and 3
+    // activation registers fit the register file (4 x 4 spills).
+    for (; m + 3 <= a.M; m += 3) tile<Dot, R, 3>(a, n, m);
+  }
   for (; m + 4 <= a.M; m += 4) tile<Dot, R, 4>(a, n, m);
   switch (a.M - m) {
     case 3: tile<Dot, R, 3>(a, n, m); break;

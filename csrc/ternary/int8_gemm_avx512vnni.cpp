@@ -15,6 +15,11 @@ namespace r3mes {
 namespace {
 
 // Rows [n, n + R) for tokens [m, m + T).
+// With several tokens the tile's time is compute, long enough that the hardware prefetcher
+// falls behind the row stream: the first token pass fetches the tile kPrefetchRowTiles
+// ahead into L2.
+constexpr std::size_t kPrefetchRowTiles = 2;
+
 template <int R, int T>
 inline void tile(const Int8GemmArgs& a, const uint8_t* u, std::size_t kp, std::size_t n,
                  std::size_t m) {
@@ -23,7 +28,12 @@ inline void tile(const Int8GemmArgs& a, const uint8_t* u, std::size_t kp, std::s
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
   const int8_t* w = a.w + n * kp;
   const uint8_t* x = u + m * kp;
+  const bool prefetch = m == 0 && n + (kPrefetchRowTiles + 1) * R <= a.N;
+  const int8_t* ahead = w + kPrefetchRowTiles * R * kp;
   for (std::size_t k = 0; k < kp; k += 64) {
+    if (prefetch)
+      for (int r = 0; r < R; ++r)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + r * kp + k), _MM_HINT_T1);
     __m512i xv[T];
     for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(x + t * kp + k);
     for (int r = 0; r < R; ++r) {
