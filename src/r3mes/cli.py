@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -12,12 +13,15 @@ CommandRegistrar = Callable[[argparse._SubParsersAction], None]
 
 def _cmd_info(args: argparse.Namespace) -> int:
     from r3mes import kernels
+    from r3mes.utils.paths import r3mes_home
 
     data = kernels.info()
+    data["home"] = str(r3mes_home(args.home))
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
     print(f"r3mes {data['version']}")
+    print(f"  data directory:   {data['home']}")
     print(f"  native module:    {'yes' if data['native'] else 'no'}")
     if data["native"]:
         print(f"  compiled SIMD:    {', '.join(data['compiled_simd_levels'])}")
@@ -61,13 +65,25 @@ def _registrars() -> list[CommandRegistrar]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="r3mes", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"r3mes {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="show version, kernels, CPU features, threads, CUDA")
+    info = sub.add_parser("info", help="show version, data directory, kernels, CPU features, "
+                          "threads, CUDA")
+    info.add_argument("--home", help="data directory (default $R3MES_HOME or ~/.r3mes)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
     for register in _registrars():
         register(sub)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("r3mes")
+    except PackageNotFoundError:  # a source tree that was never installed
+        return "unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -77,6 +93,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        # A full disk (or quota) is the user's to fix, not a bug: one line, no traceback.
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        from r3mes.utils.diskspace import disk_full_message
+
+        message = disk_full_message(exc)
+        if getattr(args, "json", False):
+            print(json.dumps({"error": message, "type": "DiskFullError"}))
+        else:
+            print(f"error: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

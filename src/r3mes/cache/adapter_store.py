@@ -24,6 +24,7 @@ touched, so the operator can restore it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 
 from r3mes.core.peft_config import CONFIG_NAME, AdapterFormatError, read_dora_config
 from r3mes.utils.atomic import atomic_write_json
+from r3mes.utils.diskspace import ensure_free_space, format_bytes
 from r3mes.utils.hashing import file_sha256
 from r3mes.utils.paths import r3mes_home
 
@@ -60,6 +62,7 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _KEY_PREFIX = "base_model.model."
 _CHUNK = 1 << 20
+_MANIFEST_ROOM = 256 * 1024  # a generous bound on one manifest rewrite
 
 
 # --------------------------------------------------------------------------- errors
@@ -381,9 +384,10 @@ class AdapterStore:
                 os.close(fd)
 
     def _read_manifest(self) -> dict[str, Any]:
+        """The parsed manifest. ``max_size_bytes`` is present only once a limit (or an
+        explicit "none") was set, so a default never passes for the user's choice."""
         if not self.manifest_path.exists():
-            return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adapters": {},
-                    "max_size_bytes": None}
+            return {"format": MANIFEST_FORMAT, "version": MANIFEST_VERSION, "adapters": {}}
         try:
             data = json.loads(self.manifest_path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -406,7 +410,6 @@ class AdapterStore:
                 raise ManifestCorruptError(
                     f"{self.manifest_path}: entry {adapter_id!r} is malformed; the store was "
                     "not modified")
-        data.setdefault("max_size_bytes", None)
         return data
 
     def _write_manifest(self, data: dict[str, Any]) -> None:
@@ -502,10 +505,25 @@ class AdapterStore:
 
         Returns the evicted ids.
         """
+        return self._set_limit(max_size_gb, only_if_unset=False)
+
+    def limit_is_set(self) -> bool:
+        """Whether a size limit (a number or an explicit "none") is recorded in the store."""
+        return "max_size_bytes" in self._read_manifest()
+
+    def set_default_max_size_gb(self, max_size_gb: float | None) -> list[str]:
+        """Record ``max_size_gb`` as the size limit only when the store has none recorded
+        yet (a new store): a limit the user set with ``r3mes adapters limit`` is theirs and
+        is never reset by a default. Returns the evicted ids (none for an existing limit)."""
+        return self._set_limit(max_size_gb, only_if_unset=True)
+
+    def _set_limit(self, max_size_gb: float | None, *, only_if_unset: bool) -> list[str]:
         if max_size_gb is not None and (not math.isfinite(max_size_gb) or max_size_gb <= 0):
             raise ValueError(f"max_size_gb must be a positive number or None, got {max_size_gb!r}")
         with self._locked():
             data = self._read_manifest()
+            if only_if_unset and "max_size_bytes" in data:
+                return []
             self._merge_pending_touch(data)
             data["max_size_bytes"] = (None if max_size_gb is None
                                       else int(max_size_gb * 1024**3))
@@ -553,6 +571,9 @@ class AdapterStore:
         for name in ADAPTER_FILES:
             if not (src / name).is_file():
                 raise AdapterValidationError(f"{src / name}: missing")
+        # The copy, plus room for the new manifest: refused up front on a full disk.
+        ensure_free_space(self.root, sum((src / n).stat().st_size for n in ADAPTER_FILES)
+                          + _MANIFEST_ROOM, f"adding adapter {adapter_id!r}")
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=self.root))
         try:
             file_digests = {name: _copy_hashing(src / name, staging / name)
@@ -640,8 +661,8 @@ class AdapterStore:
 
         if incoming_bytes > limit:
             raise StoreFullError(
-                f"adapter {incoming_id!r} is {incoming_bytes / 1e6:.1f} MB, larger than the "
-                f"store limit of {limit / 1e6:.1f} MB")
+                f"adapter {incoming_id!r} is {format_bytes(incoming_bytes)}, larger than the "
+                f"store limit of {format_bytes(limit)}")
         evicted: list[str] = []
         candidates = sorted(
             (k for k, e in adapters.items() if not e.get("pinned")
@@ -655,9 +676,10 @@ class AdapterStore:
             evicted.append(adapter_id)
         if _used_bytes(plan, incoming_digest, incoming_bytes) > limit:
             raise StoreFullError(
-                f"store limit {limit / 1e6:.1f} MB cannot hold {incoming_id or 'the adapters'!r} "
-                f"({incoming_bytes / 1e6:.1f} MB) even after evicting every unpinned adapter; "
-                f"{_used_bytes(plan, incoming_digest, incoming_bytes) / 1e6:.1f} MB would "
+                f"store limit {format_bytes(limit)} cannot hold "
+                f"{incoming_id or 'the adapters'!r} ({format_bytes(incoming_bytes)}) even after "
+                "evicting every unpinned adapter; "
+                f"{format_bytes(_used_bytes(plan, incoming_digest, incoming_bytes))} would "
                 "remain in use; unpin or remove adapters, or raise "
                 "max_size_gb")
         for adapter_id in evicted:
@@ -665,7 +687,12 @@ class AdapterStore:
         return evicted
 
     def remove(self, adapter_id: str) -> AdapterRecord:
-        """Remove ``adapter_id``; its object is deleted when no other id shares it."""
+        """Remove ``adapter_id``; its object is deleted when no other id shares it.
+
+        Works on a full disk: when the new manifest cannot be written for lack of space,
+        the adapter's object (if no other id shares it) is deleted first to make room. A
+        crash between the two leaves a manifest entry whose files are gone, which
+        ``verify`` reports and a second ``remove`` clears."""
         with self._locked():
             data = self._read_manifest()
             self._merge_pending_touch(data)
@@ -673,7 +700,14 @@ class AdapterStore:
                 raise AdapterNotFoundError(
                     f"adapter {adapter_id!r} is not in the store {self.root}")
             record = AdapterRecord.from_json(adapter_id, data["adapters"].pop(adapter_id))
-            self._write_manifest(data)
+            try:
+                self._write_manifest(data)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                if record.digest not in {e["digest"] for e in data["adapters"].values()}:
+                    shutil.rmtree(self.objects / record.digest, ignore_errors=True)
+                self._write_manifest(data)
             self._cleanup_orphans(data)
         return record
 
@@ -698,7 +732,10 @@ class AdapterStore:
             self._pending_touch[adapter_id] = time.time() if when is None else when
             due = time.monotonic() - self._last_flush >= flush_after_s
         if due:
-            self.flush()
+            try:
+                self.flush()
+            except OSError:  # e.g. a full disk: last-used times are hints, the load goes on
+                pass
 
     def flush(self) -> None:
         """Write pending last-used times to the manifest."""

@@ -8,7 +8,8 @@ Sub-commands (all take ``--home`` and ``--json``)::
     r3mes adapters verify [ID]               re-hash files, re-validate structure
     r3mes adapters stats                     counts, bytes, size limit
     r3mes adapters pin ID / unpin ID         exempt from / return to LRU eviction
-    r3mes adapters limit GB|none             set the store's size limit (evicts LRU unpinned)
+    r3mes adapters limit GIB|none            set the store's size limit in GiB (evicts LRU
+                                             unpinned); every size is in binary units
 
 ``--json`` schemas (stable; new keys may be added, none removed or renamed):
 
@@ -36,6 +37,7 @@ import sys
 from typing import Any
 
 from r3mes.cache.adapter_store import AdapterStore, AdapterStoreError
+from r3mes.utils.diskspace import format_bytes
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -80,7 +82,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         p.set_defaults(func=_cmd_pin, pinned=pinned)
 
     p = sub.add_parser("limit", parents=[common], help="set the store size limit")
-    p.add_argument("gigabytes", metavar="GB|none")
+    p.add_argument("gigabytes", metavar="GIB|none", help="limit in GiB (2**30 bytes)")
     p.set_defaults(func=_cmd_limit)
 
 
@@ -116,9 +118,9 @@ def _when(seconds: float) -> str:
 @_guard
 def _cmd_list(args: argparse.Namespace) -> int:
     records = AdapterStore(args.home).list()
-    lines = [f"{'id':<24} {'rank':>4} {'MB':>8} {'modules':>7}  {'digest':<12}  last used"]
+    lines = [f"{'id':<24} {'rank':>4} {'MiB':>8} {'modules':>7}  {'digest':<12}  last used"]
     for r in records:
-        lines.append(f"{r.id:<24} {r.rank:>4} {r.size_bytes / 1e6:>8.2f} {r.num_modules:>7}  "
+        lines.append(f"{r.id:<24} {r.rank:>4} {r.size_bytes / 2**20:>8.2f} {r.num_modules:>7}  "
                      f"{r.digest[:12]}  {_when(r.last_used)}{'  pinned' if r.pinned else ''}")
     if not records:
         lines = ["no adapters (add one with `r3mes adapters add PATH --id NAME`)"]
@@ -134,7 +136,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
                        replace=args.replace)
     evicted = store.last_evicted
     text = (f"added {record.id}: rank {record.rank}, {record.num_modules} modules, "
-            f"{record.size_bytes / 1e6:.2f} MB, sha256 {record.digest}")
+            f"{format_bytes(record.size_bytes)}, sha256 {record.digest}")
     if evicted:
         text += f"\nevicted (size limit): {', '.join(evicted)}"
     _emit(args, {"added": record.to_json(), "evicted": evicted}, text)
@@ -168,8 +170,8 @@ def _cmd_stats(args: argparse.Namespace) -> int:
     text = (f"store:    {stats['root']}\n"
             f"adapters: {stats['adapters']} ({stats['objects']} distinct, "
             f"{stats['pinned']} pinned)\n"
-            f"size:     {stats['total_bytes'] / 1e6:.2f} MB"
-            + (f" of {limit / 1e6:.2f} MB ({stats['utilisation']:.0%})" if limit else
+            f"size:     {format_bytes(stats['total_bytes'])}"
+            + (f" of {format_bytes(limit)} ({stats['utilisation']:.0%})" if limit else
                " (no limit)"))
     _emit(args, stats, text)
     return 0
@@ -189,7 +191,7 @@ def _cmd_limit(args: argparse.Namespace) -> int:
     store = AdapterStore(args.home)
     evicted = store.set_max_size_gb(value)
     limit = store.max_size_bytes
-    text = f"size limit: {'none' if limit is None else f'{limit / 1e9:.3f} GB'}"
+    text = f"size limit: {'none' if limit is None else format_bytes(limit)}"
     if evicted:
         text += f"\nevicted: {', '.join(evicted)}"
     _emit(args, {"max_size_bytes": limit, "evicted": evicted}, text)

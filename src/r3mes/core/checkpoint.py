@@ -102,10 +102,13 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "LoadInfo",
+    "ModelShape",
     "SafetensorsFile",
     "convert",
     "load_model",
     "read_config",
+    "read_model_shape",
+    "verify_weights",
 ]
 
 FORMAT_NAME = "r3mes-bitnet"
@@ -703,3 +706,56 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             with open(f, "rb") as fin, atomic_open(dst_path / name, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
     return manifest
+
+
+# --------------------------------------------------------------------------- identity
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What an adapter must match to fit a model, read without loading any weights.
+
+    ``linear_shapes`` maps a projection suffix (``"self_attn.q_proj"``) to its
+    ``(out_features, in_features)``; ``weights_sha256`` is the digest an r3mes directory's
+    manifest records (``None`` for an HF directory, which records none).
+    """
+
+    linear_shapes: dict[str, tuple[int, int]]
+    num_layers: int
+    weights_sha256: str | None
+
+
+def read_model_shape(path: str | os.PathLike[str]) -> ModelShape:
+    """The :class:`ModelShape` of the model directory ``path`` (HF or r3mes packed), from
+    its config alone. Raises :class:`CheckpointError` for a directory that is neither."""
+    root = Path(path)
+    if (root / MANIFEST).exists():
+        manifest = _read_manifest(root)
+        try:
+            cfg = BitNetConfig.from_dict(manifest["config"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{root / MANIFEST}: bad config: {exc}") from None
+        return ModelShape(_linear_shapes(cfg), cfg.num_hidden_layers, manifest["weights_sha256"])
+    cfg, _ = read_config(root)
+    return ModelShape(_linear_shapes(cfg), cfg.num_hidden_layers, None)
+
+
+def verify_weights(path: str | os.PathLike[str]) -> str | None:
+    """Check an r3mes directory's weights file against the sha256 its manifest records
+    (reads the whole file, ~0.6 s a GB) and return the digest; ``None`` for an HF directory,
+    which records no digest to check against. Raises :class:`CheckpointError` naming the
+    file on a mismatch."""
+    root = Path(path)
+    if not (root / MANIFEST).exists():
+        return None
+    manifest = _read_manifest(root)
+    wpath = root / Path(manifest["weights_file"]).name
+    try:
+        digest = file_sha256(wpath)
+    except FileNotFoundError:
+        raise CheckpointError(f"{wpath}: missing") from None
+    if digest != manifest["weights_sha256"]:
+        raise CheckpointError(f"{wpath}: sha256 {digest} does not match the manifest "
+                              f"({manifest['weights_sha256']}): the file is corrupt; restore "
+                              "it or convert the model again")
+    return digest

@@ -60,8 +60,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     gen.add_argument("--repetition-penalty", type=float, default=1.0)
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--verify", action="store_true",
-                     help="check the r3mes weights file's sha256 before running")
+    gen.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                     help="check the r3mes weights file's sha256 before running (default; "
+                          "--no-verify skips it, ~0.6 s a GB)")
     gen.add_argument("--chat", action="store_true", help="apply the tokenizer's chat template")
     gen.add_argument("--adapter", action="append", default=[], metavar="ID=DIR",
                      help="load a PEFT DoRA adapter and mix it in (repeatable)")
@@ -134,11 +135,18 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 def _cmd_train_adapter(args: argparse.Namespace) -> int:
     from r3mes.core.checkpoint import CheckpointError, load_model
     from r3mes.core.tokenizer import Tokenizer, TokenizerError
-    from r3mes.core.trainer import train_adapter
+    from r3mes.core.trainer import load_texts, train_adapter
 
     model_dir = _resolve(args.model, args.home)
+    for flag, value, low in (("--steps", args.steps, 1), ("--rank", args.rank, 1),
+                             ("--seq-len", args.seq_len, 2), ("--batch-size", args.batch_size, 1)):
+        if value < low:
+            return _fail(args, f"{flag} must be at least {low}, got {value}")
+    if not args.lr > 0 or not args.alpha > 0:
+        return _fail(args, "--lr and --alpha must be positive")
     t0 = time.perf_counter()
     try:
+        load_texts(args.data)  # a wrong file fails before the model loads
         model, _ = load_model(model_dir)
         tokenizer = Tokenizer(model_dir)
         result = train_adapter(

@@ -79,10 +79,17 @@ class TrainResult:
     resumed_from: int = 0
 
 
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+
+
 def load_texts(path: str | Path) -> list[str]:
     """Training texts from a ``.txt`` (paragraphs split on blank lines) or ``.jsonl`` file
     (one object per line with a string ``"text"``). Errors name the file and line."""
     path = Path(path)
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        raise ValueError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; training "
+                         f"text is {', '.join(TEXT_SUFFIXES)} (convert other formats to text "
+                         "first)")
     try:
         raw = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -237,6 +244,8 @@ def train_adapter(
     Returns a :class:`TrainResult`. The adapter stays in the model, selected as its mix.
     """
     cfg = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
+    if cfg.steps < 1:  # zero steps would write an untrained adapter and call it trained
+        raise ValueError(f"steps must be at least 1, got {cfg.steps}")
     if isinstance(texts, (str, Path)):
         texts = load_texts(texts)
     output_dir = Path(output_dir)

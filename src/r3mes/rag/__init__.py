@@ -21,6 +21,7 @@ from r3mes.rag.errors import (
     QueryError,
     RagError,
     RerankerUnavailableError,
+    StaleIndexError,
     UnknownIndexError,
 )
 from r3mes.rag.indices import (
@@ -36,6 +37,7 @@ from r3mes.rag.retriever import Hit, Retriever, build_prompt, cited_sources, rrf
 __all__ = [
     "INDEX_NAMES", "Chunk", "Chunker", "Document", "DocumentError", "Hit", "IndexConfig",
     "IndexCorruptedError", "NamedIndex", "QueryError", "RagError", "RagStore",
-    "RerankerUnavailableError", "Retriever", "SnapshotInfo", "UnknownIndexError", "build_prompt",
+    "RerankerUnavailableError", "Retriever", "SnapshotInfo", "StaleIndexError",
+    "UnknownIndexError", "build_prompt",
     "cited_sources", "load_documents", "route_domain", "rrf_fuse",
 ]

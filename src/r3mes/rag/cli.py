@@ -165,6 +165,7 @@ def _cmd_add(args: argparse.Namespace) -> int:
             detail = "; ".join(f"{s['path']}: {s['reason']}" for s in found.skipped[:10])
             raise DocumentError("no documents to index" + (f" ({detail})" if detail else ""))
         docs = found.documents
+        store.ensure_room_for(docs)  # a full disk is refused before the embedding
         with store.lock():
             index = store.index(args.index)
             counts = index.add_documents(docs)

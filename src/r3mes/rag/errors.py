@@ -26,5 +26,10 @@ class IndexCorruptedError(RagError):
     """A stored index, snapshot or manifest fails validation; nothing was changed."""
 
 
+class StaleIndexError(RagError):
+    """An index copy is older than its current snapshot: saving it would lose another
+    writer's changes, so it is refused."""
+
+
 class RerankerUnavailableError(RagError):
     """Reranking was asked for but no local cross-encoder model is available."""

@@ -59,7 +59,13 @@ from typing import Any
 import numpy as np
 
 from r3mes.rag.chunker import DEFAULT_MAX_TOKENS, DEFAULT_OVERLAP, Chunker, Document
-from r3mes.rag.errors import DocumentError, IndexCorruptedError, RagError, UnknownIndexError
+from r3mes.rag.errors import (
+    DocumentError,
+    IndexCorruptedError,
+    RagError,
+    StaleIndexError,
+    UnknownIndexError,
+)
 from r3mes.rag.faiss_store import KINDS, FaissStore, npy_bytes, read_npy
 from r3mes.rag.sparse import BM25Index, TokenizerConfig
 from r3mes.utils.atomic import atomic_open, atomic_write_bytes, atomic_write_json
@@ -230,9 +236,14 @@ class NamedIndex:
 
         All documents are validated and chunked before anything changes, so one bad document
         leaves the index as it was. Returns counts: documents, replaced, chunks.
+
+        An id made from a file name (``README.md``, ``notes.jsonl:3``, as
+        :func:`~r3mes.rag.chunker.load_documents` makes them) names one *file*: a document
+        with that id from another ``source`` path gets ``<id>@<8 hex of its path>`` instead
+        of replacing the first (two folders' README.md are two documents).
         """
         now = self.clock() if now is None else now
-        docs = list(docs)
+        docs = self._ids_unique_per_source(list(docs))
         seen: set[str] = set()
         planned: list[tuple[Document, list, float | None]] = []
         for doc in docs:
@@ -266,6 +277,22 @@ class NamedIndex:
             self.sparse.add(ids, texts)
         self._expiry_stale = True
         return {"documents": len(planned), "replaced": replaced, "chunks": len(ids)}
+
+    def _ids_unique_per_source(self, docs: list[Document]) -> list[Document]:
+        """``docs`` with file-name ids made unique per source path (see add_documents)."""
+        sources = {d: self.records[ids[0]].metadata.get("source")
+                   for d, ids in self.docs.items() if ids}
+        out = []
+        for doc in docs:
+            source = doc.metadata.get("source")
+            if isinstance(source, str) and _id_from_file_name(doc.doc_id, source):
+                taken = sources.get(doc.doc_id, source)
+                if taken != source:
+                    digest = hashlib.sha256(source.encode("utf-8", "replace")).hexdigest()
+                    doc = Document(f"{doc.doc_id}@{digest[:8]}", doc.text, doc.metadata)
+                sources.setdefault(doc.doc_id, source)
+            out.append(doc)
+        return out
 
     def delete_documents(self, doc_ids: Iterable[str]) -> int:
         """Remove documents (all their chunks); returns how many documents were present."""
@@ -465,6 +492,13 @@ def _read_records(path: Path) -> Iterator[tuple[ChunkRecord, list[str]]]:
             yield rec, term_list
 
 
+def _id_from_file_name(doc_id: str, source: str) -> bool:
+    """Whether ``doc_id`` is the one load_documents derives from the file ``source``."""
+    name = os.path.basename(source)
+    return bool(name) and (doc_id == name or (
+        doc_id.startswith(name + ":") and doc_id[len(name) + 1:].isdigit()))
+
+
 def _matches(rec: ChunkRecord, filters: Mapping[str, Any] | None) -> bool:
     if not filters:
         return True
@@ -571,15 +605,28 @@ class RagStore:
     # -- access --------------------------------------------------------------------------
 
     def index(self, name: str) -> NamedIndex:
-        """The index ``name``: its current snapshot, loaded and verified once, or a new one."""
+        """The index ``name``: its current snapshot, loaded and verified once, or a new one.
+
+        Each call reads the index's ref (one small file): when another process (the CLI
+        beside a running server) has saved a newer snapshot since this one was loaded, and
+        this copy has no unsaved changes, the newer snapshot is loaded instead, so readers
+        see others' writes and a writer holding :meth:`lock` builds on the current state."""
         check_index_name(name)
-        if name not in self._loaded:
+        loaded = self._loaded.get(name)
+        try:
             ref = self._read_ref(name)
-            if ref is None:
-                cfg = self.configs.get(name) or IndexConfig.for_index(name)
-                self._loaded[name] = NamedIndex(name, self.embedder, cfg, self.clock)
-            else:
-                self._loaded[name] = self._load_snapshot(name, ref["current"])
+        except IndexCorruptedError:
+            if loaded is not None:  # keep serving what was verified; writes will refuse
+                return loaded
+            raise
+        if loaded is not None and (ref is None or ref["current"] == loaded.parent
+                                   or any(loaded.changes_since_saved())):
+            return loaded
+        if ref is None:
+            cfg = self.configs.get(name) or IndexConfig.for_index(name)
+            self._loaded[name] = NamedIndex(name, self.embedder, cfg, self.clock)
+        else:
+            self._loaded[name] = self._load_snapshot(name, ref["current"])
         return self._loaded[name]
 
     def existing(self) -> list[str]:
@@ -600,8 +647,18 @@ class RagStore:
 
     def save(self, name: str) -> SnapshotInfo:
         """Purge expired chunks, write the index as a snapshot (delta or full, see the class
-        docstring) and make it current. Saving an unchanged index returns its snapshot."""
+        docstring) and make it current. Saving an unchanged index returns its snapshot.
+
+        Raises :class:`StaleIndexError` when another writer made a newer snapshot current
+        after this copy was loaded: saving would drop that writer's documents. Writers take
+        :meth:`lock` around load-modify-save, which makes this impossible."""
         index = self.index(name)
+        ref = self._read_ref(name, strict=False)
+        if ref is not None and ref["current"] != index.parent:
+            raise StaleIndexError(
+                f"index '{name}' was changed by another writer (snapshot "
+                f"{ref['current'][:12]}) after this copy was loaded; take RagStore.lock() "
+                "around load, change and save, and redo the change")
         index.purge_expired()
         added, deleted = index.changes_since_saved()
         parent = self._parent_manifest(index)
@@ -616,6 +673,19 @@ class RagStore:
         index.mark_saved()
         self._prune()
         return _info(manifest)
+
+    def ensure_room_for(self, docs: Sequence[Document]) -> None:
+        """Refuse (:class:`~r3mes.utils.diskspace.DiskFullError`) before any embedding when
+        the disk of ``<home>/rag`` cannot hold what indexing ``docs`` writes: the snapshot
+        (text, terms, vectors, a full rewrite at compaction) and the embedding cache. A
+        generous estimate: refusing early beats failing after minutes of embedding."""
+        from r3mes.utils.diskspace import ensure_free_space
+
+        text_bytes = sum(len(d.text.encode("utf-8", "replace")) for d in docs)
+        chunks = text_bytes // 400 + len(docs)  # chunks hold a few hundred characters
+        vector_bytes = chunks * 384 * 4  # MiniLM's width; the embedder is not loaded here
+        needed = 3 * text_bytes + 3 * vector_bytes + (1 << 20)
+        ensure_free_space(self.root, needed, f"indexing {len(docs)} document(s)")
 
     def snapshots(self, name: str) -> list[SnapshotInfo]:
         """Snapshots of ``name`` that can be restored, current first."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from r3mes.rag.errors import QueryError, RerankerUnavailableError, UnknownIndexError
+from r3mes.rag.errors import QueryError, RagError, RerankerUnavailableError, UnknownIndexError
 from r3mes.rag.indices import RagStore, check_index_name, route_domain
 
 MODES = ("dense", "sparse", "hybrid")
@@ -131,6 +131,7 @@ class Retriever:
         filters: Mapping[str, Any] | None = None,
         mode: str | None = None,
         domain: str | None = None,
+        skipped: list[str] | None = None,
     ) -> list[Hit]:
         """The ``top_k`` best chunks for ``query``.
 
@@ -138,7 +139,10 @@ class Retriever:
         domain) routes the query, and with neither every index that has content is searched.
         ``filters`` maps a metadata key (or ``doc_id``) to a value or a list of accepted values.
         Raises :class:`QueryError` for an empty or over-long query or a bad ``top_k``, and
-        :class:`UnknownIndexError` for an unknown index name.
+        :class:`UnknownIndexError` for an unknown index name. With a ``skipped`` list, an
+        index that cannot be loaded (corrupted, built with another embedding model) is left
+        out and one line saying why is appended to the list, so one broken index does not
+        fail the search over the others; without it the error is raised.
         """
         mode = _check_mode(mode or self.mode)
         query = _check_query(query)
@@ -147,10 +151,21 @@ class Retriever:
         names = self._targets(indices, domain)
         depth = max(self.candidates, top_k)
         now = self.store.clock()
-        per_index = [(n, self.store.index(n)) for n in names]
-        per_index = [(n, ix) for n, ix in per_index if len(ix)]
+        per_index = []
+        for name in names:
+            try:
+                ix = self.store.index(name)
+            except (RagError, OSError, ValueError) as exc:
+                if skipped is None:
+                    raise
+                skipped.append(f"index {name} skipped: {exc}")
+                continue
+            if len(ix):
+                per_index.append((name, ix))
         if not per_index:
             return []
+        # One view per search: store.index() may load a newer snapshot between two calls.
+        loaded = dict(per_index)
 
         dense_lists: list[list[tuple[tuple[str, int], float]]] = []
         sparse_lists: list[list[tuple[tuple[str, int], float]]] = []
@@ -174,7 +189,7 @@ class Retriever:
             ranked = rrf_fuse([[key for key, _ in lst] for lst in dense_lists + sparse_lists],
                               self.rrf_k)
         ranked = ranked[:depth]
-        hits = [self._hit(key, score) for key, score in ranked]
+        hits = [self._hit(loaded, key, score) for key, score in ranked]
         if self.reranker is not None and hits:
             ce = self.reranker.scores(query, [h.text for h in hits])
             order = sorted(range(len(hits)), key=lambda j: -ce[j])
@@ -201,9 +216,9 @@ class Retriever:
             return route_domain(domain)
         return self.store.existing() or ["general"]
 
-    def _hit(self, key: tuple[str, int], score: float) -> Hit:
+    def _hit(self, loaded: Mapping[str, Any], key: tuple[str, int], score: float) -> Hit:
         name, cid = key
-        rec = self.store.index(name).records[cid]
+        rec = loaded[name].records[cid]
         return Hit(rec.doc_id, rec.chunk_id, rec.text, float(score), name, rec.position,
                    dict(rec.metadata))
 

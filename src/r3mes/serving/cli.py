@@ -14,7 +14,11 @@ Every command takes ``--home`` (the data directory) and ``--config`` (a YAML fil
                  tokens_generated, backend_used, prefetch_time_ms, postprocess_time_ms,
                  queue_time_ms, time_to_first_token_ms, prompt_tokens, batch_size,
                  routing_stages_ms, overhead_ms},
-     "routing", "masked_terms"}
+     "routing", "masked_terms", "warnings": [str], "notices": [str]}
+
+``warnings`` names a broken expert or index the answer was given without; ``notices`` are
+the pipeline's one-line notes (the demo model, stored experts that do not fit the model),
+printed once on stderr without ``--json``.
 
 ``config show --json`` prints ``{"config": <the YAML's shape>, "sources": {"defaults",
 "file", "environment": [variable names]}}``. Errors print ``error: ...`` on stderr (or
@@ -166,6 +170,10 @@ async def _start(args: argparse.Namespace, quiet: bool) -> Any:
         bar.set_postfix_str("base model")
         await pipeline.load_model()
         bar.update()
+    if not getattr(args, "json", False):
+        # Said once, before the answer: the demo model, experts that do not fit the model.
+        for notice in pipeline.notices:
+            print(notice, file=sys.stderr)
     return pipeline
 
 
@@ -215,7 +223,8 @@ async def _ask(args: argparse.Namespace) -> int:
                   "rag_indices": args.indices}
         if args.json:
             result = await pipeline.run(args.query, **kwargs)
-            print(json.dumps(result.to_dict(), ensure_ascii=False, indent=2))
+            print(json.dumps({**result.to_dict(), "notices": list(pipeline.notices)},
+                             ensure_ascii=False, indent=2))
             return 0 if result.success else 2
         holder: list[Any] = []
         try:
@@ -226,6 +235,8 @@ async def _ask(args: argparse.Namespace) -> int:
         except _expected_errors() as exc:
             return _fail(args, str(exc))
         print(_summary(holder[0]))
+        for warning in holder[0].warnings:
+            print(f"warning: {warning}", file=sys.stderr)
         return 0
     finally:
         await pipeline.close()

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -56,6 +57,8 @@ from r3mes.serving.postprocess import Postprocessor, SafetyFilter
 log = logging.getLogger(__name__)
 
 GENERAL_EXPERT = "general_dora"
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what the sampler's 64-bit generator accepts
+MIN_SAMPLING_TEMPERATURE = 1e-4  # below it sampling is greedy decoding (and would overflow)
 ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
 
 
@@ -259,7 +262,8 @@ class PipelineResult:
     (``{"number", "doc_id", "chunk_id", "index", "title", "source", "score", "cited"}``);
     ``success=False`` carries ``error`` and ``error_type`` (``"invalid_request"``,
     ``"unknown_expert"``, ``"overloaded"`` with ``retry_after`` seconds, ``"internal"``)
-    instead of raising.
+    instead of raising. ``warnings`` says which broken
+    expert or index the answer was given without (the rest still answered).
     """
 
     query: str
@@ -276,6 +280,8 @@ class PipelineResult:
     finish_reason: str | None = None
     routing: dict[str, Any] | None = None
     masked_terms: list[str] = field(default_factory=list)
+    #: parts this query had to do without (a broken expert or index), one line each
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the ``r3mes ask --json`` schema)."""
@@ -288,6 +294,7 @@ class PipelineResult:
             "sources": self.sources, "rag_context": self.rag_context,
             "tokens": list(self.tokens), "metrics": self.metrics.to_dict(),
             "routing": self.routing, "masked_terms": self.masked_terms,
+            "warnings": list(self.warnings),
         }
 
 
@@ -330,6 +337,13 @@ MODEL_HELP = (
     "microsoft/bitnet-b1.58-2B-4T downloaded yourself with `huggingface-cli download "
     "microsoft/bitnet-b1.58-2B-4T --local-dir DIR`, or a model converted with `r3mes "
     "convert`. r3mes never downloads models")
+
+
+DEMO_MODEL_NOTICE = (
+    "note: no model given, so this answer comes from r3mes' bundled demo model: a tiny toy "
+    "(a few MB, trained on a handful of documents) that writes word salad. It shows the "
+    "pipeline works; for real answers pass --model DIR with a BitNet b1.58 model "
+    "(see the README)")
 
 
 def resolve_model_path(path: str | Path | None) -> Path:
@@ -390,6 +404,13 @@ class InferencePipeline:
         self.engine: Engine | None = None
         self.model_path: Path | None = None
         self.installed_experts: list[str] = []
+        #: stored experts left out of routing, with why (made for another base model,
+        #: shapes that do not fit it, damaged files)
+        self.skipped_experts: dict[str, str] = {}
+        #: one-line notes for the user about this pipeline (the demo model, skipped experts)
+        self.notices: list[str] = []
+        self._broken_experts: dict[str, str] = {}  # id -> digest that failed to load
+        self._target_model_path: Path | None = None  # what load_model is about to load
         self.initialized = False
         self.safety = SafetyFilter(self.config.blocked_terms, self.config.safety_replacement,
                                    self.config.safety_enabled)
@@ -434,10 +455,14 @@ class InferencePipeline:
         if self.adapter_store is None:
             from r3mes.cache import AdapterStore
 
-            self.adapter_store = AdapterStore(cfg.home, max_size_gb=cfg.store_max_size_gb)
+            self.adapter_store = AdapterStore(cfg.home)
+            try:  # the configured limit is the default of a new store, never a reset
+                self.adapter_store.set_default_max_size_gb(cfg.store_max_size_gb)
+            except OSError as exc:  # e.g. a full disk: recorded next time
+                log.warning("adapter store size limit not recorded: %s", exc)
             for directory in self._expert_dirs():
                 self._import_experts(directory)
-        stored = {r.id for r in self.adapter_store.list()}
+        stored = set(self._fitting_experts(self.adapter_store.list()))
         if self.router is None:
             from r3mes.router.hybrid_router import HybridConfig, HybridRouter
             from r3mes.router.registry import resolve_registry
@@ -490,19 +515,94 @@ class InferencePipeline:
         return dirs
 
     def _import_experts(self, directory: Path) -> None:
-        """Add every ``<directory>/<id>/`` PEFT adapter the store lacks (by content)."""
+        """Install every ``<directory>/<id>/`` PEFT adapter whose id the store lacks.
+
+        An id already stored is updated only when it was installed from this same
+        directory and the content changed (a new package version); an adapter the user
+        added under that id is never replaced. Bundled experts are recorded with the
+        demo model's weights digest, the one base model they were trained for."""
         from r3mes.cache import AdapterStoreError, adapter_digest
 
+        bundled = directory.resolve() == (assets_dir() / "experts").resolve()
+        fingerprint = _demo_weights_sha256() if bundled else None
         for sub in sorted(p for p in directory.iterdir() if p.is_dir()):
             if not (sub / "adapter_config.json").is_file():
                 continue
             try:
                 if sub.name in self.adapter_store:
-                    if self.adapter_store.get(sub.name).digest == adapter_digest(sub):
+                    record = self.adapter_store.get(sub.name)
+                    ours = record.source is not None and _same_path(record.source, sub)
+                    if not ours or record.digest == adapter_digest(sub):
                         continue
-                self.adapter_store.add(sub, sub.name, replace=True, source=str(sub))
-            except AdapterStoreError as exc:
+                self.adapter_store.add(sub, sub.name, replace=True, source=str(sub),
+                                       base_model_fingerprint=fingerprint)
+            except (AdapterStoreError, OSError) as exc:
                 log.warning("expert %s not imported: %s", sub, exc)
+
+    def _fitting_experts(self, records: Sequence[Any]) -> list[str]:
+        """Ids of the stored experts that fit the model this pipeline serves.
+
+        An expert is left out of routing (and recorded in :attr:`skipped_experts`, with one
+        notice line for all of them) when it was made for another base model (its recorded
+        fingerprint, or a bundled expert's, names other weights), when an adapted module's
+        shape differs from the model's, or when its files no longer parse."""
+        from r3mes.cache import AdapterValidationError
+        from r3mes.cache.adapter_store import inspect_adapter_dir
+
+        shape = self._model_shape()
+        if shape is None:
+            return [r.id for r in records]
+        bundled = _bundled_expert_digests()
+        demo_sha = _demo_weights_sha256()
+        fitting: list[str] = []
+        for record in records:
+            trained_for = record.base_model_fingerprint or (
+                demo_sha if record.digest in bundled else None)
+            if trained_for is not None and trained_for != shape.weights_sha256:
+                self.skipped_experts[record.id] = "made for another base model"
+                continue
+            try:
+                info = inspect_adapter_dir(self.adapter_store.objects / record.digest)
+            except AdapterValidationError as exc:
+                self.skipped_experts[record.id] = f"damaged ({exc})"
+                continue
+            mismatch = _shape_mismatch(info.module_shapes, shape)
+            if mismatch is not None:
+                self.skipped_experts[record.id] = mismatch
+                continue
+            fitting.append(record.id)
+        if self.skipped_experts:
+            groups: dict[str, list[str]] = {}
+            for expert, why in sorted(self.skipped_experts.items()):
+                groups.setdefault(why, []).append(expert)
+            note = (f"note: {len(self.skipped_experts)} stored expert(s) do not fit this model "
+                    "and are not routed to: "
+                    + "; ".join(f"{', '.join(ids)} ({why})" for why, ids in groups.items()))
+            self.notices.append(note)
+            log.warning("%s", note)
+        return fitting
+
+    def _model_shape(self) -> Any:
+        """The :class:`~r3mes.core.checkpoint.ModelShape` of the model to serve (from its
+        config, before it loads), or ``None`` when it cannot be known (a backend passed in
+        without a model directory)."""
+        from r3mes.core.checkpoint import CheckpointError, ModelShape, read_model_shape
+
+        model = getattr(self.backend, "model", None)
+        if self.backend is not None and model is not None and hasattr(model, "config"):
+            from r3mes.core.checkpoint import _linear_shapes
+
+            return ModelShape(_linear_shapes(model.config), model.config.num_hidden_layers,
+                              None)
+        if self.backend is not None:
+            return None
+        try:
+            return read_model_shape(self._target_model_path
+                                    or resolve_model_path(self.config.model_path))
+        except (CheckpointError, OSError) as exc:
+            # The load itself will report the model's problem with the full story.
+            log.debug("model shape unknown before loading: %s", exc)
+            return None
 
     def _import_knowledge(self) -> None:
         """Copy the bundled (or configured) RAG snapshots into an empty data directory."""
@@ -534,12 +634,25 @@ class InferencePipeline:
         model_path = None
         if self.backend is None:  # fail on a missing model before the slow start-up
             model_path = resolve_model_path(path if path is not None else self.config.model_path)
+            self._target_model_path = model_path
         await self.initialize()
         loop = asyncio.get_running_loop()
         if self.backend is None:
-            self.backend = await loop.run_in_executor(
-                self._infer_executor, self._create_backend, model_path)
+            # The weights are checked against their recorded sha256 while the backend loads
+            # them (another thread, so the check costs no wall time where there is a core).
+            from r3mes.core.checkpoint import verify_weights
+
+            backend, verified = await asyncio.gather(
+                loop.run_in_executor(self._infer_executor, self._create_backend, model_path),
+                loop.run_in_executor(self._stage_executor, verify_weights, model_path),
+                return_exceptions=True)
+            for outcome in (verified, backend):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+            self.backend = backend
             self.model_path = model_path
+            if model_path.resolve() == (assets_dir() / "demo_model").resolve():
+                self.notices.insert(0, DEMO_MODEL_NOTICE)
         if self.tokenizer is None:
             self.tokenizer = _backend_tokenizer(self.backend, self.model_path)
         if self.engine is None:
@@ -552,12 +665,23 @@ class InferencePipeline:
         if self.cache is None:
             from r3mes.cache import TieredDoRACache
 
-            pins = [e for e in self.config.preload_experts if e in self.installed_experts]
+            # verify_on_load: an adapter's weights are checked against the store's sha256 the
+            # first time this process reads them (about 1 ms a 2 MB), so flipped bytes are
+            # refused instead of used.
             self.cache = TieredDoRACache(
                 self.adapter_store, tier1_capacity_mb=self.config.tier1_capacity_mb,
                 tier2_capacity_mb=self.config.tier2_capacity_mb,
-                prepare=self._prepare_adapter, pinned=pins)
+                prepare=self._prepare_adapter, verify_on_load=True)
             await self.cache.start()
+            for expert in self.config.preload_experts:
+                if expert not in self.installed_experts:
+                    continue
+                try:
+                    await self.cache.pin(expert)
+                except Exception as exc:  # a damaged expert is skipped, never fatal
+                    self._mark_broken(expert, exc)
+                    self.notices.append(f"note: expert {expert} is not used: {exc}")
+                    log.warning("expert %s is not used: %s", expert, exc)
 
     def _create_backend(self, model_path: Path) -> Any:
         try:
@@ -817,11 +941,19 @@ class InferencePipeline:
             raise InvalidRequestError(f"bad generation option: {exc}") from exc
         if max_new_tokens < 1:
             raise InvalidRequestError("max_new_tokens must be at least 1")
+        if 0 < temperature < MIN_SAMPLING_TEMPERATURE:
+            # Dividing the logits by 1e-240 overflows to inf (NaN probabilities); a
+            # temperature this small samples the top token anyway: decode greedily.
+            temperature = 0.0
+        if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
+            raise InvalidRequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] "
+                                      "(a 64-bit seed)")
+        # repetition_penalty divides or multiplies logits: outside [0.01, 100] they overflow.
         if not (0 <= temperature <= 10) or not (0 < top_p <= 1) or top_k < 0 \
-                or repetition_penalty <= 0:
+                or not (0.01 <= repetition_penalty <= 100):
             raise InvalidRequestError(
                 "generation options out of range: temperature in [0, 10], top_p in (0, 1], "
-                "top_k >= 0, repetition_penalty > 0")
+                "top_k >= 0, repetition_penalty in [0.01, 100]")
         params = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
@@ -872,7 +1004,7 @@ class InferencePipeline:
                 return []
             t0 = time.perf_counter()
             hits = await loop.run_in_executor(self._stage_executor, self._retrieve, query,
-                                              rag_indices)
+                                              rag_indices, result.warnings)
             m.rag_time_ms = (time.perf_counter() - t0) * 1e3
             return hits
 
@@ -899,7 +1031,11 @@ class InferencePipeline:
             m.routing_stages_ms = dict(decision.timings_ms)
             result.routing = decision.to_dict()
         result.experts_used = experts
-        mix = await self._load_adapters(experts, m, leases)
+        mix = await self._load_adapters(experts, m, leases, result.warnings)
+        if result.warnings:  # say which experts actually answered
+            used = set(m.adapters_loaded)
+            result.experts_used = [(e, w) for e, w in experts
+                                   if e in used or e not in self.installed_experts]
 
         context, sources_map = None, {}
         if hits:
@@ -924,6 +1060,11 @@ class InferencePipeline:
         if not ids:
             return []  # an empty list: the base model alone
         unknown = [e for e in ids if e not in self.installed_experts and e != GENERAL_EXPERT]
+        unfit = [e for e in unknown if e in self.skipped_experts]
+        if unfit:
+            raise UnknownExpertError("; ".join(
+                f"expert {e} is not used with this model: {self.skipped_experts[e]}"
+                for e in unfit))
         if unknown:
             raise UnknownExpertError(
                 f"unknown expert(s) {', '.join(unknown)}; installed: "
@@ -960,14 +1101,22 @@ class InferencePipeline:
         return head + [(GENERAL_EXPERT, 1.0 - sum(w for _, w in head))]
 
     async def _load_adapters(self, experts: list[tuple[str, float]], m: PipelineMetrics,
-                             leases: contextlib.AsyncExitStack) -> list[tuple[str, float]]:
+                             leases: contextlib.AsyncExitStack,
+                             warnings: list[str] | None = None) -> list[tuple[str, float]]:
         """Backend adapter names and weights for ``experts``; experts without an adapter
         (the fallback on a bare model) are the base model, so their weight is dropped and
-        the rest renormalised."""
+        the rest renormalised. An expert whose files are damaged (truncated, digest
+        mismatch) is left out the same way, with a line in ``warnings``: one broken expert
+        must not fail the queries routed to it."""
         t0 = time.perf_counter()
         mix: list[tuple[str, float]] = []
         for expert, weight in experts:
             if expert not in self.installed_experts:
+                continue
+            broken = self._broken_reason(expert)
+            if broken is not None:
+                if warnings is not None:
+                    warnings.append(broken)
                 continue
             tier = self.cache.tier_of(expert)
             if tier == 1:
@@ -975,7 +1124,14 @@ class InferencePipeline:
             else:
                 m.cache_misses += 1
             # Held (not evictable) until this query's generation is over.
-            adapter = await leases.enter_async_context(self.cache.use(expert))
+            try:
+                adapter = await leases.enter_async_context(self.cache.use(expert))
+            except Exception as exc:
+                log.warning("expert %s skipped: %s", expert, exc)
+                self._mark_broken(expert, exc)
+                if warnings is not None:
+                    warnings.append(self._broken_reason(expert) or f"expert {expert} skipped")
+                continue
             self._names_by_id[expert] = adapter.name
             m.adapters_loaded.append(expert)
             mix.append((adapter.name, weight))
@@ -985,15 +1141,48 @@ class InferencePipeline:
             mix = [(n, w / total) for n, w in mix]
         return mix
 
-    def _retrieve(self, query: str, indices: Sequence[str] | None) -> list[Any]:
+    def _mark_broken(self, expert: str, exc: BaseException) -> None:
+        """Remember that ``expert``'s stored content failed to load, until it changes."""
+        with contextlib.suppress(Exception):
+            digest = self.adapter_store.get(expert).digest
+            self._broken_experts[expert] = digest
+            self.skipped_experts[expert] = f"damaged: {exc}"
+
+    def _broken_reason(self, expert: str) -> str | None:
+        """The warning for an expert known to be damaged, or ``None`` when it is not (or
+        was re-added since: a new digest is tried again)."""
+        digest = self._broken_experts.get(expert)
+        if digest is None:
+            return None
+        try:
+            current = self.adapter_store.get(expert).digest
+        except Exception:
+            current = None
+        if current != digest:
+            self._broken_experts.pop(expert, None)
+            self.skipped_experts.pop(expert, None)
+            return None
+        return (f"expert {expert} skipped: {self.skipped_experts.get(expert, 'damaged')} "
+                "(run `r3mes adapters verify`)")
+
+    def _retrieve(self, query: str, indices: Sequence[str] | None,
+                  warnings: list[str] | None = None) -> list[Any]:
+        """Retrieval hits for ``query``; an index that cannot be loaded is skipped with a
+        line in ``warnings`` (the answer uses the others)."""
         from r3mes.rag import QueryError, UnknownIndexError
 
         targets = list(indices) if indices else self.config.rag_indices
         rag_query = query[-4096:]  # the retriever's limit; the question sits at the end
+        skipped: list[str] = []
         with self._rag_lock:
             try:
-                return self.retriever.search(rag_query, top_k=self.config.rag_top_k,
-                                             indices=targets)
+                hits = self.retriever.search(rag_query, top_k=self.config.rag_top_k,
+                                             indices=targets, skipped=skipped)
+                for line in skipped:
+                    log.warning("%s", line)
+                if warnings is not None:
+                    warnings.extend(skipped)
+                return hits
             except UnknownIndexError as exc:
                 raise InvalidRequestError(str(exc)) from exc
             except QueryError:
@@ -1199,6 +1388,53 @@ def _capabilities(backend: Any) -> Any:
     elif hasattr(caps, "__dataclass_fields__"):
         caps = asdict(caps)
     return json.loads(json.dumps(caps, default=str))
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_weights_sha256() -> str | None:
+    """The weights digest the bundled demo model's manifest records (None if not installed)."""
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        manifest = json.loads((assets_dir() / "demo_model" / "r3mes_model.json").read_text())
+        return str(manifest["weights_sha256"])
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _bundled_expert_digests() -> frozenset[str]:
+    """Store digests of the bundled experts, from the assets' MANIFEST.json (no hashing):
+    they tell a bundled expert installed by an older r3mes, which recorded no base model."""
+    from r3mes.cache.adapter_store import ADAPTER_FILES, tree_digest
+
+    digests: set[str] = set()
+    with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+        files = json.loads((assets_dir() / "MANIFEST.json").read_text())["files"]
+        expert_ids = {rel.split("/")[1] for rel in files if rel.startswith("experts/")}
+        for expert in expert_ids:
+            digests.add(tree_digest({name: files[f"experts/{expert}/{name}"]["sha256"]
+                                     for name in ADAPTER_FILES}))
+    return frozenset(digests)
+
+
+def _same_path(recorded: str, path: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return Path(recorded).resolve() == path.resolve()
+    return False
+
+
+def _shape_mismatch(module_shapes: Mapping[str, tuple[int, int]], model: Any) -> str | None:
+    """Why an adapter with ``module_shapes`` (``"model.layers.3.mlp.up_proj" -> (out, in)``)
+    does not fit ``model`` (a ModelShape), or ``None`` when every module matches."""
+    for module, got in sorted(module_shapes.items()):
+        parts = module.split(".")
+        layer = next((int(p) for p in parts if p.isdigit()), None)
+        suffix = ".".join(parts[-2:])
+        want = model.linear_shapes.get(suffix)
+        if want is None or layer is None or layer >= model.num_layers:
+            return f"module {module} does not exist in this model"
+        if tuple(want) != tuple(got):
+            return (f"shapes differ (module {module} is {got[0]}x{got[1]}, the model's is "
+                    f"{want[0]}x{want[1]})")
+    return None
 
 
 def create_pipeline(enable_rag: bool = True, config: PipelineConfig | None = None,

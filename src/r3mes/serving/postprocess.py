@@ -129,9 +129,10 @@ class Postprocessor:
     def finish(self) -> str:
         """Flush the held-back text and append the sources block."""
         out = self._emit(final=True)
-        if self.citations and self.sources:
+        if self.sources:  # which sources the answer cites is known even without the block
             numbers = cited_numbers(self.raw, self.sources)
             self.outcome.cited = [{"number": n, **self.sources[n]} for n in numbers]
+        if self.citations and self.sources:
             listed = self.outcome.cited or [{"number": n, **s}
                                             for n, s in sorted(self.sources.items())]
             block = format_sources(listed)

@@ -8,9 +8,14 @@ Endpoints (JSON in and out; errors in OpenAI's shape
   ``model`` is ``"auto"`` (or the base model's name) for routed experts, an expert id
   (``"medical_dora"``) or several joined by ``+`` to force them, or ``"base"`` for the base
   model alone: the convention multi-adapter servers use. r3mes extensions in the request:
-  ``rag`` (bool), ``rag_indices``, ``vram_gb``; in the response: ``r3mes`` (experts and
-  weights, fast path, sources, per-stage timings).
-- ``GET /v1/models``: ``auto``, ``base``, the base model's name and every installed expert.
+  ``rag`` (bool), ``rag_indices``, ``vram_gb``, ``citations`` (bool: also list the sources
+  at the end of the text; off by default); in the response: ``r3mes`` (experts and weights,
+  fast path, sources with ``cited`` flags, per-stage timings, ``warnings`` naming a broken
+  expert or index the answer did without). Fields have OpenAI's JSON types: ``true`` is not
+  a number and ``"5"`` not an integer (400).
+- ``GET /v1/models``: ``auto``, ``base``, the base model's name and every installed expert;
+  ``GET /v1/models/{id}`` one of them (404 otherwise).
+- ``GET /openapi.json``: the OpenAPI schema, request bodies included.
 - ``POST /api/v1/rag/search`` ``{"query", "top_k", "indices", "filters", "mode"}``.
 - ``POST /api/v1/rag/documents`` ``{"index", "documents": [{"doc_id", "text", "metadata"}]}``.
 - ``GET /health`` (never needs the API key) and ``GET /metrics`` (Prometheus text format).
@@ -19,13 +24,16 @@ Limits, each a clear 4xx: a body over ``server.max_request_bytes`` -> 413; malfo
 a bad field -> 400; ``max_tokens`` over ``server.max_tokens_limit`` or a prompt over
 ``server.max_prompt_chars`` -> 400; an unknown model -> 404; more than
 ``server.max_concurrent_requests`` in flight -> 429; a missing or wrong API key -> 401.
-Every failure is caught per request: a failing request never takes the server down.
+Unknown paths (404) and methods (405) answer in the same error shape; a client that hangs
+up mid-body is a 400, not a server error. Every failure is caught per request: a failing
+request never takes the server down.
 Concurrent requests are batched by the pipeline (see :mod:`r3mes.serving.engine`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import secrets
@@ -39,10 +47,23 @@ from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationError,
+)
+from pydantic.json_schema import models_json_schema
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from r3mes.serving.inference_pipeline import (
     GENERAL_EXPERT,
+    SEED_MAX,
+    SEED_MIN,
     InferencePipeline,
     InvalidRequestError,
     PipelineConfig,
@@ -101,21 +122,24 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+# JSON types as OpenAI's API has them: no true for a number, no "5" for an integer.
 class _Sampling(_Body):
     model: str = "auto"
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)
-    repetition_penalty: float | None = Field(None, gt=0)
+    max_tokens: StrictInt | None = Field(None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1)
+    temperature: StrictFloat | None = Field(None, ge=0, le=2)
+    top_p: StrictFloat | None = Field(None, gt=0, le=1)
+    top_k: StrictInt | None = Field(None, ge=0)
+    repetition_penalty: StrictFloat | None = Field(None, gt=0)
     stop: str | list[str] | None = None
-    seed: int | None = None
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1)
-    rag: bool = True
+    seed: StrictInt | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
+    stream: StrictBool = False
+    n: StrictInt = Field(1, ge=1, le=1)
+    rag: StrictBool = True
     rag_indices: list[str] | None = None
-    vram_gb: float | None = Field(None, ge=0)
+    vram_gb: StrictFloat | None = Field(None, ge=0)
+    # r3mes: also list the sources at the end of the text (they are always in r3mes.sources)
+    citations: StrictBool = False
 
 
 class ChatCompletionRequest(_Sampling):
@@ -128,7 +152,7 @@ class CompletionRequest(_Sampling):
 
 class RagSearchRequest(_Body):
     query: str = Field(min_length=1)
-    top_k: int = Field(5, ge=1, le=100)
+    top_k: StrictInt = Field(5, ge=1, le=100)
     indices: list[str] | None = None
     filters: dict[str, Any] | None = None
     mode: Literal["dense", "sparse", "hybrid"] | None = None
@@ -263,14 +287,20 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
         if pipe is None:
             pipe = InferencePipeline(pipeline_config or PipelineConfig.from_settings(settings))
             state["pipeline"] = pipe
+        # Over the API the sources go in the r3mes.sources field; the text lists them only
+        # when a request asks ("citations": true), so "hi" is answered with just the answer.
+        pipe.config.citations = False
         await pipe.load_model()
+        for notice in pipe.notices:  # once, in the server's log (the demo model, ...)
+            log.warning("%s", notice)
         try:
             yield
         finally:
             await pipe.close()
 
     app = FastAPI(title="r3mes", version=_version(), lifespan=lifespan, docs_url=None,
-                  redoc_url=None, openapi_url=None)
+                  redoc_url=None, openapi_url="/openapi.json")
+    _describe_bodies(app)
 
     def pipe() -> InferencePipeline:
         return state["pipeline"]
@@ -311,6 +341,15 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
     async def api_error(_request: Request, exc: APIError) -> JSONResponse:
         return exc.response()
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Unknown paths and methods answer in OpenAI's error shape too, not {"detail": ...}.
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        response = APIError(exc.status_code, str(exc.detail), code=kind).response()
+        if exc.headers:
+            response.headers.update(exc.headers)
+        return response
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         p = pipe()
@@ -333,6 +372,14 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
             {"id": i, "object": "model", "created": created, "owned_by": "r3mes",
              "r3mes_kind": "routed" if i in ("auto", server.model_name) else
              "base" if i == BASE_MODEL_ALIAS else "expert"} for i in dict.fromkeys(ids)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        listed = {m["id"]: m for m in (await models())["data"]}
+        if model_id not in listed:
+            raise APIError(404, f"model '{model_id}' does not exist; see GET /v1/models",
+                           param="model", code="model_not_found")
+        return listed[model_id]
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -388,15 +435,23 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
         def add() -> dict[str, Any]:
             if p.rag_store is None:
                 raise APIError(409, "retrieval is disabled on this server")
+            docs = [Document(d.doc_id, d.text, d.metadata) for d in body.documents]
+            p.rag_store.ensure_room_for(docs)
             with p._rag_lock, p.rag_store.lock():
-                counts = p.rag_store.index(body.index).add_documents(
-                    [Document(d.doc_id, d.text, d.metadata) for d in body.documents])
+                counts = p.rag_store.index(body.index).add_documents(docs)
                 snap = p.rag_store.save(body.index)
             return {"index": body.index, **counts, "snapshot": snap.digest}
         try:
             return await loop.run_in_executor(None, add)
         except RagError as exc:
             raise APIError(400, str(exc), param="documents") from exc
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            from r3mes.utils.diskspace import disk_full_message
+
+            raise APIError(507, disk_full_message(exc), type_="server_error",
+                           code="insufficient_storage") from exc
 
     # -------------------------------------------------------------- completions
 
@@ -452,6 +507,8 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
                                      headers={"Cache-Control": "no-cache"})
         result = await pipe().run(query, history=history or None, **kwargs)
         _raise_for(result)
+        if body.citations:
+            result.output += _sources_block(result, bool(result.output))
         return JSONResponse(_completion_body(result, body.model, rid, created, chat))
 
     async def _complete_many(body: CompletionRequest, prompts: list[str]) -> Response:
@@ -459,6 +516,8 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
         results = await pipe().run_batch(prompts, **kwargs)
         for r in results:
             _raise_for(r)
+            if body.citations:
+                r.output += _sources_block(r, bool(r.output))
         rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
         out = _completion_body(results[0], body.model, rid, created, chat=False)
         out["choices"] = [_choice(r, i, chat=False) for i, r in enumerate(results)]
@@ -501,6 +560,8 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
             yield "data: [DONE]\n\n"
             return
         result = holder[0]
+        if body.citations and result.sources:
+            yield chunk(_sources_block(result, bool(result.output)), None)
         final = json.loads(chunk(None, _finish(result))[len("data: "):])
         if chat:
             final["choices"][0]["delta"] = {}
@@ -552,20 +613,29 @@ async def _check_size(request: Request, limit: int) -> None:
 async def _read_body(request: Request, limit: int) -> bytes:
     """The body, read at most ``limit`` bytes far (a chunked upload declares no length)."""
     size, chunks = 0, []
-    async for part in request.stream():
-        size += len(part)
-        if size > limit:
-            raise APIError(413, f"request body is over the limit of {limit} bytes",
-                           code="request_too_large")
-        chunks.append(part)
+    try:
+        async for part in request.stream():
+            size += len(part)
+            if size > limit:
+                raise APIError(413, f"request body is over the limit of {limit} bytes",
+                               code="request_too_large")
+            chunks.append(part)
+    except ClientDisconnect:
+        # The client went away mid-body: its fault, nobody reads the answer, no traceback.
+        raise APIError(400, "the request body ended before its declared length "
+                       "(the client disconnected)", code="incomplete_body") from None
     return b"".join(chunks)
+
+
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON number")
 
 
 async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
     raw = await _read_body(request, limit)
     try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(raw, parse_constant=_not_json)
+    except (UnicodeDecodeError, ValueError) as exc:
         raise APIError(400, f"the request body is not valid JSON ({exc})",
                        code="invalid_json") from exc
     if not isinstance(data, dict):
@@ -605,7 +675,45 @@ def _usage(results: list[PipelineResult]) -> dict[str, int]:
 def _extension(result: PipelineResult) -> dict[str, Any]:
     data = result.to_dict()
     return {k: data[k] for k in ("experts_used", "fast_path", "sources", "metrics",
-                                 "masked_terms")}
+                                 "masked_terms", "warnings")}
+
+
+def _sources_block(result: PipelineResult, after_text: bool) -> str:
+    """The "Sources:" block for a request with ``"citations": true`` (the cited sources,
+    or every retrieved one when the answer cites none); empty without sources."""
+    from r3mes.serving.postprocess import format_sources
+
+    if not result.sources:
+        return ""
+    listed = [s for s in result.sources if s.get("cited")] or result.sources
+    return ("\n\n" if after_text else "") + format_sources(listed)
+
+
+def _describe_bodies(app: FastAPI) -> None:
+    """Publish the JSON bodies the POST endpoints take in ``/openapi.json`` (they are parsed
+    by hand, with r3mes' own limits and error shape, so FastAPI cannot see them)."""
+    bodies = {"/v1/chat/completions": ChatCompletionRequest,
+              "/v1/completions": CompletionRequest,
+              "/api/v1/rag/search": RagSearchRequest,
+              "/api/v1/rag/documents": RagDocumentsRequest}
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        refs, defs = models_json_schema([(m, "validation") for m in bodies.values()],
+                                        ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(defs.get("$defs", {}))
+        for path, model in bodies.items():
+            operation = schema["paths"][path]["post"]
+            operation["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": refs[(model, "validation")]}}}
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _choice(result: PipelineResult, index: int, chat: bool) -> dict[str, Any]:
