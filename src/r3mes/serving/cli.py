@@ -281,6 +281,8 @@ async def _chat(args: argparse.Namespace) -> int:
                 experts = ", ".join(f"{e} {w:.2f}" for e, w in result.experts_used)
                 print(result.output)
                 print(f"  [{experts or 'base'}; {result.metrics.total_time_ms:.0f} ms]")
+                for warning in result.warnings:
+                    print(f"warning: {warning}", file=sys.stderr)
             else:
                 print(f"error: {result.error}", file=sys.stderr)
             if result.success:
