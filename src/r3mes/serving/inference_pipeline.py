@@ -579,7 +579,7 @@ class InferencePipeline:
                     "and are not routed to: "
                     + "; ".join(f"{', '.join(ids)} ({why})" for why, ids in groups.items()))
             self.notices.append(note)
-            log.warning("%s", note)
+            log.info("%s", note)  # shown by the CLI and the server, once
         return fitting
 
     def _model_shape(self) -> Any:
@@ -681,7 +681,7 @@ class InferencePipeline:
                 except Exception as exc:  # a damaged expert is skipped, never fatal
                     self._mark_broken(expert, exc)
                     self.notices.append(f"note: expert {expert} is not used: {exc}")
-                    log.warning("expert %s is not used: %s", expert, exc)
+                    log.info("expert %s is not used: %s", expert, exc)
 
     def _create_backend(self, model_path: Path) -> Any:
         try:
