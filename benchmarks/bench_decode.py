@@ -105,3 +105,93 @@ def test_decode(benchmark, record_row, read_bandwidth, model, threads, experts, 
                 "adapter storage": storage,
                 "ms/token": f"{seconds * 1e3:.1f}", "tok/s": f"{1 / seconds:.1f}",
                 "floor tok/s": f"{floor:.1f}", "MB read/token": f"{per_token / 1e6:.0f}"})
+
+
+# --------------------------------------------------------------------------- batched decode
+BATCH_EXPERTS = 8  # the experts the rows' mixes are drawn from
+
+
+def add_batch_experts(model: BitNetForCausalLM) -> list[str]:
+    """Eight random r=16 int8 experts on every projection (the pool rows draw mixes from)."""
+    names = [f"expert{e}_int8" for e in range(BATCH_EXPERTS)]
+    add_experts(model, BATCH_EXPERTS, "int8")
+    return names
+
+
+def row_mix(names: list[str], row: int) -> list[tuple[str, float]]:
+    """Row ``row``'s own mix: 1, 2 or 3 experts, a different set for every row."""
+    k = 1 + row % 3
+    return [(names[(row * 3 + j) % len(names)], 1.0 / k) for j in range(k)]
+
+
+def batch_step(model: BitNetForCausalLM, batch: int, with_experts: bool):
+    """A decode step of ``batch`` sequences at different positions of a block pool (each
+    row with its own expert mix when ``with_experts``), as the serving engine runs it."""
+    from r3mes.core.kv_blocks import KVBlockPool
+
+    names = add_batch_experts(model) if with_experts else []
+    mixes = [row_mix(names, b) if names else [] for b in range(batch)]
+    set_adapter_mix(model, mixes if batch > 1 else (mixes[0] or None))
+    pool = KVBlockPool(model.config, num_blocks=batch * 16, block_size=16)
+    blocks = [pool.allocate(16) for _ in range(batch)]
+    table = KVBlockPool.table(blocks)
+    positions = torch.tensor([PROMPT + 7 * b for b in range(batch)])
+    tokens = torch.arange(batch) + 17
+    return lambda: model.decode_paged(tokens, pool, table, positions)
+
+
+@pytest.mark.parametrize("with_experts", [False, True])
+@pytest.mark.parametrize("batch", [1, 2, 4, 8, 16])
+def test_batched_decode(benchmark, record_row, model, batch, with_experts):
+    kernels.set_num_threads(2)
+    torch.set_num_threads(1)
+    step = batch_step(model, batch, with_experts)
+    warm_up(step, max_calls=WARM_UP_STEPS)
+    benchmark.pedantic(step, rounds=12, iterations=1, warmup_rounds=0)
+    seconds = benchmark.stats.stats.median
+    set_adapter_mix(model, None)
+    record_row({"bench": "batched decode 2B-4T shape", "threads": 2, "rows": batch,
+                "mixes": "own 1-3 of 8 int8 experts" if with_experts else "none",
+                "ms/step": f"{seconds * 1e3:.1f}", "aggregate tok/s": f"{batch / seconds:.1f}"})
+
+
+def batched_main() -> None:
+    """Each batch size against one row in the same run, cases alternated in blocks."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description="batched decode, cases alternated")
+    ap.add_argument("--batches", default="1,2,4,8,16")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--experts", choices=("none", "mixed", "both"), default="both")
+    args = ap.parse_args()
+    kernels.set_num_threads(2)
+    torch.set_num_threads(1)
+    model = build_model()
+    import time
+
+    kinds = {"none": [False], "mixed": [True], "both": [False, True]}[args.experts]
+    sizes = [int(b) for b in args.batches.split(",")]
+    best: dict[tuple[bool, int], float] = {}
+    for _ in range(args.rounds):
+        for with_experts in kinds:
+            for batch in sizes:
+                step = batch_step(model, batch, with_experts)
+                warm_up(step, max_calls=WARM_UP_STEPS)
+                t0 = time.perf_counter()
+                for _ in range(8):
+                    step()
+                dt = (time.perf_counter() - t0) / 8
+                key = (with_experts, batch)
+                best[key] = min(best.get(key, dt), dt)
+    print("| rows | mixes | ms/step | aggregate tok/s | x one row |")
+    print("|---|---|---|---|---|")
+    for with_experts in kinds:
+        one = 1 / best[(with_experts, sizes[0])]
+        for batch in sizes:
+            dt = best[(with_experts, batch)]
+            print(f"| {batch} | {'own 1-3 of 8 experts' if with_experts else 'none'} | "
+                  f"{dt * 1e3:.1f} | {batch / dt:.1f} | {batch / dt / one:.2f} |")
+
+
+if __name__ == "__main__":
+    batched_main()
