@@ -85,6 +85,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--no-rag", action="store_true", help="serve without retrieval")
     serve.add_argument("--log-level", default="info",
                        choices=("critical", "error", "warning", "info", "debug"))
+    ray = serve.add_argument_group("Ray Serve (pip install \"r3mes[ray]\")")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve on Ray Serve: engine replicas chosen by expert mix")
+    ray.add_argument("--replicas", type=int, default=2, help="engine replicas (default 2)")
+    ray.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0,
+                     help="CPUs of one engine replica (default 1)")
     serve.set_defaults(func=_cmd_serve)
 
     config = subparsers.add_parser("config", help="configuration")
@@ -303,10 +310,31 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         config = PipelineConfig.from_settings(settings, home=args.home)
     except _expected_errors() as exc:
         return _fail(args, str(exc))
+    if getattr(args, "ray", False):
+        return _serve_on_ray(args, settings, config)
     print(f"r3mes serving on http://{settings.server.host}:{settings.server.port} "
           f"(OpenAI API at /v1; API key {'required' if settings.server.api_key else 'off'})",
           file=sys.stderr)
     serve(settings, config, log_level=args.log_level)
+    return 0
+
+
+def _serve_on_ray(args: argparse.Namespace, settings: Any, config: Any) -> int:
+    if args.replicas < 1 or args.replica_cpus <= 0:
+        return _fail(args, "--replicas must be at least 1 and --replica-cpus above 0")
+    try:
+        from r3mes.serving.ray_app import serve_on_ray
+    except ImportError as exc:
+        return _fail(args, f"--ray needs Ray Serve ({exc}): pip install \"r3mes[ray]\"")
+    where = args.address or "a local Ray cluster"
+    print(f"r3mes serving on Ray Serve ({args.replicas} engine replica(s) on {where}) at "
+          f"http://{settings.server.host}:{settings.server.port} (OpenAI API at /v1; API key "
+          f"{'required' if settings.server.api_key else 'off'})", file=sys.stderr)
+    try:
+        serve_on_ray(settings, config, replicas=args.replicas, address=args.address,
+                     replica_cpus=args.replica_cpus)
+    except KeyboardInterrupt:
+        pass
     return 0
 
 
