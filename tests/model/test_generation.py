@@ -123,3 +123,10 @@ def test_bad_prompts_are_refused(model):
         generate(model, [[10_000]])
     with pytest.raises(ValueError, match="top_p"):
         GenerationConfig(top_p=0.0)
+
+
+def test_a_tiny_temperature_samples_the_top_token_instead_of_failing() -> None:
+    logits = torch.tensor([[1e30, 3.0e30, -2.0e30, 2.9e30]])
+    config = GenerationConfig(temperature=1e-30, seed=1)
+    token = sample_next(logits, config, None, torch.Generator().manual_seed(1))
+    assert int(token) == 1

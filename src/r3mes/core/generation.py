@@ -95,7 +95,9 @@ def sample_next(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tens
         logits = torch.where(seen, penalised, logits)
     if config.temperature == 0.0:
         return logits.argmax(dim=-1)
-    logits = logits / config.temperature
+    # Shifted by the row maximum first: a tiny temperature then scales values <= 0 (the
+    # softmax is the same) instead of overflowing the largest logits to inf (NaN probs).
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / config.temperature
     if config.top_k and config.top_k < logits.shape[-1]:
         kth = torch.topk(logits, config.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
