@@ -38,12 +38,18 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _registrars() -> list[CommandRegistrar]:
-    """Sub-command groups contributed by the package's parts, imported lazily."""
+# `r3mes index ...` (searches run in loops, from scripts) needs none of the other groups,
+# whose imports (torch among them) cost seconds: it registers its own group alone.
+_SOLE_GROUP = {"index": "r3mes.rag.cli", "rag": "r3mes.rag.cli"}
+
+
+def _registrars(only: str | None = None) -> list[CommandRegistrar]:
+    """Sub-command groups contributed by the package's parts, imported lazily (``only``: the
+    one module to import)."""
     import importlib
 
     found: list[CommandRegistrar] = []
-    for module in (
+    for module in (only,) if only else (
         "r3mes.cache.cli",
         "r3mes.router.cli",
         "r3mes.rag.cli",
@@ -63,7 +69,8 @@ def _registrars() -> list[CommandRegistrar]:
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser, or (``argv`` naming a group in ``_SOLE_GROUP``) one with that group."""
     parser = argparse.ArgumentParser(prog="r3mes", description=__doc__)
     parser.add_argument("--version", action="version", version=f"r3mes {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--home", help="data directory (default $R3MES_HOME or ~/.r3mes)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
     info.set_defaults(func=_cmd_info)
-    for register in _registrars():
+    first = next((a for a in (argv or ()) if not a.startswith("-")), None)
+    for register in _registrars(_SOLE_GROUP.get(first or "")):
         register(sub)
     return parser
 
@@ -87,7 +95,8 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

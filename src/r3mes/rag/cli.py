@@ -9,7 +9,8 @@ data directory) and ``--json``. JSON schemas (stable):
   "skipped": [{"path", "reason"}, ...]}`` (files read are in ``files``; unsupported or
   unreadable ones are listed in ``skipped`` and do not stop the others)
 - ``search``:   ``{"query", "mode", "indices": [..], "hits": [H, ...]}`` with
-  ``H = {"doc_id", "chunk_id", "text", "score", "index", "position", "metadata"}``
+  ``H = {"doc_id", "chunk_id", "text", "score", "index", "position", "metadata"}``; with
+  ``--server`` also ``"server": URL`` (``indices`` is then what was asked, ``[]`` for all)
 - ``stats``:    ``{"indices": [T, ...], "totals": {"documents", "chunks", "disk_bytes"}}`` with
   ``T = {"name", "snapshot", "snapshot_kind", "deltas", "base", "documents", "chunks", "kind",
   "ttl_s", "created", "disk_bytes", "embedding_model", "error"}`` (only indices with a
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -79,6 +81,12 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--filter", action="append", default=[], metavar="KEY=VALUE",
                    help="keep chunks whose metadata KEY equals VALUE (repeatable)")
     p.add_argument("--rerank-model", help="local cross-encoder directory: rerank the results")
+    p.add_argument("--server", default=os.environ.get("R3MES_SERVER_URL"),
+                   help="search through a running 'r3mes serve' at this URL (e.g. "
+                   "http://127.0.0.1:8000; default $R3MES_SERVER_URL): its model and indices "
+                   "are loaded already, so a search takes milliseconds, not seconds")
+    p.add_argument("--api-key", default=os.environ.get("R3MES_API_KEY"),
+                   help="the server's API key (default $R3MES_API_KEY)")
     p.set_defaults(func=_cmd_search)
 
     p = common(sub.add_parser("stats", help="sizes of the indices and their current snapshots"))
@@ -198,8 +206,45 @@ def _parse_filters(items: list[str]) -> dict[str, str]:
     return out
 
 
+def _search_remote(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Hits from a running server's ``POST /api/v1/rag/search`` (same schema as local)."""
+    import httpx
+
+    from r3mes.rag.errors import QueryError
+
+    if args.domain is not None or args.rerank_model:
+        raise QueryError("--domain and --rerank-model are not available with --server")
+    url = args.server.rstrip("/") + "/api/v1/rag/search"
+    payload = {"query": args.query, "top_k": args.top_k, "mode": args.mode,
+               "indices": list(dict.fromkeys(args.index)) if args.index else None,
+               "filters": _parse_filters(args.filter) or None}
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        response = httpx.post(url, json=payload, headers=headers, timeout=60.0)
+    except httpx.HTTPError as exc:
+        raise RagError(f"server {args.server} is not reachable ({exc})") from None
+    if response.status_code != 200:
+        try:
+            message = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = response.text[:200]
+        raise RagError(f"server {args.server} answered {response.status_code}: {message}")
+    return list(response.json()["hits"])
+
+
 def _cmd_search(args: argparse.Namespace) -> int:
     def body():
+        if args.server:
+            hits = _search_remote(args)
+            data = {"query": args.query, "mode": args.mode, "server": args.server,
+                    "indices": list(dict.fromkeys(args.index)) if args.index else [],
+                    "hits": hits}
+            lines = [f"{len(hits)} hit(s) for {args.query!r} ({args.mode}, via {args.server})"]
+            for n, h in enumerate(hits, start=1):
+                snippet = " ".join(h["text"].split())[:160]
+                lines.append(f"[{n}] {h['score']:.4f}  {h['index']}:{h['chunk_id']}\n"
+                             f"    {snippet}")
+            return data, "\n".join(lines)
         from r3mes.rag.indices import route_domain
         from r3mes.rag.retriever import Retriever
 

@@ -44,13 +44,15 @@ _exported: dict[str, Path] = {}
 
 
 def onnx_available() -> bool:
-    """Whether ONNX Runtime and the ONNX quantiser can be imported here."""
+    """Whether ONNX Runtime and the ONNX quantiser are installed here (``onnx`` is found,
+    not imported: it takes a second to import and only the one-time export needs it)."""
+    import importlib.util
+
     try:
-        import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError:
         return False
-    return True
+    return importlib.util.find_spec("onnx") is not None
 
 
 def _sha256(path: Path) -> str:
