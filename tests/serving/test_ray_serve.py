@@ -258,3 +258,23 @@ def test_killing_a_replica_mid_load_loses_no_request_silently(cluster):
     _wait_for(two_running, 240, "Serve to replace the killed replica")
     answer = _chat(url, "auto", CODING_EN)
     assert answer.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_readme_serve_deploy_config_is_valid_and_builds(tmp_path):
+    """The YAML the README documents parses as Ray Serve's deploy schema and its
+    import_path builds the application (no cluster needed)."""
+    import importlib
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    block = re.search(r"```yaml\n(# r3mes-serve.yaml\n.*?)```", readme, re.S)
+    assert block, "the README's serve deploy config"
+    config = ServeDeploySchema.model_validate(yaml.safe_load(block.group(1)))
+    app = config.applications[0]
+    module, name = app.import_path.split(":")
+    args = dict(app.args, home=str(tmp_path))
+    built = getattr(importlib.import_module(module), name)(args)
+    engine = built._bound_deployment if hasattr(built, "_bound_deployment") else None
+    assert engine is not None and engine.name == "R3mesIngress"

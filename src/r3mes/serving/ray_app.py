@@ -268,6 +268,7 @@ class R3mesEngine:
         for index, digest in sorted(manifest["rag"].items()):
             await self._sync_index(index, digest)
         await self.pipe.load_model()
+        self._use_assigned_cpus()
         if self.pipe.retriever is not None:
             # The embedder loads on first use: here, not inside the first request.
             with contextlib.suppress(Exception):
@@ -296,6 +297,19 @@ class R3mesEngine:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             shutil.rmtree(self.home, ignore_errors=True)
+
+    @staticmethod
+    def _use_assigned_cpus() -> None:
+        """Kernel threads = the CPUs Ray gave this replica (the kernels default to every
+        core of the node, and N replicas would each take them all)."""
+        import ray
+
+        with contextlib.suppress(Exception):
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                from r3mes import kernels
+
+                kernels.set_num_threads(max(1, round(cpus)))
 
     # ------------------------------------------------------------------ requests
 
