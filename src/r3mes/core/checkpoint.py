@@ -641,8 +641,31 @@ def load_model(path: str | os.PathLike[str], *, head: str = "int8", verify: bool
     else:
         model, form = _load_hf(root, head)
         info = LoadInfo(str(root), form, HEAD_KINDS[head], 0.0)
+    model.config.eos_token_id = _eos_ids(root, model.config.eos_token_id)
     info.seconds = time.perf_counter() - t0
     return model, info
+
+
+def _eos_ids(root: Path, eos: list[int]) -> list[int]:
+    """The model's EOS ids and every id ``generation_config.json`` declares (Llama-3-style
+    chat models list the end-of-turn token there: ``"eos_token_id": [128001, 128009]``), in
+    that order, without repeats: generation stops at any of them."""
+    path = root / "generation_config.json"
+    if not path.is_file():
+        return list(eos)
+    try:
+        raw = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    extra = raw.get("eos_token_id") if isinstance(raw, dict) else None
+    if extra is None:
+        return list(eos)
+    extra = [extra] if isinstance(extra, int) and not isinstance(extra, bool) else extra
+    if not isinstance(extra, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in extra):
+        raise CheckpointError(f"{path}: eos_token_id must be a token id or a list of token "
+                              f"ids, got {raw['eos_token_id']!r}")
+    return list(dict.fromkeys([*eos, *extra]))
 
 
 # --------------------------------------------------------------------------- convert

@@ -1046,8 +1046,10 @@ class InferencePipeline:
                  "cited": False} for n, src in sources_map.items()]
             m.rag_docs_retrieved = len(hits)
             m.rag_context_length = len(context)
-        prompt = self._prompt(query, context, history)
-        prompt_ids = _encode(self.tokenizer, prompt)
+        prompt, templated = self._prompt(query, context, history)
+        # A rendered chat template carries its own special tokens (BOS, headers), as
+        # transformers' apply_chat_template: encoded without adding any.
+        prompt_ids = _encode(self.tokenizer, prompt, add_special_tokens=not templated)
         m.prompt_tokens = len(prompt_ids)
         return _Prepared(result, prompt_ids, mix, params, stop, sources_map, started)
 
@@ -1203,7 +1205,29 @@ class InferencePipeline:
         return context, sources
 
     def _prompt(self, query: str, context: str | None,
-                history: Sequence[Mapping[str, str]] | None) -> str:
+                history: Sequence[Mapping[str, str]] | None) -> tuple[str, bool]:
+        """The prompt text and whether it is the model's chat template rendered: a model
+        whose tokenizer has a chat template gets its messages (one system message holding
+        the system prompt, the retrieved context and the caller's system turns; then the
+        history; then the query) through it, others the plain ``Role: text`` layout."""
+        for turn in history or ():
+            if str(turn.get("role")) not in ROLE_NAMES:
+                raise InvalidRequestError(f"unknown chat role {turn.get('role')!r} "
+                                          "(system, user or assistant)")
+        if getattr(self.tokenizer, "chat_template", None):
+            system = [self.config.system_prompt or "", context or ""]
+            system += [str(t.get("content", "")) for t in history or ()
+                       if t.get("role") == "system"]
+            messages = [{"role": "system", "content": "\n\n".join(p for p in system if p)}]
+            if not messages[0]["content"]:
+                messages = []
+            messages += [{"role": str(t["role"]), "content": str(t.get("content", ""))}
+                         for t in history or () if t.get("role") != "system"]
+            messages.append({"role": "user", "content": query})
+            try:
+                return self.tokenizer.apply_chat_template(messages), True
+            except Exception as exc:  # a template that refuses these messages
+                raise InvalidRequestError(f"the model's chat template failed: {exc}") from exc
         parts = []
         if self.config.system_prompt:
             parts.append(f"System: {self.config.system_prompt}")
@@ -1217,7 +1241,7 @@ class InferencePipeline:
             parts.append(f"{role}: {turn.get('content', '')}")
         parts.append(f"User: {query}")
         parts.append("Assistant:")
-        return "\n\n".join(parts)
+        return "\n\n".join(parts), False
 
     # ------------------------------------------------------------------ generation
 
@@ -1338,9 +1362,9 @@ class _IncrementalDecoder:
 # --------------------------------------------------------------------------- helpers
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
     """Ids from an r3mes Tokenizer (a list) or a ``tokenizers.Tokenizer`` (an Encoding)."""
-    out = tokenizer.encode(text)
+    out = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     return [int(i) for i in getattr(out, "ids", out)]
 
 
