@@ -161,3 +161,14 @@ def test_a_full_queue_is_refused_with_a_retry_hint(backend) -> None:
         f.result(timeout=120)
     assert engine.stats()["rejected"] == 1 and engine.accepting()
     engine.close()
+
+
+def test_nothing_to_generate_and_empty_prompts_are_answered_at_once(backend) -> None:
+    engine = Engine(backend, max_batch=2, kv_tokens=256)
+    nothing = _job(PROMPTS[0], [], n=0)
+    engine.submit(nothing).result(timeout=60)
+    assert nothing.tokens == [] and nothing.finish_reason == "length"
+    with pytest.raises(ValueError, match="empty"):
+        engine.submit(_job([], [], n=3)).result(timeout=60)
+    assert engine.pool is None or engine.pool.used_blocks == 0
+    engine.close()

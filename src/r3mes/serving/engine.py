@@ -259,6 +259,13 @@ class Engine:
                     self._waiting.popleft()
                     self._finish(row, reason="stop")
                     continue
+                if row.job.params.max_new_tokens == 0 or not row.job.prompt_ids:
+                    self._waiting.popleft()
+                    if row.job.prompt_ids:
+                        self._finish(row, reason="length")
+                    else:
+                        self._finish(row, error=ValueError("the prompt is empty"))
+                    continue
                 pool = self._ensure_pool()
                 budget = row.job.params.max_new_tokens
                 row.prompt = self._fit(row.job.prompt_ids, budget)
