@@ -163,11 +163,14 @@ class RagSection(_Section):
         if self.rerank and not self.reranker_model:
             raise ValueError("rerank: true needs reranker_model (a local cross-encoder directory)")
         if self.indices is not None:
-            from r3mes.rag.indices import INDEX_NAMES
+            from r3mes.rag.errors import UnknownIndexError
+            from r3mes.rag.indices import check_index_name
 
-            bad = [n for n in self.indices if n not in INDEX_NAMES]
-            if bad:
-                raise ValueError(f"unknown index {bad} (the indices are {list(INDEX_NAMES)})")
+            for name in self.indices:  # the user's own index names are allowed
+                try:
+                    check_index_name(name)
+                except UnknownIndexError as exc:
+                    raise ValueError(str(exc)) from None
         return self
 
 

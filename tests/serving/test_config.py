@@ -81,8 +81,11 @@ def test_cross_field_rules_are_checked():
         load_config(environ={}, overrides={"rag.chunk_overlap": 600})
     with pytest.raises(ConfigError, match="reranker_model"):
         load_config(environ={}, overrides={"rag.rerank": True})
-    with pytest.raises(ConfigError, match="unknown index"):
-        load_config(environ={}, overrides={"rag.indices": ["medicine"]})
+    with pytest.raises(ConfigError, match="invalid index name"):
+        load_config(environ={}, overrides={"rag.indices": ["../medicine"]})
+    # The user's own index names are valid (issue 25).
+    assert load_config(environ={}, overrides={"rag.indices": ["medicine-2024"]}).rag.indices \
+        == ["medicine-2024"]
 
 
 def test_the_dump_loads_back_to_the_same_config(tmp_path):
