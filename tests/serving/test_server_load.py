@@ -138,10 +138,12 @@ def test_a_full_queue_answers_429_with_retry_after(assets) -> None:
 
         responses = asyncio.run(burst())
         codes = sorted(r.status_code for r in responses)
-        assert codes.count(200) >= 2 and set(codes) == {200, 429}, codes
+        # One row and one queue place: at most two are taken (one when the second arrives
+        # before the first has left the queue), the rest are refused.
+        assert 1 <= codes.count(200) <= 2 and set(codes) == {200, 429}, codes
         refused = next(r for r in responses if r.status_code == 429)
         assert int(refused.headers["retry-after"]) >= 1
         assert refused.json()["error"]["type"] == "rate_limit_error"
         ok = [r.json()["choices"][0]["message"]["content"] for r in responses
               if r.status_code == 200]
-        assert len(set(ok)) == 1  # the admitted ones all answered, and alike (greedy)
+        assert len(set(ok)) == 1  # the admitted ones answered, and alike (greedy)
