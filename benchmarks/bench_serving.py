@@ -185,18 +185,20 @@ class Stream:
 
 
 def run_stream(base_url: str, model: str, prompt: str, tokens: int, out: Stream) -> None:
+    """One streamed text completion (``/v1/completions``: both servers speak it the same
+    way; llama-server's chat endpoint needs a chat template the bench GGUF does not carry).
+    Every streamed chunk before the last is one token's arrival."""
     from openai import OpenAI
 
     client = OpenAI(base_url=base_url + "/v1", api_key="none", max_retries=0, timeout=600)
     out.submitted = time.perf_counter()
     try:
-        stream = client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=tokens,
-            temperature=0.0, stream=True, stream_options={"include_usage": True},
+        stream = client.completions.create(
+            model=model, prompt=prompt, max_tokens=tokens, temperature=0.0, stream=True,
             extra_body={"ignore_eos": True})
         for chunk in stream:
             now = time.perf_counter()
-            if chunk.choices and chunk.choices[0].delta.content:
+            if chunk.choices and chunk.choices[0].finish_reason is None:
                 out.chunks.append(now)
             if chunk.usage is not None:
                 out.tokens = chunk.usage.completion_tokens
@@ -299,8 +301,8 @@ def table(title: str, rows: list[dict[str, float]]) -> str:
 def bench(url: str, name: str, streams: list[int], tokens: int, mixes: bool,
           poisson_requests: int, join: bool) -> str:
     if mixes:  # warm-up: every expert loaded (and kept: the cache holds all eight)
-        for name in EXPERTS:
-            run_stream(url, name, PROMPTS[0], 2, Stream())
+        for expert in EXPERTS:
+            run_stream(url, expert, PROMPTS[0], 2, Stream())
     concurrent(url, 2, 4, mixes)
     rows = [concurrent(url, n, tokens, mixes) for n in streams]
     one = next((r["aggregate"] for r in rows if r["streams"] == 1), rows[0]["aggregate"])
@@ -330,6 +332,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=16)
     ap.add_argument("--poisson-requests", type=int, default=24)
     ap.add_argument("--llama-server", help="llama-server binary to compare with")
+    ap.add_argument("--skip-r3mes", action="store_true", help="only the llama-server runs")
     ap.add_argument("--gguf", help="the same model as GGUF (TQ2_0) for llama-server")
     ap.add_argument("--out", help="also write the tables to this markdown file")
     args = ap.parse_args()
@@ -337,12 +340,13 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     root = build_assets(Path(args.workdir))
     text = ""
-    server = start_r3mes(root, args.threads, args.max_batch)
-    try:
-        text += bench(server.url, "r3mes", streams, args.tokens, True,
-                      args.poisson_requests, True)
-    finally:
-        server.close()
+    if not args.skip_r3mes:
+        server = start_r3mes(root, args.threads, args.max_batch)
+        try:
+            text += bench(server.url, "r3mes", streams, args.tokens, True,
+                          args.poisson_requests, True)
+        finally:
+            server.close()
     if args.llama_server and args.gguf:
         llama = start_llama(args.llama_server, args.gguf, args.threads, 8)
         try:

@@ -79,7 +79,8 @@ def train_tokenizer(out: Path) -> None:
     corpus.write_text("\n".join(lines), encoding="utf-8")
     spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(out / "tokenizer"),
                                    vocab_size=2000, model_type="bpe", bos_id=1, eos_id=2,
-                                   unk_id=0, pad_id=-1, hard_vocab_limit=False)
+                                   unk_id=0, pad_id=-1, hard_vocab_limit=False,
+                                   byte_fallback=True)  # any prompt tokenises
     corpus.unlink()
 
 
