@@ -221,6 +221,17 @@ def install_rag_snapshot(rag_store: Any, index: str, digest: str,
         rag_store.import_snapshot(tmp)
 
 
+async def _within(response: Any, what: str, seconds: float = 120.0) -> Any:
+    """Await a handle call at start-up with a deadline: a replica whose start hangs raises,
+    and Serve starts it again, instead of staying STARTING forever."""
+    async def wait() -> Any:
+        return await response
+    try:
+        return await asyncio.wait_for(wait(), seconds)
+    except asyncio.TimeoutError:
+        raise RuntimeError(f"no answer for {what} within {seconds:.0f} s") from None
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=32)
 class R3mesEngine:
     """One r3mes engine: the model loaded once, its own tiered expert cache and RAG copy.
@@ -246,11 +257,12 @@ class R3mesEngine:
         self.placement = placement
         self.max_sets = max_sets
         self.home = Path(tempfile.mkdtemp(prefix=f"r3mes-replica-{self.replica}-"))
-        manifest = await registry.manifest.remote()
+        manifest = await _within(registry.manifest.remote(), "the registry's manifest")
         store = AdapterStore(self.home)
         refused: dict[str, str] = {}
         for expert, info in sorted(manifest["experts"].items()):
-            files = await registry.adapter_files.remote(info["digest"])
+            files = await _within(registry.adapter_files.remote(info["digest"]),
+                                  f"the files of {expert}")
             try:
                 install_adapter(store, expert, info["digest"], info["fingerprint"], files)
             except (AdapterStoreError, OSError, KeyError) as exc:
