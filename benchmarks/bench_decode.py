@@ -42,12 +42,14 @@ def _shapes(cfg: BitNetConfig) -> dict[str, tuple[int, int]]:
             "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h), "mlp.down_proj": (h, i)}
 
 
-def build_model() -> BitNetForCausalLM:
-    """The 2B-4T-shaped model with random ternary weights (also used by bench_cuda_decode)."""
+def build_model(config: BitNetConfig = CONFIG, head_rows: int | None = None) -> BitNetForCausalLM:
+    """The 2B-4T-shaped model with random ternary weights (also used by bench_cuda_decode and
+    bench_serving). ``head_rows``: head rows past it are zero (an untied ``config`` then
+    only ever predicts the first ``head_rows`` tokens, e.g. a small tokenizer's)."""
     rng = np.random.default_rng(0)
-    shapes = _shapes(CONFIG)
+    shapes = _shapes(config)
     layers = []
-    for _ in range(CONFIG.num_hidden_layers):
+    for _ in range(config.num_hidden_layers):
         layer = {}
         for name in LINEAR_NAMES:
             out_f, in_f = shapes[name]
@@ -55,8 +57,12 @@ def build_model() -> BitNetForCausalLM:
             packed = kernels.TernaryWeight.from_ternary(torch.from_numpy(codes), 1.0)
             layer[name.split(".")[1]] = bitlinear_from_packed(packed)
         layers.append(layer)
-    embed = (torch.randn(CONFIG.vocab_size, CONFIG.hidden_size) * 0.02).to(torch.bfloat16)
-    return BitNetForCausalLM(CONFIG, embed, layers, LMHead.from_float(embed))
+    embed = (torch.randn(config.vocab_size, config.hidden_size) * 0.02).to(torch.bfloat16)
+    head = embed
+    if head_rows is not None:
+        head = embed.clone()
+        head[head_rows:] = 0
+    return BitNetForCausalLM(config, embed, layers, LMHead.from_float(head))
 
 
 @pytest.fixture(scope="module")

@@ -56,37 +56,17 @@ def build_assets(root: Path) -> Path:
     if (model_dir / "r3mes_model.json").is_file() and (experts_dir / EXPERTS[-1]).is_dir():
         return root
     import torch
-    from bench_decode import CONFIG, RANK, _shapes
+    from bench_decode import CONFIG, RANK, build_model
 
-    from r3mes import kernels
     from r3mes.core.adapter_io import save_peft_adapter
     from r3mes.core.checkpoint import save_model
-    from r3mes.core.model import (
-        LINEAR_NAMES,
-        BitNetConfig,
-        BitNetForCausalLM,
-        LMHead,
-        bitlinear_from_packed,
-    )
+    from r3mes.core.model import BitNetConfig
     from r3mes.serving.inference_pipeline import assets_dir
 
     cfg = BitNetConfig.from_dict({**CONFIG.to_dict(), "tie_word_embeddings": False,
                                   "bos_token_id": 0, "eos_token_id": [1], "pad_token_id": 2})
+    model = build_model(cfg, head_rows=TEXT_VOCAB)
     g = torch.Generator().manual_seed(0)
-    shapes = _shapes(cfg)
-    layers = []
-    for _ in range(cfg.num_hidden_layers):
-        layer = {}
-        for name in LINEAR_NAMES:
-            out_f, in_f = shapes[name]
-            codes = torch.randint(0, 3, (out_f, in_f), generator=g, dtype=torch.int8) - 1
-            layer[name.split(".")[1]] = bitlinear_from_packed(
-                kernels.TernaryWeight.from_ternary(codes, 1.0))
-        layers.append(layer)
-    embed = (torch.randn(cfg.vocab_size, cfg.hidden_size, generator=g) * 0.02)
-    head = embed.clone()
-    head[TEXT_VOCAB:] = 0.0
-    model = BitNetForCausalLM(cfg, embed.to(torch.bfloat16), layers, LMHead.from_float(head))
     save_model(model, model_dir, source="bench_serving random 2B-4T shape")
     demo = assets_dir() / "demo_model"
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):

@@ -254,6 +254,16 @@ class BitNetAttention(nn.Module):
         self.attn_sub_norm = (RMSNorm(config.num_attention_heads * config.head_dim,
                                       config.rms_norm_eps) if config.sub_norms else None)
 
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor,
+            sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries and keys rotated for their positions, and values, each
+        [B, heads, T, head_dim], of the normed hidden states x [B, T, hidden]."""
+        bsz, seq = x.shape[:2]
+        q = self.q_proj(x).view(bsz, seq, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, seq, self.num_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, seq, self.num_kv, self.head_dim).transpose(1, 2)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
 
 class BitNetMLP(nn.Module):
     def __init__(self, config: BitNetConfig, linears: dict[str, nn.Module]) -> None:
@@ -421,12 +431,7 @@ class BitNetForCausalLM(nn.Module):
         rep = nh // nkv
         for li, layer in enumerate(self.model.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(bsz, seq, nh, hd).transpose(1, 2)
-            k = attn.k_proj(x).view(bsz, seq, nkv, hd).transpose(1, 2)
-            v = attn.v_proj(x).view(bsz, seq, nkv, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = attn.qkv(layer.input_layernorm(h), cos, sin)
             if direct_kv:
                 keys, values = k, v
             else:
@@ -578,7 +583,7 @@ class BitNetForCausalLM(nn.Module):
         cache gathered from its blocks."""
         cfg = self.config
         bsz = tokens.shape[0]
-        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        nh, hd = cfg.num_attention_heads, cfg.head_dim
         cos, sin = self._rope(positions[:, None])  # [B, 1, hd]
         cos, sin = cos[:, None], sin[:, None]
         bs = pool.block_size
@@ -586,12 +591,7 @@ class BitNetForCausalLM(nn.Module):
         h = self.model.embed_tokens.weight[tokens[:, None]].float()
         for li, layer in enumerate(self.model.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(bsz, 1, nh, hd).transpose(1, 2)
-            k = attn.k_proj(x).view(bsz, 1, nkv, hd).transpose(1, 2)
-            v = attn.v_proj(x).view(bsz, 1, nkv, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = attn.qkv(layer.input_layernorm(h), cos, sin)
             outs = []
             for b in range(bsz):
                 p = int(positions[b])

@@ -39,7 +39,7 @@ from torch import nn
 
 from r3mes import kernels
 from r3mes.core.dora import BitLinearDoRA, dora_modules
-from r3mes.core.model import BitNetForCausalLM, KVCache, LMHead, RMSNorm, _rotate_half
+from r3mes.core.model import BitNetForCausalLM, KVCache, LMHead, RMSNorm
 from r3mes.kernels import cuda
 
 __all__ = [
@@ -449,12 +449,7 @@ class StaticDecoder:
         k_cache, v_cache = cache.k, cache.v
         for li, layer in enumerate(model.model.layers):
             attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(bsz, 1, nh, hd).transpose(1, 2)
-            k = attn.k_proj(x).view(bsz, 1, nkv, hd).transpose(1, 2)
-            v = attn.v_proj(x).view(bsz, 1, nkv, hd).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = attn.qkv(layer.input_layernorm(h), cos, sin)
             k_cache[li].index_copy_(2, s.pos, k)
             v_cache[li].index_copy_(2, s.pos, v)
             # GQA as in BitNetForCausalLM._forward: the rep query heads of a kv head are
