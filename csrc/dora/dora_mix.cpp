@@ -439,7 +439,10 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
     dot32_ = isa.dot32;
     dot16_ = isa.dot16;
     dot8_ = isa.dot8;
-    a_rows_ = p.z_cols * M;  // row i * M + m: adapter row i, token m
+    // Task row m * z_cols + i: token m, adapter row i. Token-major, so one token's rows of
+    // one adapter lie one after another and go to the int8 kernel together (it shares each
+    // load of x16 among four rows); adapter-major order made one call a row for M > 1.
+    a_rows_ = p.z_cols * M;
     // One A-pass task a worker: the first chunk each worker claims runs one (ternary.h).
     const std::size_t threads = static_cast<std::size_t>(get_num_threads());
     a_grain_ = (a_rows_ + threads - 1) / threads;
@@ -500,11 +503,12 @@ void DoraCall::a_pass_task(void* ctx, std::size_t task) {
   const std::size_t r1 = std::min(c.a_rows_, (task + 1) * c.a_grain_);
   const int16_t* x16 = nullptr;  // this task's int16 grid of the tokens' x (int8 adapters)
   for (std::size_t t = task * c.a_grain_; t < r1;) {
-    const std::size_t i = t / M, m = t % M, e = c.row_adapter_[i];
+    const std::size_t m = t / p.z_cols, i = t % p.z_cols, e = c.row_adapter_[i];
     const DoraAdapter& ad = *c.adapters_[e];
     const std::size_t j = i - p.z_off[e];
+    const std::size_t adapter_end = m * p.z_cols + p.z_off[e] + ad.rank;  // past its rows
     if (c.mix_ptr_[(c.mix_rows_ == 1 ? 0 : m) * E + e] == 0.0f) {
-      ++t;
+      t = adapter_end;  // the token does not use this adapter
       continue;
     }
     if (ad.storage != DoraStorage::I8) {
@@ -519,8 +523,8 @@ void DoraCall::a_pass_task(void* ctx, std::size_t task) {
       if (M == 1) c.quant_x16_(c.x_, K, c.x16_inv_[0], c.x16_.data() + task * K);
       x16 = c.x16_.data() + (M == 1 ? task * K : 0);
     }
-    // One token: this adapter's rows of the task in one call (they lie one after another).
-    const std::size_t rows = M == 1 ? std::min(r1, p.z_off[e] + ad.rank) - t : 1;
+    // This token's rows of this adapter in the task, in one call.
+    const std::size_t rows = std::min(r1, adapter_end) - t;
     int64_t dots[16];
     for (std::size_t r0 = 0; r0 < rows; r0 += 16) {
       const std::size_t n = std::min<std::size_t>(16, rows - r0);
