@@ -172,3 +172,15 @@ def test_nothing_to_generate_and_empty_prompts_are_answered_at_once(backend) -> 
         engine.submit(_job([], [], n=3)).result(timeout=60)
     assert engine.pool is None or engine.pool.used_blocks == 0
     engine.close()
+
+
+def test_a_queue_of_zero_still_takes_jobs_while_rows_are_free(backend) -> None:
+    engine = Engine(backend, max_batch=2, max_queue=0, kv_tokens=512)
+    first, second = _job(PROMPTS[0], [], n=3), _job(PROMPTS[1], [], n=3)
+    futures = [engine.submit(first), engine.submit(second)]
+    with pytest.raises(EngineOverloaded):
+        engine.submit(_job(PROMPTS[2], [], n=3))  # both rows taken, nowhere to wait
+    for f in futures:
+        f.result(timeout=60)
+    assert len(first.tokens) == 3 and len(second.tokens) == 3
+    engine.close()

@@ -116,7 +116,8 @@ class Engine:
         max_context: the model's context length; a prompt longer than it allows (with the
             answer's budget) is cut from the left, keeping the question at the end.
         max_batch: rows decoded together at most.
-        max_queue: jobs waiting at most; beyond it :meth:`submit` raises EngineOverloaded.
+        max_queue: jobs waiting for a row at most; beyond it :meth:`submit` raises
+            EngineOverloaded (0: only as many jobs as there are free rows).
         kv_tokens / kv_megabytes: the KV-cache budget (one of them; default 1024 MiB),
             capped at what ``max_batch`` rows of ``max_context`` positions could use.
         kv_block_size: positions per cache block.
@@ -143,6 +144,7 @@ class Engine:
         self.pool: Any = None  # the KVBlockPool, made at the first job
         self._waiting: collections.deque[_Row] = collections.deque()
         self._running: list[_Row] = []
+        self._joining = 0  # a job being prefilled: out of the queue, not yet running
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -157,7 +159,7 @@ class Engine:
         with self._cond:
             if self._closed:
                 raise EngineClosed("the engine is closed")
-            if len(self._waiting) >= self.max_queue:
+            if not self._has_room():
                 self.counters["rejected"] += 1
                 raise EngineOverloaded(
                     f"{len(self._waiting)} requests are already waiting (the queue holds "
@@ -179,7 +181,12 @@ class Engine:
 
     def accepting(self) -> bool:
         """Whether :meth:`submit` would take a job now."""
-        return not self._closed and len(self._waiting) < self.max_queue
+        return not self._closed and self._has_room()
+
+    def _has_room(self) -> bool:
+        # A job passes through the queue even when a row is free: free rows count as room.
+        free_rows = max(0, self.max_batch - len(self._running) - self._joining)
+        return len(self._waiting) < self.max_queue + free_rows
 
     def retry_after(self) -> float:
         """Seconds until a queue slot is likely free (a whole-second estimate, at least 1)."""
@@ -282,7 +289,12 @@ class Engine:
                     return
                 self._waiting.popleft()
                 row.blocks = pool.allocate(need)
-            self._join(row)
+                self._joining += 1
+            try:
+                self._join(row)
+            finally:
+                with self._cond:
+                    self._joining -= 1
 
     def _join(self, row: _Row) -> None:
         """Prefills a job alone and delivers its first token; it decodes from the next step."""
