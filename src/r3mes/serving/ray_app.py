@@ -736,13 +736,9 @@ def render_fleet_metrics(fleet: Mapping[str, Mapping[str, Any]], proxy: RayPipel
 
     def metric(name: str, kind: str, help_: str,
                samples: list[tuple[dict[str, Any], float]]) -> None:
-        from r3mes.serving.server import _escape
+        from r3mes.serving.server import prometheus_metric
 
-        lines.append(f"# HELP {name} {help_}")
-        lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            label = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
-            lines.append(f"{name}{{{label}}} {value}" if label else f"{name} {value}")
+        prometheus_metric(lines, name, kind, help_, samples)
 
     reps = sorted(fleet.items())
     metric("r3mes_replica_requests_total", "counter", "Requests answered by each engine replica",

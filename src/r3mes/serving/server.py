@@ -194,11 +194,7 @@ class ServerMetrics:
 
         def metric(name: str, kind: str, help_: str,
                    samples: list[tuple[dict[str, Any], float]]) -> None:
-            lines.append(f"# HELP {name} {help_}")
-            lines.append(f"# TYPE {name} {kind}")
-            for labels, value in samples:
-                label = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
-                lines.append(f"{name}{{{label}}} {value}" if label else f"{name} {value}")
+            prometheus_metric(lines, name, kind, help_, samples)
 
         with self.lock:
             metric("r3mes_http_requests_total", "counter", "HTTP requests by path and status",
@@ -254,6 +250,17 @@ class ServerMetrics:
                        [({"tier": t}, cache[f"tier{t}"]["utilisation"] or 0.0)
                         for t in (1, 2, 3)])
         return "\n".join(lines) + "\n"
+
+
+def prometheus_metric(lines: list[str], name: str, kind: str, help_: str,
+                      samples: list[tuple[dict[str, Any], float]]) -> None:
+    """Appends one metric, its HELP and TYPE lines and a line a sample, in Prometheus' text
+    format."""
+    lines.append(f"# HELP {name} {help_}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        label = ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items())
+        lines.append(f"{name}{{{label}}} {value}" if label else f"{name} {value}")
 
 
 def _escape(value: str) -> str:
