@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from r3mes.core.model import BitNetForCausalLM, KVCache
+from r3mes.core.model import BitNetConfig, BitNetForCausalLM, KVCache
 from r3mes.core.tokenizer import Tokenizer
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "TokenEvent",
     "generate",
     "sample_next",
+    "stop_token_ids",
     "stream",
 ]
 
@@ -112,6 +113,18 @@ def sample_next(logits: torch.Tensor, config: GenerationConfig, seen: torch.Tens
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def stop_token_ids(config: GenerationConfig, model_config: BitNetConfig,
+                   tokenizer: Tokenizer | None) -> frozenset[int]:
+    """The tokens that end a row: ``config.stop_token_ids`` when given, else the model's EOS
+    ids (all of them: chat models declare end of turn too) and the tokenizer's EOS."""
+    if config.stop_token_ids is not None:
+        return frozenset(config.stop_token_ids)
+    ids = set(model_config.eos_token_id)
+    if tokenizer is not None and tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
 class _RowText:
     """Incremental detokenisation of one row with stop-string hold-back."""
 
@@ -168,11 +181,7 @@ def stream(model: BitNetForCausalLM, prompts: Sequence[Sequence[int]],
         if min(p) < 0 or max(p) >= cfg.vocab_size:
             raise ValueError(f"prompts[{i}]: token ids must be in [0, {cfg.vocab_size})")
     fwd = forward or (lambda ids, cache, last_only: model(ids, cache, last_only=last_only))
-    stop_ids = set(config.stop_token_ids if config.stop_token_ids is not None
-                   else cfg.eos_token_id)
-    if (config.stop_token_ids is None and tokenizer is not None
-            and tokenizer.eos_token_id is not None):
-        stop_ids.add(tokenizer.eos_token_id)
+    stop_ids = stop_token_ids(config, cfg, tokenizer)
     bsz = len(prompts)
     longest = max(len(p) for p in prompts)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else 0

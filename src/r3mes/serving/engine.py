@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from r3mes.core.generation import GenerationConfig, sample_next
+from r3mes.core.generation import GenerationConfig, sample_next, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class _Row:
     last: int = 0  # the token fed to the next step
     generator: torch.Generator | None = None
     seen: torch.Tensor | None = None  # bool [1, V] for the repetition penalty
+    stop_ids: frozenset[int] = frozenset()  # tokens that end the row (EOS / end of turn)
     batch_size: int = 1
 
 
@@ -305,6 +306,8 @@ class Engine:
                 needed = {n for r in (*self._running, row) for n, _ in r.job.mix}
                 self._adapters(needed)
             params = job.params
+            row.stop_ids = stop_token_ids(params, self.backend.model.config,
+                                          getattr(self.backend, "tokenizer", None))
             if params.temperature > 0:
                 row.generator = torch.Generator()
                 row.generator.manual_seed(params.seed if params.seed is not None
@@ -331,7 +334,7 @@ class Engine:
         if row.seen is not None:
             row.seen[0, token] = True
         self.counters["tokens"] += 1
-        if token in self._stop_ids(params):
+        if token in row.stop_ids:
             self._leave(row, "stop")
             return
         job.tokens.append(token)
@@ -376,15 +379,6 @@ class Engine:
             self.pool = self.backend.new_kv_pool(tokens=tokens, megabytes=megabytes,
                                                  block_size=self._kv_block_size, max_tokens=cap)
         return self.pool
-
-    def _stop_ids(self, params: GenerationConfig) -> set[int]:
-        if params.stop_token_ids is not None:
-            return set(params.stop_token_ids)
-        ids = set(self.backend.model.config.eos_token_id)
-        tok = getattr(self.backend, "tokenizer", None)
-        if tok is not None and tok.eos_token_id is not None:
-            ids.add(tok.eos_token_id)
-        return ids
 
     @staticmethod
     def _cancelled(row: _Row) -> bool:

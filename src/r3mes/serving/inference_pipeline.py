@@ -283,6 +283,15 @@ class PipelineResult:
     #: parts this query had to do without (a broken expert or index), one line each
     warnings: list[str] = field(default_factory=list)
 
+    def raise_if_failed(self) -> None:
+        """Raises the failure as an exception: InvalidRequestError for the caller's mistakes
+        (``invalid_request``, ``unknown_expert``), PipelineError otherwise."""
+        if self.success:
+            return
+        cls = InvalidRequestError if self.error_type in (
+            "invalid_request", "unknown_expert") else PipelineError
+        raise cls(self.error or "the query failed")
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (the ``r3mes ask --json`` schema)."""
         return {
@@ -815,10 +824,7 @@ class InferencePipeline:
         result = await task
         if result_holder is not None:
             result_holder.append(result)
-        if not result.success:
-            cls = InvalidRequestError if result.error_type in (
-                "invalid_request", "unknown_expert") else PipelineError
-            raise cls(result.error or "the query failed")
+        result.raise_if_failed()
 
     async def run_batch(self, queries: Sequence[str], force_experts: Sequence[str] | None = None,
                         skip_rag: bool = False, **kwargs: Any) -> list[PipelineResult]:

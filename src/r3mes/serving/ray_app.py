@@ -630,10 +630,7 @@ class RayPipeline:
         result = self._finish(result, started)
         if result_holder is not None:
             result_holder.append(result)
-        if not result.success:
-            cls = InvalidRequestError if result.error_type in (
-                "invalid_request", "unknown_expert") else PipelineError
-            raise cls(result.error or "the query failed")
+        result.raise_if_failed()
 
     # -- internals
     async def _route(self, query: str, force_experts: Sequence[str] | None, skip_rag: bool,
