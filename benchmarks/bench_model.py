@@ -44,8 +44,9 @@ DECODE_TOKENS = 128
 
 def build(root: Path = BENCH_DIR, layers: int | None = None) -> tuple[Path, Path]:
     """Write the random HF packed directory and its r3mes conversion (once)."""
-    from r3mes.core.checkpoint import FORMAT_VERSION, _write_safetensors, convert
+    from r3mes.core.checkpoint import FORMAT_VERSION, convert
     from r3mes.core.model import LINEAR_NAMES
+    from r3mes.utils.safetensors_io import write_safetensors
 
     hf, r3 = root / "hf-packed", root / "r3mes"
     manifest = r3 / "r3mes_model.json"
@@ -85,7 +86,7 @@ def build(root: Path = BENCH_DIR, layers: int | None = None) -> tuple[Path, Path
     for r in range(0, v, 16384):
         emb[r:r + 16384] = (0.02 * torch.randn(min(16384, v - r), h, generator=g)).bfloat16()
     tensors["model.embed_tokens.weight"] = emb
-    _write_safetensors(hf / "model.safetensors", tensors, {"format": "pt"})
+    write_safetensors(hf / "model.safetensors", tensors, {"format": "pt"})
     del tensors, emb
     convert(hf, r3)
     return hf, r3

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +17,7 @@ def write_adapter(
     path: Path,
     *,
     rank: int = 4,
+    ranks: Mapping[str, int] | None = None,
     features: int = 64,
     modules: Sequence[str] = DEFAULT_MODULES,
     target_modules: Sequence[str] | None = None,
@@ -25,14 +26,16 @@ def write_adapter(
     dtype: torch.dtype = torch.float16,
     config_overrides: dict | None = None,
 ) -> Path:
-    """Write a PEFT-format DoRA adapter: every module is [out=features, in=features]."""
+    """Write a PEFT-format DoRA adapter: every module is [out=features, in=features], of
+    rank ``ranks.get(module, rank)`` (the config's ``rank_pattern`` is left to the caller)."""
     path.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     tensors = {}
     for module in modules:
         prefix = f"base_model.model.{module}"
-        tensors[f"{prefix}.lora_A.weight"] = torch.randn(rank, features, generator=gen).to(dtype)
-        tensors[f"{prefix}.lora_B.weight"] = torch.randn(features, rank, generator=gen).to(dtype)
+        r = (ranks or {}).get(module, rank)
+        tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, features, generator=gen).to(dtype)
+        tensors[f"{prefix}.lora_B.weight"] = torch.randn(features, r, generator=gen).to(dtype)
         tensors[f"{prefix}.lora_magnitude_vector"] = torch.rand(features, generator=gen).to(dtype)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     config = {

@@ -23,6 +23,7 @@ from r3mes.cache.adapter_store import (
     ManifestCorruptError,
     StoreFullError,
     adapter_digest,
+    inspect_adapter_dir,
 )
 
 
@@ -140,7 +141,7 @@ def test_missing_weights_file_is_refused(store, adapter_factory):
         ({"peft_type": "IA3"}, "peft_type"),
         ({"r": 0}, "'r' must be a positive integer"),
         ({"target_modules": []}, "target_modules"),
-        ({"rank_pattern": {"q_proj": 8}}, "rank_pattern"),
+        ({"rank_pattern": {"q_proj": "8"}}, "rank_pattern"),
     ],
 )
 def test_config_that_is_not_a_dora_adapter_is_refused(store, adapter_factory, overrides, message):
@@ -148,6 +149,40 @@ def test_config_that_is_not_a_dora_adapter_is_refused(store, adapter_factory, ov
     with pytest.raises(AdapterValidationError, match=message) as info:
         store.add(src, "a")
     assert "adapter_config.json" in str(info.value)
+
+
+def test_adapter_with_a_rank_pattern_is_stored_with_each_module_rank(store, adapter_factory):
+    # PEFT writes per-module ranks to rank_pattern (so does save_peft_adapter): the store
+    # must accept what the loader loads.
+    from r3mes.core.adapter_io import read_peft_adapter
+
+    q_proj = "model.layers.0.self_attn.q_proj"
+    src = adapter_factory(ranks={q_proj: 8}, config_overrides={"rank_pattern": {"q_proj": 8}})
+    record = store.add(src, "a")
+    info = inspect_adapter_dir(store.objects / record.digest)
+    assert info.module_ranks == {q_proj: 8, "model.layers.0.mlp.down_proj": 4}
+    assert record.rank == 4 and info.config.scaling_for(q_proj) == 8 / 8
+    _, tensors = read_peft_adapter(store.objects / record.digest)
+    assert tensors[f"base_model.model.{q_proj}.lora_A.weight"].shape == (8, 64)
+
+
+def test_rank_pattern_that_disagrees_with_the_tensors_is_refused(store, adapter_factory):
+    src = adapter_factory(config_overrides={"rank_pattern": {"q_proj": 8}})
+    with pytest.raises(AdapterValidationError,
+                       match=r"q_proj\.lora_A\.weight' has rank 4 but the config says r=8 "
+                             r"\(rank_pattern\)"):
+        store.add(src, "a")
+
+
+def test_target_modules_given_as_a_regex_is_honoured(store, adapter_factory):
+    # save_peft_adapter writes a regex when leaf names would select too much (PEFT: a string
+    # target_modules is matched with re.fullmatch against the module path).
+    both = r"^model\.layers\.0\.(mlp\.down_proj|self_attn\.q_proj)$"
+    covered = adapter_factory(config_overrides={"target_modules": both})
+    assert store.add(covered, "a").num_modules == 2
+    partial = adapter_factory(config_overrides={"target_modules": r"^model\.layers\.0\.mlp\..*$"})
+    with pytest.raises(AdapterValidationError, match="q_proj' is not covered by target_modules"):
+        store.add(partial, "b")
 
 
 def test_config_that_is_not_json_is_refused(store, adapter_factory):
@@ -357,7 +392,7 @@ _CRASH_SCRIPT = textwrap.dedent(
     import r3mes.cache.adapter_store as s
     home, src, phase = sys.argv[1], sys.argv[2], sys.argv[3]
     if phase == "copy":
-        original = s._copy_hashing
+        original = s.copy_file_hashing
         def slow_copy(a, b):
             # copy a first part, then stall so the parent kills us mid-write
             with open(a, "rb") as fin, open(b, "wb") as fout:
@@ -366,7 +401,7 @@ _CRASH_SCRIPT = textwrap.dedent(
             print("WRITING", flush=True)
             time.sleep(60)
             return original(a, b)
-        s._copy_hashing = slow_copy
+        s.copy_file_hashing = slow_copy
     else:  # "manifest": the object is in place, the manifest rename has not happened
         real_replace = s.os.replace
         def stalled_replace(a, b):

@@ -187,3 +187,19 @@ def test_loading_twice_under_one_name_is_refused_and_keeps_the_first(saved):
     with pytest.raises(AdapterFormatError, match="already holds"):
         load_peft_adapter(model, path, "twice")
     assert all("twice" in m.adapter_names for m in dora_modules(model).values())
+
+
+def test_an_adapter_r3mes_saves_with_a_rank_pattern_enters_the_store(saved, tmp_path):
+    # The store and the loader share one validator: what save_peft_adapter writes (here a
+    # rank_pattern and leaf-name target_modules) the store accepts, with the same ranks.
+    from r3mes.cache.adapter_store import AdapterStore, inspect_adapter_dir
+
+    _, path = saved
+    store = AdapterStore(tmp_path / "home")
+    record = store.add(path, "e")
+    info = inspect_adapter_dir(store.objects / record.digest)
+    assert info.module_ranks["model.layers.1.mlp.up_proj"] == 8
+    assert {r for m, r in info.module_ranks.items() if not m.endswith("layers.1.mlp.up_proj")} \
+        == {4}
+    loaded = load_peft_adapter(_fresh(), store.objects / record.digest, "stored")
+    assert loaded.module_ranks == info.module_ranks and loaded.name == "stored"

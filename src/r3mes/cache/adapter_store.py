@@ -39,36 +39,43 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from r3mes.core.peft_config import CONFIG_NAME, AdapterFormatError, read_dora_config
-from r3mes.utils.atomic import atomic_write_json
+from r3mes.core.peft_config import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    AdapterFormatError,
+    AdapterInfo,
+    validate_adapter,
+)
+from r3mes.errors import R3mesError
+from r3mes.utils.atomic import atomic_write_json, file_lock, fsync_dir, fsync_tree
 from r3mes.utils.diskspace import ensure_free_space, format_bytes
-from r3mes.utils.hashing import file_sha256
+from r3mes.utils.hashing import copy_file_hashing, file_problem, file_sha256
+from r3mes.utils.hashing import sha256sum_digest as tree_digest
 from r3mes.utils.paths import r3mes_home
 
 if TYPE_CHECKING:  # pragma: no cover
     from r3mes.cache.fetchers import Fetcher
 
-try:  # POSIX only; on other systems the store is safe within one process.
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None  # type: ignore[assignment]
+__all__ = [
+    "ADAPTER_FILES", "CONFIG_NAME", "WEIGHTS_NAME", "AdapterInfo", "AdapterNotFoundError",
+    "AdapterRecord", "AdapterStore", "AdapterStoreError", "AdapterValidationError",
+    "BaseModelMismatchError", "DigestMismatchError", "ManifestCorruptError", "StoreFullError",
+    "VerifyResult", "adapter_digest", "inspect_adapter_dir", "shape_fingerprint", "tree_digest",
+]
 
-WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_FILES: tuple[str, ...] = (CONFIG_NAME, WEIGHTS_NAME)
 MANIFEST_FORMAT = "r3mes-adapter-store"
 MANIFEST_VERSION = 1
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-_KEY_PREFIX = "base_model.model."
-_CHUNK = 1 << 20
 _MANIFEST_ROOM = 256 * 1024  # a generous bound on one manifest rewrite
 
 
 # --------------------------------------------------------------------------- errors
 
 
-class AdapterStoreError(Exception):
+class AdapterStoreError(R3mesError):
     """Base class of every error the adapter store raises."""
 
 
@@ -102,164 +109,12 @@ class StoreFullError(AdapterStoreError):
 # --------------------------------------------------------------------------- validation
 
 
-@dataclass(frozen=True)
-class AdapterInfo:
-    """What structural validation learned about an adapter directory."""
-
-    rank: int
-    lora_alpha: float
-    use_rslora: bool
-    base_model: str | None
-    target_modules: tuple[str, ...]
-    #: full module path (without the ``base_model.model.`` prefix) -> (out_features, in_features)
-    module_shapes: dict[str, tuple[int, int]]
-    tensor_bytes: int
-    dtypes: tuple[str, ...]
-
-    @property
-    def scaling(self) -> float:
-        """The PEFT scaling ``alpha / r`` (``alpha / sqrt(r)`` with rsLoRA)."""
-        return self.lora_alpha / (math.sqrt(self.rank) if self.use_rslora else self.rank)
-
-
-def _split_key(key: str) -> tuple[str, str] | None:
-    """``base_model.model.<module>.<part>`` -> (module, part) for the three DoRA parts."""
-    for part in ("lora_A.weight", "lora_B.weight", "lora_magnitude_vector.weight",
-                 "lora_magnitude_vector"):
-        suffix = "." + part
-        if key.startswith(_KEY_PREFIX) and key.endswith(suffix):
-            module = key[len(_KEY_PREFIX):-len(suffix)]
-            if module:
-                return module, part.split(".")[0]
-    return None
-
-
-def read_adapter_config(path: Path) -> dict[str, Any]:
-    """Parse and check ``adapter_config.json`` with the model loader's own validator, then
-    the store's extra rule: one rank for every module (the store checks tensor ranks
-    against ``r``)."""
-    config = read_dora_config(path, AdapterValidationError)
-    if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise AdapterValidationError(
-            f"{path / CONFIG_NAME}: rank_pattern/alpha_pattern are not supported in the store")
-    return config
-
-
 def inspect_adapter_dir(path: str | os.PathLike[str]) -> AdapterInfo:
-    """Validate a PEFT DoRA adapter directory structurally and describe it.
-
-    Checks: the config is a DoRA LoRA config; the safetensors header parses (via the
-    ``safetensors`` library) and the data section is complete; every key is an
-    ``lora_A.weight [r, in]`` / ``lora_B.weight [out, r]`` / ``lora_magnitude_vector [out]``
-    part of a complete triple; ranks agree with ``r``; every adapted module matches a
-    ``target_modules`` entry. Raises :class:`AdapterValidationError` naming file and key.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    root = Path(path)
-    if not root.is_dir():
-        raise AdapterValidationError(f"{root}: not a directory")
-    config = read_adapter_config(root)
-    rank = int(config["r"])
-    weights = root / WEIGHTS_NAME
-    if not weights.is_file():
-        raise AdapterValidationError(f"{weights}: missing (an adapter needs {WEIGHTS_NAME})")
-    size = weights.stat().st_size
-    header_len = _safetensors_header_length(weights, size)
-    parts: dict[str, dict[str, tuple[int, ...]]] = {}
-    dtypes: set[str] = set()
-    data_end = 0
-    try:
-        with safe_open(str(weights), framework="numpy") as handle:
-            keys = list(handle.keys())
-            for key in keys:
-                split = _split_key(key)
-                if split is None:
-                    raise AdapterValidationError(
-                        f"{weights}: unexpected key {key!r} (expected base_model.model.<module>."
-                        "lora_A.weight / lora_B.weight / lora_magnitude_vector)")
-                module, part = split
-                if part in parts.get(module, {}):
-                    raise AdapterValidationError(f"{weights}: duplicate {part} for {module!r}")
-                tensor = handle.get_slice(key)
-                parts.setdefault(module, {})[part] = tuple(tensor.get_shape())
-                dtypes.add(str(tensor.get_dtype()))
-    except SafetensorError as exc:
-        raise AdapterValidationError(f"{weights}: not a readable safetensors file ({exc})") from exc
-    data_end = _safetensors_data_end(weights, header_len)
-    if size != 8 + header_len + data_end:
-        raise AdapterValidationError(
-            f"{weights}: truncated or padded: header describes {8 + header_len + data_end} bytes, "
-            f"file has {size}")
-    if not parts:
-        raise AdapterValidationError(f"{weights}: contains no tensors")
-    shapes: dict[str, tuple[int, int]] = {}
-    for module, got in sorted(parts.items()):
-        missing = {"lora_A", "lora_B", "lora_magnitude_vector"} - got.keys()
-        if missing:
-            raise AdapterValidationError(
-                f"{weights}: module {module!r} lacks {', '.join(sorted(missing))} "
-                "(each adapted module needs lora_A, lora_B and lora_magnitude_vector)")
-        a, b, m = got["lora_A"], got["lora_B"], got["lora_magnitude_vector"]
-        if len(a) != 2 or len(b) != 2 or len(m) != 1:
-            raise AdapterValidationError(
-                f"{weights}: module {module!r} has shapes A{list(a)} B{list(b)} m{list(m)}; "
-                "expected A [r, in], B [out, r], magnitude [out]")
-        if a[0] != rank or b[1] != rank:
-            raise AdapterValidationError(
-                f"{weights}: module {module!r} has rank A{list(a)} B{list(b)}, "
-                f"config says r={rank}")
-        if b[0] != m[0]:
-            raise AdapterValidationError(
-                f"{weights}: module {module!r}: lora_B has {b[0]} rows but the magnitude "
-                f"has {m[0]}")
-        if not _matches_target(module, config["target_modules"]):
-            raise AdapterValidationError(
-                f"{weights}: module {module!r} is not covered by target_modules "
-                f"{config['target_modules']}")
-        shapes[module] = (b[0], a[1])
-    targets = config["target_modules"]
-    return AdapterInfo(
-        rank=rank,
-        lora_alpha=float(config.get("lora_alpha", rank)),
-        use_rslora=bool(config.get("use_rslora", False)),
-        base_model=config.get("base_model_name_or_path"),
-        target_modules=tuple([targets] if isinstance(targets, str) else targets),
-        module_shapes=shapes,
-        tensor_bytes=data_end,
-        dtypes=tuple(sorted(dtypes)),
-    )
-
-
-def _matches_target(module: str, targets: Sequence[str]) -> bool:
-    # PEFT semantics for a list: the module name equals a target or ends with ".<target>".
-    return any(module == t or module.endswith("." + t) for t in targets)
-
-
-def _safetensors_header_length(path: Path, size: int) -> int:
-    if size < 8:
-        raise AdapterValidationError(f"{path}: truncated ({size} bytes, no safetensors header)")
-    with open(path, "rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-    if header_len <= 0 or 8 + header_len > size:
-        raise AdapterValidationError(
-            f"{path}: truncated or not safetensors (header of {header_len} bytes, file {size})")
-    return header_len
-
-
-def _safetensors_data_end(path: Path, header_len: int) -> int:
-    """The end of the last tensor's bytes, as the (already library-validated) header says."""
-    with open(path, "rb") as handle:
-        handle.seek(8)
-        header = json.loads(handle.read(header_len))
-    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    return max(ends, default=0)
-
-
-def tree_digest(file_digests: Mapping[str, str]) -> str:
-    """The adapter digest: sha256 of ``"<sha256>  <name>\\n"`` lines in name order."""
-    lines = "".join(f"{file_digests[name]}  {name}\n" for name in sorted(file_digests))
-    return hashlib.sha256(lines.encode()).hexdigest()
+    """Validate a PEFT DoRA adapter directory at header depth and describe it
+    (:func:`r3mes.core.peft_config.validate_adapter`: config, safetensors header, keys,
+    shapes, per-module ranks, ``target_modules``; no tensor data is read). Raises
+    :class:`AdapterValidationError` naming file and key."""
+    return validate_adapter(path, "header", AdapterValidationError)
 
 
 def adapter_digest(path: str | os.PathLike[str]) -> str:
@@ -371,17 +226,8 @@ class AdapterStore:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Serialise mutations across threads (RLock) and processes (flock on ``.lock``)."""
-        with self._thread_lock:
-            if fcntl is None:  # pragma: no cover
-                yield
-                return
-            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+        with self._thread_lock, file_lock(self.root / ".lock"):
+            yield
 
     def _read_manifest(self) -> dict[str, Any]:
         """The parsed manifest. ``max_size_bytes`` is present only once a limit (or an
@@ -576,7 +422,7 @@ class AdapterStore:
                           + _MANIFEST_ROOM, f"adding adapter {adapter_id!r}")
         staging = Path(tempfile.mkdtemp(prefix=f".staging-{os.getpid()}-", dir=self.root))
         try:
-            file_digests = {name: _copy_hashing(src / name, staging / name)
+            file_digests = {name: copy_file_hashing(src / name, staging / name)
                             for name in ADAPTER_FILES}
             digest = tree_digest(file_digests)
             if expected_digest is not None and digest != expected_digest:
@@ -585,7 +431,7 @@ class AdapterStore:
                     f"{expected_digest}")
             info = inspect_adapter_dir(staging)
             self._check_base_model(src, info, base_model_fingerprint)
-            _fsync_tree(staging)
+            fsync_tree(staging)
             size = sum((staging / name).stat().st_size for name in ADAPTER_FILES)
             now = time.time()
             with self._locked():
@@ -604,7 +450,7 @@ class AdapterStore:
                 target = self.objects / digest
                 if not target.exists():
                     os.replace(staging, target)
-                    _fsync_dir(self.objects)
+                    fsync_dir(self.objects)
                 record = AdapterRecord(
                     id=adapter_id, digest=digest, files=file_digests, size_bytes=size,
                     rank=info.rank, lora_alpha=info.lora_alpha, use_rslora=info.use_rslora,
@@ -758,13 +604,9 @@ class AdapterStore:
             problems: list[str] = []
             obj = self.objects / record.digest
             for name, expected in sorted(record.files.items()):
-                file = obj / name
-                if not file.is_file():
-                    problems.append(f"{file}: missing")
-                    continue
-                got = file_sha256(file)
-                if got != expected:
-                    problems.append(f"{file}: sha256 {got} does not match the recorded {expected}")
+                problem = file_problem(obj / name, expected)
+                if problem is not None:
+                    problems.append(problem)
             if not problems and tree_digest(record.files) != record.digest:
                 problems.append(f"manifest entry {record.id!r}: file digests do not add up to "
                                 f"{record.digest}")
@@ -834,30 +676,3 @@ def _pid_alive(pid: int | None) -> bool:
 
 def _norm_model(name: str) -> str:
     return name.strip().rstrip("/").lower()
-
-
-def _copy_hashing(src: Path, dst: Path) -> str:
-    digest = hashlib.sha256()
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
-        while chunk := fin.read(_CHUNK):
-            digest.update(chunk)
-            fout.write(chunk)
-    return digest.hexdigest()
-
-
-def _fsync_tree(directory: Path) -> None:
-    for child in directory.iterdir():
-        with open(child, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - some filesystems refuse
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

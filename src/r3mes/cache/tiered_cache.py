@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import math
 import os
@@ -53,6 +52,8 @@ from r3mes.cache.adapter_store import (
     DigestMismatchError,
 )
 from r3mes.cache.vram_manager import MB, VRAMBudgetError, VRAMManager
+from r3mes.errors import R3mesError
+from r3mes.utils.safetensors_io import tensors_from_buffer
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ PrepareFn = Callable[[Path, dict[str, Any]], Any]
 SizeFn = Callable[[Any], int]
 
 
-class CacheCapacityError(RuntimeError):
+class CacheCapacityError(R3mesError, RuntimeError):
     """An adapter cannot be placed in tier 1 (too large, or everything there is pinned/held)."""
 
 
@@ -514,12 +515,10 @@ class TieredDoRACache:
                 raise DigestMismatchError(
                     f"{weights}: sha256 {digest} does not match the manifest's "
                     f"{record.files.get(WEIGHTS_NAME)}")
-        try:
-            tensors = _tensors_from_buffer(buffer, weights)
-        except _Unaligned:
-            from safetensors.torch import load as load_safetensors
-
-            tensors = load_safetensors(bytes(view))
+        # The file passed header validation when it entered the store and its size matches
+        # the manifest; the header is validated again so a damaged file is an
+        # AdapterValidationError naming it, never a crash.
+        tensors = tensors_from_buffer(buffer, weights, AdapterValidationError)
         self.store.touch(adapter_id)
         return _HostEntry(adapter_id, record.digest, path, tensors, _tensor_bytes(tensors))
 
@@ -635,53 +634,6 @@ class TieredDoRACache:
                 freed += self._t1[victim].nbytes
                 self._demote_t1(victim)
         return freed
-
-
-class _Unaligned(Exception):
-    """A tensor's offset is not a multiple of its element size: copy instead of viewing."""
-
-
-_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-}
-
-
-def _tensors_from_buffer(buffer: torch.Tensor, path: Path) -> dict[str, torch.Tensor]:
-    """Tensors of a safetensors file held in ``buffer`` (uint8), as views of it.
-
-    The file passed the ``safetensors`` library's validation when it entered the store and
-    its size matched the manifest; this still checks every offset, dtype and shape, so a
-    damaged file is an AdapterValidationError naming it, never a crash.
-    """
-    size = buffer.numel()
-    raw = buffer.numpy()
-    header_len = int.from_bytes(raw[:8].tobytes(), "little") if size >= 8 else -1
-    if header_len <= 0 or 8 + header_len > size:
-        raise AdapterValidationError(f"{path}: truncated safetensors header")
-    try:
-        header = json.loads(raw[8:8 + header_len].tobytes())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterValidationError(f"{path}: unreadable safetensors header ({exc})") from exc
-    base = 8 + header_len
-    tensors: dict[str, torch.Tensor] = {}
-    for key, spec in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype = _DTYPES[spec["dtype"]]
-            shape = [int(d) for d in spec["shape"]]
-            start, end = (int(o) for o in spec["data_offsets"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise AdapterValidationError(f"{path}: bad header entry for {key!r}") from exc
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if not 0 <= start <= end <= size - base or (end - start) != math.prod(shape) * itemsize:
-            raise AdapterValidationError(f"{path}: tensor {key!r} lies outside the file")
-        if (base + start) % itemsize:
-            raise _Unaligned(key)
-        tensors[key] = buffer[base + start:base + end].view(dtype).view(shape)
-    return tensors
 
 
 def _vram_name(adapter_id: str) -> str:

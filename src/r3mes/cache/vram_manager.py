@@ -21,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from r3mes.errors import R3mesError
+
 MB = 1024 * 1024
 KINDS = ("base_model", "kv_cache", "experts", "other")
 
@@ -28,7 +30,7 @@ KINDS = ("base_model", "kv_cache", "experts", "other")
 Reclaimer = Callable[[int], int]
 
 
-class VRAMBudgetError(RuntimeError):
+class VRAMBudgetError(R3mesError, RuntimeError):
     """A reservation does not fit in the device budget (the message shows who holds what)."""
 
 

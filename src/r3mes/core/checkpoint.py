@@ -71,12 +71,9 @@ a weights file whose size differs from the manifest, and (with ``verify=True``, 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import mmap
 import os
 import shutil
-import struct
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -94,8 +91,10 @@ from r3mes.core.model import (
     LMHead,
     bitlinear_from_packed,
 )
+from r3mes.errors import R3mesError
 from r3mes.utils.atomic import atomic_open, atomic_write_json
 from r3mes.utils.hashing import file_sha256
+from r3mes.utils.safetensors_io import SafetensorsFile, write_safetensors
 
 __all__ = [
     "FORMAT_NAME",
@@ -120,155 +119,32 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 HEAD_KINDS = {"int8": "int8-rowwise", "float": "float32"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(R3mesError, ValueError):
     """A checkpoint that cannot be loaded; the message names the file and the tensor."""
 
 
 # --------------------------------------------------------------------------- safetensors
-_ST_DTYPES: dict[str, torch.dtype] = {
-    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-    "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32,
-    "I64": torch.int64, "BOOL": torch.bool,
-}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+def _open_safetensors(path: Path) -> SafetensorsFile:
+    """A checkpoint's weights file, validated and mapped; errors are CheckpointErrors."""
+    return SafetensorsFile(path, CheckpointError)
 
 
-class SafetensorsFile:
-    """A validated, memory-mapped safetensors file; :meth:`get` returns zero-copy tensors.
-
-    The header is checked completely on open (dtypes, shapes, offsets inside the file), so
-    a truncated or corrupt file fails here with the file and tensor named.
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = Path(path)
-        try:
-            size = self.path.stat().st_size
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: file not found") from None
-        if size < 8:
-            raise CheckpointError(f"{self.path}: truncated ({size} bytes; a safetensors file "
-                                  "starts with an 8-byte header length)")
-        with open(self.path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8 or n > 100_000_000:
-                raise CheckpointError(f"{self.path}: truncated or not a safetensors file "
-                                      f"(header of {n} bytes, file of {size})")
-            try:
-                header = json.loads(f.read(n))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CheckpointError(f"{self.path}: corrupt safetensors header ({exc})") from None
-        if not isinstance(header, dict):
-            raise CheckpointError(f"{self.path}: corrupt safetensors header (not an object)")
-        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
-        self.data_start = 8 + n
-        self.entries: dict[str, tuple[torch.dtype, tuple[int, ...], int, int]] = {}
-        for name, e in header.items():
-            try:
-                dtype = _ST_DTYPES[e["dtype"]]
-                shape = tuple(int(s) for s in e["shape"])
-                begin, end = (int(o) for o in e["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: tensor {name!r}: bad header entry "
-                                      f"{e!r}") from None
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            if end - begin != nbytes or begin < 0:
-                raise CheckpointError(f"{self.path}: tensor {name!r}: offsets {begin}..{end} "
-                                      f"do not match shape {list(shape)} {e['dtype']}")
-            if self.data_start + end > size:
-                raise CheckpointError(
-                    f"{self.path}: truncated: tensor {name!r} needs bytes up to "
-                    f"{self.data_start + end}, the file has {size}")
-            self.entries[name] = (dtype, shape, begin, end)
-        self._mm: mmap.mmap | None = None
-        if size > 0:
-            with open(self.path, "rb") as f:
-                # Copy-on-write private map: tensors are writable views, the file is never
-                # modified, and untouched pages cost no memory.
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
-
-    def keys(self) -> list[str]:
-        return list(self.entries)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self.entries[name][1]
-
-    def dtype(self, name: str) -> torch.dtype:
-        return self.entries[name][0]
-
-    def take_weight(self, name: str) -> torch.Tensor:
-        """A 2-D 8-bit weight copied into weight memory (:func:`r3mes.kernels.weight_empty`:
-        2 MiB pages for the per-token stream), and the file pages it came through released
-        from this process, so the model is not resident twice."""
-        src = self.get(name)
-        if src.dim() != 2 or src.element_size() != 1 or src.numel() == 0:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is not a 2-D 8-bit weight")
-        dst = kernels.weight_empty(src.shape[0], src.shape[1], src.dtype)
-        row_bytes = src.shape[1]
-        start = self.data_start + self.entries[name][2]
-        step = max(1, (16 << 20) // row_bytes)  # 16 MB at a time: a small transient peak
-        page = mmap.PAGESIZE
-        for r0 in range(0, src.shape[0], step):
-            r1 = min(src.shape[0], r0 + step)
-            dst[r0:r1].copy_(src[r0:r1])
-            # Release the whole file pages just copied: clean copy-on-write pages of a file
-            # opened read-only, so dropping them only means a re-read if touched again.
-            lo = -(-(start + r0 * row_bytes) // page) * page
-            hi = (start + r1 * row_bytes) // page * page
-            if self._mm is not None and hi > lo:
-                self._mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-        return dst
-
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor, backed by the memory map (no copy)."""
-        try:
-            dtype, shape, begin, end = self.entries[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: missing tensor {name!r}") from None
-        count = (end - begin) // dtype.itemsize
-        if count == 0:
-            return torch.empty(shape, dtype=dtype)
-        t = torch.frombuffer(self._mm, dtype=dtype, count=count,
-                             offset=self.data_start + begin)
-        return t.view(shape)
-
-
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
-                       metadata: dict[str, str]) -> tuple[str, int]:
-    """Stream tensors into a safetensors file atomically; returns (sha256, size).
-
-    Widest dtype first so every tensor is naturally aligned; the data starts 64-aligned.
-    """
-    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for name in order:
-        t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * ((-(8 + len(raw))) % 64)
-    digest = hashlib.sha256()
-    with atomic_open(path, "wb") as f:
-        for chunk in (struct.pack("<Q", len(raw)), raw):
-            f.write(chunk)
-            digest.update(chunk)
-        for name in order:
-            t = tensors[name].detach().contiguous()
-            if t.numel() == 0:
-                continue
-            # Raw bytes through a uint8 view: works for bf16, which numpy lacks.
-            buf = memoryview(t.view(-1).view(torch.uint8).numpy())
-            for s in range(0, len(buf), 1 << 26):
-                part = buf[s:s + (1 << 26)]
-                f.write(part)
-                digest.update(part)
-    return digest.hexdigest(), 8 + len(raw) + offset
+def _take_weight(sf: SafetensorsFile, name: str) -> torch.Tensor:
+    """A 2-D 8-bit weight copied into weight memory (:func:`r3mes.kernels.weight_empty`:
+    2 MiB pages for the per-token stream), and the file pages it came through released
+    from this process, so the model is not resident twice."""
+    src = sf.get(name)
+    if src.dim() != 2 or src.element_size() != 1 or src.numel() == 0:
+        raise CheckpointError(f"{sf.path}: tensor {name!r} is not a 2-D 8-bit weight")
+    dst = kernels.weight_empty(src.shape[0], src.shape[1], src.dtype)
+    row_bytes = src.shape[1]
+    start = sf.data_start + sf.entries[name].begin
+    step = max(1, (16 << 20) // row_bytes)  # 16 MB at a time: a small transient peak
+    for r0 in range(0, src.shape[0], step):
+        r1 = min(src.shape[0], r0 + step)
+        dst[r0:r1].copy_(src[r0:r1])
+        sf.release_pages(start + r0 * row_bytes, start + r1 * row_bytes)
+    return dst
 
 
 # --------------------------------------------------------------------------- HF config
@@ -365,7 +241,7 @@ class _TensorSource:
         self.files: dict[str, SafetensorsFile] = {}
         self.where: dict[str, SafetensorsFile] = {}
         if single.exists():
-            sf = SafetensorsFile(single)
+            sf = _open_safetensors(single)
             self.files[single.name] = sf
             self.where = dict.fromkeys(sf.keys(), sf)
         elif index.exists():
@@ -380,7 +256,7 @@ class _TensorSource:
                     if Path(fname).name != fname:
                         raise CheckpointError(f"{index}: shard name {fname!r} is not a plain "
                                               "file name")
-                    self.files[fname] = SafetensorsFile(shard)
+                    self.files[fname] = _open_safetensors(shard)
                 sf = self.files[fname]
                 if name not in sf:
                     raise CheckpointError(f"{sf.path}: missing tensor {name!r} (listed in "
@@ -547,7 +423,7 @@ def _load_r3mes(root: Path, verify: bool,
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{root / MANIFEST}: bad config: {exc}") from None
     wpath = root / Path(manifest["weights_file"]).name
-    sf = SafetensorsFile(wpath)
+    sf = _open_safetensors(wpath)
     if "weights_bytes" in manifest and wpath.stat().st_size != manifest["weights_bytes"]:
         raise CheckpointError(f"{wpath}: size {wpath.stat().st_size} differs from the manifest "
                               f"({manifest['weights_bytes']}): truncated or replaced")
@@ -566,7 +442,7 @@ def _load_r3mes(root: Path, verify: bool,
         if dtype is not None and t.dtype != dtype:
             raise CheckpointError(f"{wpath}: tensor {name!r} has dtype {t.dtype}, "
                                   f"expected {dtype}")
-        return sf.take_weight(name) if weight and weights == "memory" else t
+        return _take_weight(sf, name) if weight and weights == "memory" else t
 
     shapes = _linear_shapes(cfg)
     layer_linears = []
@@ -694,7 +570,7 @@ def save_model(model: BitNetForCausalLM, dst: str | os.PathLike[str],
     out = Path(dst)
     out.mkdir(parents=True, exist_ok=True)
     head = HEAD_KINDS[model.lm_head.kind]
-    digest, size = _write_safetensors(out / WEIGHTS_FILE, dict(model_tensors(model)),
+    digest, size = write_safetensors(out / WEIGHTS_FILE, dict(model_tensors(model)),
                                       {"format": FORMAT_NAME,
                                        "format_version": str(FORMAT_VERSION)})
     manifest = {

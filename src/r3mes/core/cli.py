@@ -1,4 +1,5 @@
-"""``r3mes convert`` and ``r3mes generate``: the model runner on the command line.
+"""``r3mes convert``, ``r3mes generate`` and ``r3mes bench --model``: the model runner on the
+command line.
 
 Both take ``--home`` (the data directory; relative model paths are tried there under
 ``models/`` when they do not exist as given) and ``--json``. JSON schemas (stable; keys
@@ -11,6 +12,22 @@ may be added, never removed or renamed)::
                             "text": str | null, "finish_reason": str}],
                "prefill_tokens": int, "generated_tokens": int, "seconds": float,
                "tokens_per_second": float}
+    bench --model: (the ``bench`` command is registered by r3mes.kernels.cli)
+              {"model": {"path": str, "format": str, "head": str, "head_kind": str,
+                         "load_seconds": float, "layers": int, "hidden_size": int,
+                         "vocab_size": int, "parameters": {"ternary": int, "embedding": int,
+                         "lm_head": int, "total": int}, "weight_bytes": {str: int},
+                         "bytes_per_token": int, "adapter_bytes_per_token": {str: int}},
+               "cpu": {"name": str, "cores": int, "simd_level": str, "features": [str],
+                       "amx": bool, "weight_layout": str},
+               "settings": {"backend": str, "threads": [int], "experts": [int],
+                            "prompt_tokens": int, "gen_tokens": int, "warmup_tokens": int,
+                            "repetitions": int, "adapters": [str] | str | null,
+                            "adapter_storage": str, "torch": str},
+               "results": [{"test": "pp128" | "tg64" ..., "kind": "pp" | "tg",
+                            "tokens": int, "threads": int, "experts": int,
+                            "tok_s_mean": float, "tok_s_stdev": float,
+                            "ms_per_token": float, "samples_tok_s": [float]}]}
     errors:   {"error": str} on stdout with --json (else "error: ..." on stderr), exit 2.
 
 ``generate`` streams text to stdout as it comes unless ``--json`` is given.
@@ -232,4 +249,103 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         for p, r in zip(args.prompt, results, strict=True):
             print(f"--- {p}\n{r.text if r.text is not None else r.tokens}")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+#: ``r3mes bench --model`` options (the ``bench`` parser is the kernels' one, which adds
+#: these: without ``--model`` it measures the bare kernels), with their defaults.
+MODEL_BENCH_DEFAULTS: dict[str, Any] = {"experts": [0], "adapters": [], "prompt_tokens": 128,
+                                        "gen_tokens": 64, "warmup_tokens": 16,
+                                        "repetitions": 5, "head": "int8"}
+
+
+def int_list(text: str) -> list[int]:
+    """argparse type: ``"1,2"`` -> ``[1, 2]``."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got "
+                                         f"{text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def add_model_bench_options(bench: argparse.ArgumentParser) -> None:
+    """The ``--model`` mode of ``r3mes bench``: prefill and decode tok/s of a model."""
+    from r3mes.core.checkpoint import HEAD_KINDS
+
+    d = MODEL_BENCH_DEFAULTS
+    g = bench.add_argument_group(
+        "model (--model DIR)",
+        "Prefill (pp: a random prompt into an empty cache) and decode (tg: tokens one at a "
+        "time after a warm-up) tok/s of a model directory on the native CPU backend, run "
+        "as the pipeline runs them, for every --threads and --experts value, cases "
+        "interleaved across repetitions: mean and stdev, like llama-bench.")
+    g.add_argument("--model", default=None, help="model directory (HF or r3mes packed)")
+    g.add_argument("--experts", type=int_list, default=None, metavar="K[,K...]",
+                   help=f"DoRA experts mixed with equal weights (default {d['experts'][0]})")
+    g.add_argument("--adapters", nargs="+", default=None, metavar="DIR",
+                   help="PEFT DoRA directories to mix (K experts: the first K); default "
+                   "random rank-16 adapters built in memory")
+    g.add_argument("--prompt-tokens", type=int, default=None,
+                   help=f"pp prompt length (default {d['prompt_tokens']})")
+    g.add_argument("--gen-tokens", type=int, default=None,
+                   help=f"timed decode tokens (default {d['gen_tokens']})")
+    g.add_argument("--warmup-tokens", type=int, default=None,
+                   help=f"untimed decode tokens before them (default {d['warmup_tokens']})")
+    g.add_argument("--repetitions", "-r", type=int, default=None,
+                   help=f"repetitions of every case (default {d['repetitions']})")
+    g.add_argument("--head", choices=sorted(HEAD_KINDS), default=None,
+                   help="LM head of an HF directory (default int8; an r3mes directory has "
+                   "its own)")
+
+
+def model_bench_options_misused(args: argparse.Namespace) -> str | None:
+    """The error for ``--model``-only options given without ``--model`` (else None)."""
+    given = [k for k in MODEL_BENCH_DEFAULTS if getattr(args, k, None) is not None]
+    if args.model is None and given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        return f"{flags}: only with --model DIR"
+    return None
+
+
+def run_model_bench(args: argparse.Namespace) -> int:
+    """``r3mes bench --model DIR``: run the speed report and print it (table or JSON)."""
+    from r3mes import kernels
+    from r3mes.core.checkpoint import CheckpointError
+    from r3mes.core.speed_report import run_speed_report
+
+    opts = {k: d if getattr(args, k, None) is None else getattr(args, k)
+            for k, d in MODEL_BENCH_DEFAULTS.items()}
+    threads = args.threads or [kernels.get_num_threads()]
+    try:
+        report = run_speed_report(
+            _resolve(args.model, args.home), threads=threads, experts=opts["experts"],
+            prompt_tokens=opts["prompt_tokens"], gen_tokens=opts["gen_tokens"],
+            warmup_tokens=opts["warmup_tokens"], repetitions=opts["repetitions"],
+            adapters=[_resolve(a, args.home) for a in opts["adapters"]], head=opts["head"])
+    except (CheckpointError, ValueError, KeyError, OSError, RuntimeError) as exc:
+        return _fail(args, str(exc))
+    data = report.to_dict()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    m, cpu, st = data["model"], data["cpu"], data["settings"]
+    print(f"model {m['path']} ({m['format']}): {m['parameters']['total'] / 1e9:.2f} B "
+          f"parameters, {m['layers']} layers, head {m['head']}")
+    print(f"read per token: {m['bytes_per_token'] / 1e6:.0f} MB (ternary "
+          f"{m['weight_bytes']['ternary'] / 1e6:.0f} MB + head "
+          f"{m['weight_bytes']['lm_head'] / 1e6:.0f} MB)")
+    print(f"CPU: {cpu['name']}, {cpu['cores']} cores, SIMD {cpu['simd_level']}, "
+          f"AMX {'yes' if cpu['amx'] else 'no'}; adapters: {st['adapters'] or 'none'} "
+          f"({st['adapter_storage']}); {st['repetitions']} repetitions")
+    print()
+    print("| threads | experts | test | t/s | ms/token | MB read/token |")
+    print("|---:|---:|---|---:|---:|---:|")
+    for r in data["results"]:
+        read = m["bytes_per_token"] + m["adapter_bytes_per_token"][str(r["experts"])]
+        print(f"| {r['threads']} | {r['experts']} | {r['test']} | {r['tok_s_mean']:.2f} ± "
+              f"{r['tok_s_stdev']:.2f} | {r['ms_per_token']:.2f} | {read / 1e6:.0f} |")
     return 0
