@@ -1,4 +1,6 @@
-"""``r3mes bench``: a quick measurement of the ternary kernels on this machine.
+"""``r3mes bench``: a quick measurement of the ternary kernels on this machine; with
+``--model DIR``, prefill and decode tok/s of a model (:mod:`r3mes.core.speed_report`, whose
+options and JSON schema :mod:`r3mes.core.cli` describes).
 
 For the full suites (with pytest-benchmark statistics) see ``benchmarks/`` and
 BENCHMARKS.md; this command answers "how fast is decode-shaped work here?" in seconds.
@@ -21,16 +23,22 @@ from collections.abc import Callable
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from r3mes.core.cli import add_model_bench_options, int_list
+
     bench = subparsers.add_parser("bench", help="measure the ternary kernels on this machine "
-                                  "(GEMV/GEMM vs torch fp32, fraction of read bandwidth)")
+                                  "(GEMV/GEMM vs torch fp32, fraction of read bandwidth); "
+                                  "with --model, a model's prefill and decode tok/s")
     bench.add_argument("--shape", action="append", default=None, metavar="OUTxIN",
                        help="weight shape (repeatable; default 2560x6912 and 6912x2560)")
     bench.add_argument("--tokens", type=int, action="append", default=None,
                        help="tokens per call (repeatable; default 1 and 128)")
-    bench.add_argument("--threads", type=int, default=0, help="kernel threads (default: all)")
+    bench.add_argument("--threads", type=int_list, default=None, metavar="N[,N...]",
+                       help="kernel threads (default: all); with --model, each one given")
     bench.add_argument("--seconds", type=float, default=0.5, help="time per measurement")
-    bench.add_argument("--home", default=None, help="unused; accepted like every command")
+    bench.add_argument("--home", default=None, help="data directory: a relative --model path "
+                       "is tried under its models/ (default $R3MES_HOME or ~/.r3mes)")
     bench.add_argument("--json", action="store_true", help="machine-readable output")
+    add_model_bench_options(bench)
     bench.set_defaults(func=_cmd_bench)
 
 
@@ -62,14 +70,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     import torch.nn.functional as F
 
     from r3mes import kernels
+    from r3mes.core.cli import model_bench_options_misused, run_model_bench
 
+    if args.model is not None:
+        return run_model_bench(args)
+    misused = model_bench_options_misused(args) or (
+        "--threads: one value without --model" if len(args.threads or ()) > 1 else None)
+    if misused:
+        print(json.dumps({"error": misused}) if args.json else f"error: {misused}")
+        return 2
     try:
         shapes = [_parse_shape(s) for s in (args.shape or ["2560x6912", "6912x2560"])]
     except ValueError as exc:
         print(json.dumps({"error": str(exc)}) if args.json else f"error: {exc}")
         return 2
     token_counts = args.tokens or [1, 128]
-    kernels.set_num_threads(args.threads)
+    kernels.set_num_threads(args.threads[0] if args.threads else 0)
     threads = kernels.get_num_threads()
     torch.set_num_threads(threads)
     # Bandwidth: sum of a 512 MiB array, larger than the caches of common CPUs.
