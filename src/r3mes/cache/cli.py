@@ -4,6 +4,8 @@ Sub-commands (all take ``--home`` and ``--json``)::
 
     r3mes adapters list                      adapters in the store
     r3mes adapters add PATH --id ID [--pin] [--digest SHA256] [--replace]
+    r3mes adapters add ipfs://CID --id ID [--api URL | --gateway URL]   fetch, verify, add
+    r3mes adapters publish ID [--api URL]    add to an IPFS node, print the CID
     r3mes adapters remove ID
     r3mes adapters verify [ID]               re-hash files, re-validate structure
     r3mes adapters stats                     counts, bytes, size limit
@@ -16,7 +18,9 @@ Sub-commands (all take ``--home`` and ``--json``)::
 - ``list``: ``{"adapters": [RECORD, ...]}`` where RECORD is ``{"id", "digest", "files":
   {name: sha256}, "size_bytes", "rank", "lora_alpha", "use_rslora", "target_modules",
   "num_modules", "base_model", "base_model_fingerprint", "shape_fingerprint", "added_at",
-  "last_used", "pinned", "source"}`` (times are Unix seconds).
+  "last_used", "pinned", "source", "cid"}`` (times are Unix seconds; ``cid`` the IPFS CIDv1
+  that ``publish`` gives the adapter).
+- ``add ipfs://`` and ``publish``: see :mod:`r3mes.distribution.cli`.
 - ``add``: ``{"added": RECORD, "evicted": [id, ...]}``; ``remove``: ``{"removed": RECORD}``;
   ``pin``/``unpin``: ``{"adapter": RECORD}``; ``limit``: ``{"max_size_bytes": int|null,
   "evicted": [id, ...]}``.
@@ -54,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("add", parents=[common], help="import a PEFT DoRA adapter directory")
     p.add_argument("path", help="directory with adapter_config.json and "
-                   "adapter_model.safetensors")
+                   "adapter_model.safetensors, or ipfs://CID from 'r3mes adapters publish'")
     p.add_argument("--id", required=True, dest="adapter_id", help="adapter id, e.g. medical_dora")
     p.add_argument("--pin", action="store_true", help="exempt from size-limit eviction")
     p.add_argument("--digest", default=None, help="refuse unless the content has this sha256")
@@ -63,7 +67,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--base-fingerprint", default=None,
                    help="fingerprint of the base model the adapter was trained on")
     p.add_argument("--replace", action="store_true", help="re-point an existing id")
+    from r3mes.distribution.cli import add_source_flags
+
+    add_source_flags(p)  # for ipfs:// paths
     p.set_defaults(func=_cmd_add)
+
+    p = sub.add_parser("publish", parents=[common], help="add a stored adapter to an IPFS "
+                       "node and print its CID")
+    p.add_argument("adapter_id", metavar="ID")
+    add_source_flags(p, gateway=False)
+    p.set_defaults(func=_cmd_publish)
 
     p = sub.add_parser("remove", parents=[common], help="remove an adapter")
     p.add_argument("adapter_id", metavar="ID")
@@ -117,19 +130,31 @@ def _when(seconds: float) -> str:
 
 @_guard
 def _cmd_list(args: argparse.Namespace) -> int:
+    from r3mes.distribution.publish import adapter_cid
+
     records = AdapterStore(args.home).list()
+    cids = {r.id: adapter_cid(r.id, args.home, r.digest) for r in records}
     lines = [f"{'id':<24} {'rank':>4} {'MiB':>8} {'modules':>7}  {'digest':<12}  last used"]
     for r in records:
         lines.append(f"{r.id:<24} {r.rank:>4} {r.size_bytes / 2**20:>8.2f} {r.num_modules:>7}  "
-                     f"{r.digest[:12]}  {_when(r.last_used)}{'  pinned' if r.pinned else ''}")
+                     f"{r.digest[:12]}  {_when(r.last_used)}{'  pinned' if r.pinned else ''}"
+                     f"\n{'':<24} ipfs://{cids[r.id]}")
     if not records:
         lines = ["no adapters (add one with `r3mes adapters add PATH --id NAME`)"]
-    _emit(args, {"adapters": [r.to_json() for r in records]}, "\n".join(lines))
+    _emit(args, {"adapters": [{**r.to_json(), "cid": cids[r.id]} for r in records]},
+          "\n".join(lines))
     return 0
 
 
 @_guard
 def _cmd_add(args: argparse.Namespace) -> int:
+    from r3mes.distribution.cli import adapters_pull, is_ipfs_uri
+
+    if is_ipfs_uri(args.path):
+        data, text = adapters_pull(args, pinned=args.pin, replace=args.replace,
+                                   base_model_fingerprint=args.base_fingerprint)
+        _emit(args, data, text)
+        return 0
     store = AdapterStore(args.home, base_model=args.base_model)
     record = store.add(args.path, args.adapter_id, pinned=args.pin,
                        expected_digest=args.digest, base_model_fingerprint=args.base_fingerprint,
@@ -140,6 +165,15 @@ def _cmd_add(args: argparse.Namespace) -> int:
     if evicted:
         text += f"\nevicted (size limit): {', '.join(evicted)}"
     _emit(args, {"added": record.to_json(), "evicted": evicted}, text)
+    return 0
+
+
+@_guard
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from r3mes.distribution.cli import adapters_publish
+
+    data, text = adapters_publish(args)
+    _emit(args, data, text)
     return 0
 
 

@@ -123,6 +123,20 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("path", help="a directory or archive written by 'r3mes index export'")
     p.set_defaults(func=_cmd_import)
 
+    from r3mes.distribution.cli import add_source_flags
+
+    p = common(sub.add_parser("publish", help="add the current snapshot to an IPFS node and "
+                              "print its CID"))
+    p.add_argument("--index", default="general", type=_index_name, help=_INDEX_HELP)
+    add_source_flags(p, gateway=False)
+    p.set_defaults(func=_cmd_publish)
+
+    p = common(sub.add_parser("pull", help="fetch a snapshot by CID (only missing blocks), "
+                              "verify every block and make it current"))
+    p.add_argument("cid", help="ipfs://CID printed by 'r3mes index publish'")
+    add_source_flags(p)
+    p.set_defaults(func=_cmd_pull)
+
 
 _INDEX_HELP = (f"index name: letters, digits, '-', '_' (defaults: {', '.join(INDEX_NAMES)}; "
                "a new name makes a new index)")
@@ -277,17 +291,28 @@ def _cmd_list(args: argparse.Namespace) -> int:
         for name in store.existing():
             stats = store.index(name).stats()
             stats["snapshots"] = [s.to_dict() for s in store.snapshots(name)]
+            stats["cid"] = _snapshot_cid(store, name, stats["snapshot"])
             rows.append(stats)
         lines = [] if rows else ["no indices yet (add documents with `r3mes index add`)"]
         for r in rows:
             lines.append(f"{r['name']}: {r['documents']} document(s), {r['chunks']} chunk(s), "
-                         f"{r['active_kind']}, current {str(r['snapshot'])[:12]}")
+                         f"{r['active_kind']}, current {str(r['snapshot'])[:12]}"
+                         + (f", ipfs://{r['cid']}" if r["cid"] else ""))
             for s in r["snapshots"]:
                 lines.append(f"    {s['digest'][:12]}  {s['documents']} doc(s)  {s['chunks']} "
                              f"chunk(s)")
         return {"indices": rows}, "\n".join(lines)
 
     return _run(args, body)
+
+
+def _snapshot_cid(store, name: str, digest: str | None) -> str | None:
+    """The IPFS CID of the current snapshot (computed once, then cached by digest)."""
+    if digest is None:
+        return None
+    from r3mes.distribution.publish import index_cid
+
+    return index_cid(name, digest, store.root.parent, store)
 
 
 def _cmd_snapshot(args: argparse.Namespace) -> int:
@@ -366,6 +391,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
                       f"{data['path']}")
 
     return _run(args, body)
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    from r3mes.distribution.cli import index_publish
+
+    return _run(args, lambda: index_publish(args))
+
+
+def _cmd_pull(args: argparse.Namespace) -> int:
+    from r3mes.distribution.cli import index_pull
+
+    return _run(args, lambda: index_pull(args))
 
 
 def _cmd_import(args: argparse.Namespace) -> int:
