@@ -14,6 +14,7 @@
 #include "common/thread_pool.h"
 #include "ternary/amx.h"
 #include "dora/dora.h"
+#include "head/int4_gemm.h"
 #include "model/decode_layer.h"
 #include "ternary/int8_gemm.h"
 #include "ternary/ternary.h"
@@ -326,4 +327,5 @@ PYBIND11_MODULE(_native, mod) {
           "Single-token GQA attention over a float32 KV cache [B, KV, S_max, D].");
   register_dora_bindings(mod);
   register_decode_layer_bindings(mod);
+  register_head_bindings(mod);
 }

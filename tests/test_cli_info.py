@@ -50,3 +50,20 @@ def test_bench_rejects_a_malformed_shape() -> None:
                          capture_output=True, text=True)
     assert out.returncode == 2
     assert "OUTxIN" in json.loads(out.stdout)["error"]
+
+
+def test_info_describes_a_model_directory() -> None:
+    from r3mes.assets import ASSETS_DIR
+
+    demo = ASSETS_DIR / "demo_model"
+    out = subprocess.run(["r3mes", "info", "--json", "--model", str(demo)],
+                         capture_output=True, text=True, check=True)
+    model = json.loads(out.stdout)["model"]
+    assert model["format"] == "r3mes" and model["head"] == "int8-rowwise"
+    assert model["bytes_per_token"] == model["ternary_bytes"] + model["head_bytes"] > 0
+    text = subprocess.run(["r3mes", "info", "--model", str(demo)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "LM head:          int8-rowwise" in text and "read per token" in text
+    bad = subprocess.run(["r3mes", "info", "--model", "/nonexistent/model"],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "/nonexistent/model" in bad.stderr

@@ -330,3 +330,92 @@ def test_thread_count_can_change_between_calls_without_losing_work() -> None:
     for n in (2, 1, 3, 2, 0):
         kernels.set_num_threads(n)
         assert torch.equal(kernels.ternary_linear(x, tw), want)
+
+
+# ---- int4 x int8 (the 4-bit LM head) -------------------------------------------------------
+
+
+@pytest.mark.parametrize("group", kernels.INT4_GROUPS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_int4_head_linear_matches_reference(simd_level, threads, shape, group) -> None:
+    m, n, k = shape
+    iw = kernels.quantize_int4_weight(_weights(n, k, seed=5 * k), group)
+    x = _acts(m, k, seed=13 * n)
+    expected = reference.int4_linear(x, iw.packed, iw.group_scales, iw.scale, k, group)
+    assert torch.equal(kernels.int4_linear(x, iw), expected)
+
+
+def test_int4_head_sums_at_the_exactness_bound_do_not_wrap(simd_level) -> None:
+    # Every product at its extreme: x quantises to 127, each weight is -8 with group scale
+    # 255, K at the largest size the int32 sums hold (8192 * 127 * 8 * 255 < 2^31).
+    k, n = 8192, 5
+    packed = torch.zeros(n, k // 2, dtype=torch.uint8)  # nibble 0 = value -8
+    subs = torch.full((n, k // 64), 255, dtype=torch.uint8)
+    offsets = torch.full((n,), 128 * 255 * -8 * k, dtype=torch.int32)
+    iw = kernels.Int4Weight(packed, subs, torch.ones(n), offsets, n, k, 64)
+    x = torch.ones(2, k)
+    y = kernels.int4_linear(x, iw)
+    assert torch.equal(y, reference.int4_linear(x, packed, subs, iw.scale, k, 64))
+    assert torch.equal(y, torch.full((2, n), -8.0 * 255 * 127 * k / 127))
+
+
+@pytest.mark.parametrize("group", kernels.INT4_GROUPS)
+def test_int4_quantisation_stores_what_it_claims(group) -> None:
+    n, k = 40, 700
+    w = _weights(n, k, seed=3)
+    w[7] = 0.0  # an all-zero row
+    w[9, :64] *= 40.0  # one loud group: the others keep fine steps of their own
+    iw = kernels.quantize_int4_weight(w, group)
+    kp = (k + 127) // 128 * 128
+    assert iw.packed.shape == (n, kp // 2) and iw.group_scales.shape == (n, kp // group)
+    values = reference.unpack_int4(iw.packed, kp).to(torch.int64)
+    assert int(values[:, k:].abs().max()) == 0  # padding is zero
+    assert int(iw.group_scales.min()) >= 1
+    # The unsigned-activation offsets: 128 * sum_g scale_g * sum of the group's values.
+    per_group = values.reshape(n, -1, group).sum(-1) * iw.group_scales.to(torch.int64)
+    wrapped = (128 * per_group.sum(-1) + 2**31) % 2**32 - 2**31
+    assert torch.equal(iw.offsets.to(torch.int64), wrapped)
+    deq = iw.dequantize()
+    assert torch.equal(deq[7], torch.zeros(k))
+    rel = float((deq - w).pow(2).mean().sqrt() / w.pow(2).mean().sqrt())
+    assert rel < 0.12  # 4-bit rounding of Gaussian weights: ~0.09-0.10
+    # The loud group did not coarsen the row's other groups to its step.
+    quiet = w[9, 128:] - deq[9, 128:]
+    assert float(quiet.pow(2).mean().sqrt()) < 0.15
+    torch.testing.assert_close(iw.dequantize(torch.tensor([9, 2])), deq[[9, 2]], rtol=0, atol=0)
+
+
+def test_int4_importance_lowers_the_weighted_error() -> None:
+    w = _weights(64, 512, seed=21)
+    importance = torch.ones(512)
+    importance[::8] = 50.0  # a few features that matter a lot
+    plain = kernels.quantize_int4_weight(w, 64).dequantize()
+    weighted = kernels.quantize_int4_weight(w, 64, importance).dequantize()
+
+    def err(d: torch.Tensor) -> float:
+        return float(((d - w).pow(2) * importance).sum())
+
+    assert err(weighted) < err(plain)
+
+
+def test_int4_bad_input_is_named() -> None:
+    w = _weights(4, 100, seed=1)
+    with pytest.raises(ValueError, match="group"):
+        kernels.quantize_int4_weight(w, 32)
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.quantize_int4_weight(torch.full((2, 64), float("nan")))
+    with pytest.raises(ValueError, match="8192"):
+        kernels.quantize_int4_weight(torch.ones(2, 8193))
+    with pytest.raises(ValueError, match="importance"):
+        kernels.quantize_int4_weight(w, 64, torch.ones(99))
+    with pytest.raises(ValueError, match="importance"):
+        kernels.quantize_int4_weight(w, 64, -torch.ones(100))
+    iw = kernels.quantize_int4_weight(w, 64)
+    with pytest.raises(ValueError, match="features"):
+        kernels.int4_linear(torch.ones(1, 99), iw)
+    with pytest.raises(ValueError, match="NaN"):
+        kernels.int4_linear(torch.full((1, 100), float("inf")), iw)
+    with pytest.raises(ValueError, match="group_scales"):
+        _native.int4_linear(np.ones((1, 100), np.float32), iw.packed.numpy(),
+                            iw.group_scales[:, :1].contiguous().numpy(), iw.scale.numpy(),
+                            iw.offsets.numpy(), 100, 64)

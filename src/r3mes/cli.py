@@ -17,6 +17,10 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     data = kernels.info()
     data["home"] = str(r3mes_home(args.home))
+    if args.model:
+        from r3mes.core.checkpoint import describe_model
+
+        data["model"] = describe_model(args.model)
     if args.json:
         print(json.dumps(data, indent=2, sort_keys=True))
         return 0
@@ -35,6 +39,16 @@ def _cmd_info(args: argparse.Namespace) -> int:
     cuda = data["cuda"]
     print(f"  CUDA module:      {'built' if cuda['compiled'] else 'not built'}, "
           f"{cuda['device_count']} device(s)")
+    if args.model:
+        m = data["model"]
+        print(f"model {m['path']}")
+        print(f"  format:           {m['format']}")
+        print(f"  LM head:          {m['head']}")
+        print(f"  shape:            {m['layers']} layers, hidden {m['hidden_size']}, "
+              f"vocabulary {m['vocab_size']}")
+        if m["bytes_per_token"]:
+            print(f"  read per token:   {m['bytes_per_token'] / 1e6:.0f} MB (ternary "
+                  f"{m['ternary_bytes'] / 1e6:.0f} MB + head {m['head_bytes'] / 1e6:.0f} MB)")
     return 0
 
 
@@ -78,6 +92,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                           "threads, CUDA")
     info.add_argument("--home", help="data directory (default $R3MES_HOME or ~/.r3mes)")
     info.add_argument("--json", action="store_true", help="machine-readable output")
+    info.add_argument("--model", help="also describe this model directory (format, LM head "
+                      "kind, bytes read per token), from its config alone")
     info.set_defaults(func=_cmd_info)
     first = next((a for a in (argv or ()) if not a.startswith("-")), None)
     for register in _registrars(_SOLE_GROUP.get(first or "")):

@@ -15,6 +15,7 @@ from r3mes.core.checkpoint import (
     WEIGHTS_FILE,
     CheckpointError,
     convert,
+    describe_model,
     load_model,
 )
 from r3mes.core.generation import GenerationConfig, generate
@@ -129,6 +130,38 @@ def test_float_head_survives_conversion(hf_dirs, tmp_path):
     b, info = load_model(tmp_path / "f")
     assert info.head == "float32"
     assert torch.equal(a(PROMPT), b(PROMPT))
+
+
+def test_int4_head_converts_loads_and_generates(hf_dirs, r3mes_dir, tmp_path):
+    convert(hf_dirs["packed"], tmp_path / "i4", head="int4")
+    model, info = load_model(tmp_path / "i4")
+    assert info.head == "int4-g64"
+    assert model.lm_head.kind == "int4"
+    direct, _ = load_model(hf_dirs["packed"], head="int4")
+    assert torch.equal(model(PROMPT), direct(PROMPT))
+    exact, _ = load_model(hf_dirs["packed"], head="float")
+    a, b = exact(PROMPT), model(PROMPT)
+    assert float((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt()) < 0.15  # 4-bit: ~0.1
+    out = generate(model, [PROMPT[0].tolist()], GenerationConfig(max_new_tokens=6,
+                                                                stop_token_ids=()))
+    assert len(out[0].tokens) == 6
+    # What `r3mes info --model` reports, from the config alone, is what loads.
+    four, eight = describe_model(tmp_path / "i4"), describe_model(r3mes_dir)
+    assert four["head"] == "int4-g64" and eight["head"] == "int8-rowwise"
+    assert four["head_bytes"] == model.lm_head.nbytes()
+    assert eight["head_bytes"] == load_model(r3mes_dir)[0].lm_head.nbytes()
+    assert four["ternary_bytes"] == eight["ternary_bytes"]
+
+
+def test_r3mes_directory_converts_to_another_head(r3mes_dir, tmp_path):
+    manifest = convert(r3mes_dir, tmp_path / "re", head="int4")
+    assert manifest["head"] == "int4-g64"
+    int8, _ = load_model(r3mes_dir)
+    int4, _ = load_model(tmp_path / "re")
+    h = torch.randn(3, int8.config.hidden_size)
+    a, b = int8.lm_head(h), int4.lm_head(h)
+    assert float((a - b).pow(2).mean().sqrt() / a.pow(2).mean().sqrt()) < 0.15  # 4-bit: ~0.1
+    assert (tmp_path / "re" / "tokenizer.json").exists()
 
 
 # ---------------------------------------------------------------- malformed checkpoints

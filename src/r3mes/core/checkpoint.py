@@ -34,7 +34,7 @@ A directory holding::
     {"format": "r3mes-bitnet", "format_version": 2,
      "config": {BitNetConfig fields},
      "weight_layout": "r3mes-2bit-g256",
-     "head": "int8-rowwise" | "float32",
+     "head": "int8-rowwise" | "int4-g64" | "float32",
      "weights_file": "model.r3mes.safetensors",
      "weights_sha256": "<sha256 of the whole weights file>",
      "weights_bytes": <size>,
@@ -55,7 +55,11 @@ Tensors in ``model.r3mes.safetensors`` (``L`` = a projection path such as
 * head ``int8-rowwise``: ``lm_head.qweight`` int8 [V, H padded to a multiple of 64],
   ``lm_head.weight_scale`` float32 [V] and ``lm_head.row_sums`` int32 [V]: per-row absmax
   int8 (``W ~= qweight / weight_scale``, ``weight_scale = 127 / max|W_row|``), the form the
-  native int8 kernel reads (:class:`r3mes.kernels.Int8Weight`). Head ``float32``:
+  native int8 kernel reads (:class:`r3mes.kernels.Int8Weight`). Head ``int4-g64``:
+  ``lm_head.packed`` uint8 [V, Hp / 2] (Hp: H padded to 128), ``lm_head.group_scales``
+  uint8 [V, Hp / 64], ``lm_head.weight_scale`` float32 [V] and ``lm_head.offsets`` int32
+  [V]: group-wise int4 with integer group scales, the 4-bit kernel's form
+  (:class:`r3mes.kernels.Int4Weight`, ``csrc/head/int4_gemm.h``). Head ``float32``:
   ``lm_head.weight`` float32 [V, H].
 
 Version history: 1 held the int8 head as four base-4 planes on the ternary kernel; 2
@@ -104,6 +108,7 @@ __all__ = [
     "ModelShape",
     "SafetensorsFile",
     "convert",
+    "describe_model",
     "load_model",
     "read_config",
     "read_model_shape",
@@ -116,7 +121,8 @@ MANIFEST = "r3mes_model.json"
 WEIGHTS_FILE = "model.r3mes.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja", "tokenizer.model")
-HEAD_KINDS = {"int8": "int8-rowwise", "float": "float32"}
+HEAD_KINDS = {"int8": "int8-rowwise", "int4": "int4-g64", "float": "float32"}
+INT4_HEAD_GROUP = 64
 
 
 class CheckpointError(R3mesError, ValueError):
@@ -468,6 +474,16 @@ def _load_r3mes(root: Path, verify: bool,
             get("lm_head.qweight", (v, kp), torch.int8, weight=True),
             get("lm_head.weight_scale", (v,), torch.float32),
             get("lm_head.row_sums", (v,), torch.int32), v, h))
+    elif manifest["head"] == HEAD_KINDS["int4"]:
+        hp, g = (h + 127) // 128 * 128, INT4_HEAD_GROUP
+        if h > 8192:
+            raise CheckpointError(f"{root / MANIFEST}: an int4 head takes at most 8192 features, "
+                                  f"the model has {h}")
+        head = LMHead("int4", v, h, int4=kernels.Int4Weight(
+            get("lm_head.packed", (v, hp // 2), torch.uint8, weight=True),
+            get("lm_head.group_scales", (v, hp // g), torch.uint8),
+            get("lm_head.weight_scale", (v,), torch.float32),
+            get("lm_head.offsets", (v,), torch.int32), v, h, g))
     elif manifest["head"] == HEAD_KINDS["float"]:
         head = LMHead("float", v, h, weight=get("lm_head.weight", (v, h), torch.float32))
     else:
@@ -560,6 +576,14 @@ def model_tensors(model: BitNetForCausalLM) -> Iterator[tuple[str, torch.Tensor]
         yield "lm_head.qweight", model.lm_head.int8.data
         yield "lm_head.weight_scale", model.lm_head.int8.scale
         yield "lm_head.row_sums", model.lm_head.int8.row_sums
+    elif model.lm_head.kind == "int4":
+        if model.lm_head.int4.group != INT4_HEAD_GROUP:
+            raise ValueError(f"save_model: the r3mes format holds int4 heads in groups of "
+                             f"{INT4_HEAD_GROUP}, not {model.lm_head.int4.group}")
+        yield "lm_head.packed", model.lm_head.int4.packed
+        yield "lm_head.group_scales", model.lm_head.int4.group_scales
+        yield "lm_head.weight_scale", model.lm_head.int4.scale
+        yield "lm_head.offsets", model.lm_head.int4.offsets
     else:
         yield "lm_head.weight", model.lm_head.weight
 
@@ -590,14 +614,21 @@ def save_model(model: BitNetForCausalLM, dst: str | os.PathLike[str],
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             head: str = "int8") -> dict[str, Any]:
-    """Convert an HF BitNet directory into the r3mes packed format (see FORMAT).
+    """Convert an HF BitNet directory into the r3mes packed format (see FORMAT), or an
+    r3mes directory to another ``head`` kind.
 
-    The tokenizer files are copied alongside. Returns the manifest written.
+    An HF source's head is quantised from its float weight. An r3mes source's head can only
+    be re-quantised from what it stores (an int8 head to int4 rounds twice): convert from
+    the HF directory when it is at hand. The tokenizer files are copied alongside.
+    Returns the manifest written.
     """
     src_path, dst_path = Path(src), Path(dst)
     if src_path.resolve() == dst_path.resolve():
         raise ValueError("convert: SRC and DST must be different directories")
     model, _ = load_model(src_path, head=head)
+    if model.lm_head.kind != head:
+        model.lm_head = LMHead.from_float(model.lm_head.dequantized_weight(), head,
+                                          group=INT4_HEAD_GROUP)
     manifest = save_model(model, dst_path, source=src_path.name)
     for name in TOKENIZER_FILES:
         f = src_path / name
@@ -605,6 +636,34 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
             with open(f, "rb") as fin, atomic_open(dst_path / name, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
     return manifest
+
+
+def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What a model directory holds, from its config alone (no weights read): format, head
+    kind, shape, and the bytes one decoded token reads (ternary layers + head), which over
+    the machine's read bandwidth is the decode floor."""
+    root = Path(path)
+    if (root / MANIFEST).exists():
+        manifest = _read_manifest(root)
+        try:
+            cfg = BitNetConfig.from_dict(manifest["config"])
+        except (TypeError, ValueError) as exc:
+            raise CheckpointError(f"{root / MANIFEST}: bad config: {exc}") from None
+        form, head = "r3mes", manifest["head"]
+    else:
+        cfg, _ = read_config(root)
+        form, head = "hf", "float (quantised when loaded: --head)"
+    shapes = _linear_shapes(cfg)
+    ternary = sum(out * ((in_ + 255) // 256) * 64 for out, in_ in shapes.values())
+    ternary *= cfg.num_hidden_layers
+    v, h = cfg.vocab_size, cfg.hidden_size
+    head_bytes = {HEAD_KINDS["int8"]: v * ((h + 63) // 64 * 64 + 8),
+                  HEAD_KINDS["int4"]: v * ((h + 127) // 128 * 64 + (h + 127) // 128 * 2 + 8),
+                  HEAD_KINDS["float"]: v * h * 4}.get(head)
+    return {"path": str(root), "format": form, "head": head,
+            "layers": cfg.num_hidden_layers, "hidden_size": h, "vocab_size": v,
+            "ternary_bytes": ternary, "head_bytes": head_bytes,
+            "bytes_per_token": None if head_bytes is None else ternary + head_bytes}
 
 
 # --------------------------------------------------------------------------- identity

@@ -54,11 +54,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``convert``, ``generate`` and ``train-adapter`` to the main ``r3mes`` parser."""
     conv = subparsers.add_parser("convert", help="convert an HF BitNet directory to the r3mes "
-                                 "packed format")
+                                 "packed format (or an r3mes one to another --head)")
     conv.add_argument("src", help="HF model directory (config.json + safetensors)")
     conv.add_argument("dst", help="output directory")
-    conv.add_argument("--head", choices=("int8", "float"), default="int8",
-                      help="LM head precision (default int8 with per-row scales)")
+    conv.add_argument("--head", choices=("int8", "int4", "float"), default="int8",
+                      help="LM head precision: int8 with per-row scales (default), int4 in "
+                      "groups of 64 (half the bytes, see MODEL_CARD.md for its cost), float32")
     _common(conv)
     conv.set_defaults(func=_cmd_convert)
 

@@ -154,32 +154,52 @@ class LMHead(nn.Module):
     activations are quantised per token as BitLinear does and the integer dot products are
     exact, so the logits ``acc / (s_x * weight_scale)`` are bit-identical on every backend
     and thread count. It reads a quarter of the bytes of an fp32 head, half of bf16.
+    ``kind == "int4"``: group-wise int4 with integer group scales
+    (:class:`r3mes.kernels.Int4Weight`), int8 activations, exact integer sums as int8:
+    half the bytes of the int8 head, at a cost in quality measured in MODEL_CARD.md.
     ``kind == "float"``: a float32 weight and ``F.linear``.
     """
 
+    KINDS = ("float", "int8", "int4")
+
     def __init__(self, kind: str, vocab_size: int, hidden_size: int,
                  weight: torch.Tensor | None = None,
-                 int8: kernels.Int8Weight | None = None) -> None:
+                 int8: kernels.Int8Weight | None = None,
+                 int4: kernels.Int4Weight | None = None) -> None:
         super().__init__()
-        if kind not in ("float", "int8"):
-            raise ValueError(f"head kind must be 'float' or 'int8', got {kind!r}")
-        if (kind == "float") != (weight is not None) or (kind == "int8") != (int8 is not None):
-            raise ValueError(f"a {kind} head needs {'weight' if kind == 'float' else 'int8'}")
+        if kind not in self.KINDS:
+            raise ValueError(f"head kind must be one of {self.KINDS}, got {kind!r}")
+        given = {"float": weight is not None, "int8": int8 is not None, "int4": int4 is not None}
+        if not given[kind] or sum(given.values()) != 1:
+            raise ValueError(f"a {kind} head needs exactly its "
+                             f"{'weight' if kind == 'float' else kind} argument")
         self.kind = kind
         self.vocab_size, self.hidden_size = vocab_size, hidden_size
         self.weight = weight
         self.int8 = int8
+        self.int4 = int4
 
     @classmethod
-    def from_float(cls, weight: torch.Tensor, kind: str = "int8",
-                   chunk_rows: int = 16384) -> LMHead:
+    def from_float(cls, weight: torch.Tensor, kind: str = "int8", chunk_rows: int = 16384,
+                   group: int = 64, importance: torch.Tensor | None = None) -> LMHead:
         """Build from a float weight [V, H] (any float dtype, e.g. a memory-mapped bf16),
-        converting ``chunk_rows`` rows at a time so a float32 copy never exists whole."""
+        converting ``chunk_rows`` rows at a time so a float32 copy never exists whole.
+        ``group``: values per scale of an int4 head (64 or 128); ``importance`` [H]: how
+        much each hidden feature's rounding error counts when an int4 head picks its
+        scales (see :func:`r3mes.kernels.quantize_int4_weight`)."""
         v, h = weight.shape
+        if kind not in cls.KINDS:
+            raise ValueError(f"head kind must be one of {cls.KINDS}, got {kind!r}")
         if kind == "float":
             return cls("float", v, h, weight=weight.detach().float().contiguous())
-        parts = [kernels.quantize_int8_weight(weight[r0:r0 + chunk_rows].detach().float())
-                 for r0 in range(0, v, chunk_rows)]
+        chunks = [weight[r0:r0 + chunk_rows].detach().float() for r0 in range(0, v, chunk_rows)]
+        if kind == "int4":
+            parts4 = [kernels.quantize_int4_weight(c, group, importance) for c in chunks]
+            int4 = kernels.Int4Weight(
+                *(torch.cat([getattr(p, f) for p in parts4])
+                  for f in ("packed", "group_scales", "scale", "offsets")), v, h, group)
+            return cls("int4", v, h, int4=int4)
+        parts = [kernels.quantize_int8_weight(c) for c in chunks]
         int8 = kernels.Int8Weight(
             torch.cat([p.data for p in parts]), torch.cat([p.scale for p in parts]),
             torch.cat([p.row_sums for p in parts]), v, h)
@@ -188,11 +208,13 @@ class LMHead(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         if self.kind == "float":
             return self.weight
-        return self.int8.dequantize()
+        return (self.int8 or self.int4).dequantize()
 
     def nbytes(self) -> int:
         if self.kind == "float":
             return self.weight.numel() * 4
+        if self.kind == "int4":
+            return self.int4.nbytes()
         return self.int8.data.numel() + self.int8.scale.numel() * 4 + self.int8.row_sums.numel() * 4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -203,7 +225,9 @@ class LMHead(nn.Module):
         if x2.requires_grad and torch.is_grad_enabled():
             # Training an adapter: the frozen head passes gradients to x through its
             # dequantised weight (the kernel path is integer and not differentiable).
-            return F.linear(x2, self.int8.dequantize()).reshape(*lead, self.vocab_size)
+            return F.linear(x2, self.dequantized_weight()).reshape(*lead, self.vocab_size)
+        if self.kind == "int4":
+            return kernels.int4_linear(x2, self.int4).reshape(*lead, self.vocab_size)
         return kernels.int8_linear(x2, self.int8).reshape(*lead, self.vocab_size)
 
 

@@ -32,6 +32,8 @@ else:
     _NATIVE_IMPORT_ERROR = None
 
 __all__ = [
+    "INT4_GROUPS",
+    "Int4Weight",
     "Int8Weight",
     "TernaryWeight",
     "available",
@@ -39,10 +41,12 @@ __all__ = [
     "decode_attention",
     "get_num_threads",
     "info",
+    "int4_linear",
     "int8_linear",
     "weight_copy",
     "weight_empty",
     "quantize_activations",
+    "quantize_int4_weight",
     "quantize_int8_weight",
     "quantize_weight",
     "set_num_threads",
@@ -756,6 +760,80 @@ def int8_linear(x: torch.Tensor, weight: Int8Weight) -> torch.Tensor:
             x2.numpy(), weight.data.numpy(), weight.scale.numpy(), weight.row_sums.numpy(),
             weight.in_features,
         ))
+    return y.reshape(*lead, weight.out_features)
+
+
+INT4_GROUPS = (64, 128)
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """A group-wise int4 weight for the 4-bit LM head (``csrc/head/int4_gemm.h``).
+
+    ``packed`` uint8 [out, Kp / 2] (Kp: in_features padded to 128; two values a byte, each
+    stored + 8), ``group_scales`` uint8 [out, Kp / group] (integer scale of each group of
+    ``group`` values), ``scale`` float32 [out] and ``offsets`` int32 [out] (the kernels'
+    unsigned-activation correction). Row n is ``w4 * group_scale / scale[n]``; dot products
+    with int8 activations are exact integers, so results are the same at every SIMD level.
+    """
+
+    packed: torch.Tensor
+    group_scales: torch.Tensor
+    scale: torch.Tensor
+    offsets: torch.Tensor
+    out_features: int
+    in_features: int
+    group: int
+
+    def dequantize(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The float32 weight [out, in] (or just ``rows``) this int4 weight represents."""
+        packed = self.packed if rows is None else self.packed[rows]
+        subs = self.group_scales if rows is None else self.group_scales[rows]
+        scale = self.scale if rows is None else self.scale[rows]
+        w4 = reference.unpack_int4(packed.reshape(-1, packed.shape[-1]), packed.shape[-1] * 2)
+        w = w4.float() * subs.reshape(-1, subs.shape[-1]).float().repeat_interleave(self.group, 1)
+        w = w[:, : self.in_features] / scale.reshape(-1, 1)
+        return w.reshape(*packed.shape[:-1], self.in_features)
+
+    def nbytes(self) -> int:
+        return (self.packed.numel() + self.group_scales.numel() + self.scale.numel() * 4
+                + self.offsets.numel() * 4)
+
+
+def quantize_int4_weight(w: torch.Tensor, group: int = 64,
+                         importance: torch.Tensor | None = None) -> Int4Weight:
+    """Group-wise int4 quantisation of float weights [out, in] (in <= 8192): per group of
+    ``group`` values (64 or 128) the step with the least squared error among a few
+    candidates, held as an integer multiple (1..255) of one float unit per row.
+
+    ``importance`` [in] (optional): weights of each input feature's squared error, e.g.
+    the mean square of the activations this weight multiplies on calibration text."""
+    if not isinstance(w, torch.Tensor) or w.dtype not in FLOAT_DTYPES:
+        raise TypeError("weight: expected a floating-point torch.Tensor")
+    if w.dim() != 2 or w.numel() == 0:
+        raise ValueError(f"weight: expected a non-empty 2-D tensor, got shape {tuple(w.shape)}")
+    if group not in INT4_GROUPS:
+        raise ValueError(f"group: expected one of {INT4_GROUPS}, got {group!r}")
+    imp = None if importance is None else importance.detach().float().contiguous().numpy()
+    packed, subs, scale, offsets = _require_native().quantize_int4_weight(
+        w.detach().to(torch.float32).contiguous().numpy(), group, imp)
+    return Int4Weight(torch.from_numpy(packed), torch.from_numpy(subs), torch.from_numpy(scale),
+                      torch.from_numpy(offsets), w.shape[0], w.shape[1], group)
+
+
+def int4_linear(x: torch.Tensor, weight: Int4Weight) -> torch.Tensor:
+    """y = (quant(x) . W4^T) / (s_x * s_w[n]) for x [..., in] -> float32 [..., out]."""
+    x2 = _as_float32_matrix(x, "x", weight.in_features)
+    lead = x.shape[:-1]
+    if not use_native():
+        if not torch.isfinite(x2).all():
+            raise ValueError("x: activations contain NaN or Inf")
+        y = reference.int4_linear(x2, weight.packed, weight.group_scales, weight.scale,
+                                  weight.in_features, weight.group)
+    else:
+        y = torch.from_numpy(_native.int4_linear(
+            x2.numpy(), weight.packed.numpy(), weight.group_scales.numpy(),
+            weight.scale.numpy(), weight.offsets.numpy(), weight.in_features, weight.group))
     return y.reshape(*lead, weight.out_features)
 
 

@@ -69,6 +69,34 @@ def int8_linear(x: torch.Tensor, w_int8: torch.Tensor, w_scale: torch.Tensor) ->
     return y.reshape(*lead, w_int8.shape[0])
 
 
+def unpack_int4(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The int4 values int8 [N, K] of the 4-bit head's layout (``csrc/head/int4_gemm.h``):
+    each 64-byte block holds 128 values, byte j value j (low nibble) and 64 + j (high),
+    stored as value + 8."""
+    n, row_bytes = packed.shape
+    blocks = packed.reshape(n, row_bytes // 64, 64).to(torch.int16)
+    values = torch.cat([blocks & 15, blocks >> 4], dim=2)
+    return (values.reshape(n, row_bytes * 2)[:, :in_features] - 8).to(torch.int8)
+
+
+def int4_linear(x: torch.Tensor, packed: torch.Tensor, group_scales: torch.Tensor,
+                w_scale: torch.Tensor, in_features: int, group: int) -> torch.Tensor:
+    """y = (sum_g sub[n, g] * q_g . W4_g^T) / (s_x * s_w[n]), float32, for x [..., K]: the
+    4-bit head's integer sums computed group by group in int64."""
+    lead = x.shape[:-1]
+    q, s_x = quantize_activations(x.reshape(-1, x.shape[-1]))
+    w4 = unpack_int4(packed, packed.shape[1] * 2).to(torch.int64)
+    kp = w4.shape[1]
+    qp = torch.zeros((q.shape[0], kp), dtype=torch.int64)
+    qp[:, :in_features] = q.to(torch.int64)
+    groups = kp // group
+    per_group = torch.einsum("mgk,ngk->mng", qp.reshape(-1, groups, group),
+                             w4.reshape(-1, groups, group))
+    acc = (per_group * group_scales.to(torch.int64).unsqueeze(0)).sum(-1).float()
+    y = acc / (s_x.unsqueeze(-1) * w_scale.unsqueeze(0))
+    return y.reshape(*lead, packed.shape[0])
+
+
 def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     """Ternary int8 [N, K] from the kernels' ``r3mes-2bit-g256`` layout, in plain torch.
 

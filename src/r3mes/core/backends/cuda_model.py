@@ -133,6 +133,9 @@ class DeviceLMHead(LMHead):
     def __init__(self, head: LMHead, device: torch.device | str) -> None:
         dev = torch.device(device)
         v, h = head.vocab_size, head.hidden_size
+        if head.kind == "int4":
+            raise ValueError("lm_head: the 4-bit head has CPU kernels only; convert the model "
+                             "with `r3mes convert --head int8` to run it on CUDA")
         if head.kind == "float":
             super().__init__("float", v, h, weight=head.weight.detach().float().to(dev))
             self._rows = None
