@@ -10,6 +10,15 @@ padded to the model's), then runs llama.cpp's ``convert_hf_to_gguf.py --outtype 
     pip install sentencepiece
     bash benchmarks/build_llama_server.sh /tmp/r3mes-llama
     python benchmarks/export_gguf.py /tmp/r3mes-bench-serving/model /tmp/r3mes-llama
+    python benchmarks/export_gguf.py /tmp/r3mes-bench-serving/model /tmp/r3mes-llama \
+        --quantize TQ2_0 TQ1_0          # + bench-tq2_0-q6k.gguf, bench-tq1_0-q6k.gguf
+
+``--quantize`` runs ``llama-quantize --allow-requantize --token-embedding-type q6_K`` on the
+converter's GGUF for each type: the ternary tensors requantise exactly (TQ1_0 and TQ2_0 both
+hold every ternary value), and the embedding, which llama.cpp's BitNet graph also reads as
+the head, becomes Q6_K (``--head-type``), as llama.cpp's own BitNet GGUFs ship it. The HF
+directory written on the way (``<llama_dir>/hf-export``) is also what bitnet.cpp's converter
+reads (benchmarks/build_bitnet_cpp.sh).
 """
 
 from __future__ import annotations
@@ -89,6 +98,11 @@ def main() -> None:
     ap.add_argument("model_dir", type=Path, help="r3mes-format model (bench_serving's)")
     ap.add_argument("llama_dir", type=Path, help="build_llama_server.sh's output folder")
     ap.add_argument("--outfile", type=Path, help="default: <llama_dir>/bench-tq2_0.gguf")
+    ap.add_argument("--quantize", nargs="*", default=[], metavar="TYPE",
+                    help="also write <llama_dir>/bench-<type>-<head type>.gguf for each "
+                    "llama-quantize type (e.g. TQ2_0 TQ1_0)")
+    ap.add_argument("--head-type", default="q6_K",
+                    help="embedding/head type of the --quantize outputs (default q6_K)")
     args = ap.parse_args()
     hf = args.llama_dir / "hf-export"
     if not (hf / "model.safetensors").is_file():
@@ -98,10 +112,23 @@ def main() -> None:
     outfile = args.outfile or args.llama_dir / "bench-tq2_0.gguf"
     src = args.llama_dir / "src"
     env_path = f"{src / 'gguf-py'}"
-    subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf), "--outtype",
-                    "tq2_0", "--outfile", str(outfile)], check=True,
-                   env={**os.environ, "PYTHONPATH": env_path})
+    if not outfile.is_file():
+        subprocess.run([sys.executable, str(src / "convert_hf_to_gguf.py"), str(hf),
+                        "--outtype", "tq2_0", "--outfile", str(outfile)], check=True,
+                       env={**os.environ, "PYTHONPATH": env_path})
     print(outfile)
+    quantize = args.llama_dir / "build" / "bin" / "llama-quantize"
+    for qtype in args.quantize:
+        head = args.head_type.lower().replace("_", "")
+        out = args.llama_dir / f"bench-{qtype.lower()}-{head}.gguf"
+        tmp = out.with_suffix(".gguf.tmp")
+        res = subprocess.run([str(quantize), "--allow-requantize", "--token-embedding-type",
+                              args.head_type, str(outfile), str(tmp), qtype],
+                             capture_output=True, text=True)  # a line per tensor: quiet
+        if res.returncode:
+            sys.exit(f"{quantize} failed ({res.returncode}):\n{res.stderr[-3000:]}")
+        tmp.replace(out)  # a killed run never leaves a truncated GGUF under the final name
+        print(out)
 
 
 if __name__ == "__main__":

@@ -103,11 +103,18 @@ def test_more_experts_than_adapters_is_refused(capsys, write_random_adapters):
     assert "3 experts" in msg and "1 adapters" in msg
 
 
-@pytest.mark.parametrize("flag,value", [("--gen-tokens", "0"), ("--repetitions", "0"),
-                                        ("--prompt-tokens", "0"), ("--threads", "0")])
+@pytest.mark.parametrize("flag,value", [("--gen-tokens", "-1"), ("--repetitions", "0"),
+                                        ("--prompt-tokens", "-1"), ("--threads", "0")])
 def test_non_positive_counts_are_refused(capsys, flag, value):
     assert flag.lstrip("-").replace("-", "_") in _error(capsys, "--model", str(DEMO),
                                                         flag, value)
+
+
+def test_a_zero_count_leaves_its_test_out(capsys):
+    data = _bench_json(capsys, "--model", str(DEMO), "-r", "1", *TINY, "--prompt-tokens", "0")
+    assert [r["test"] for r in data["results"]] == ["tg3"]
+    assert "nothing to measure" in _error(capsys, "--model", str(DEMO), "--prompt-tokens", "0",
+                                          "--gen-tokens", "0")
 
 
 def test_model_options_without_a_model_are_refused(capsys):

@@ -291,9 +291,9 @@ def add_model_bench_options(bench: argparse.ArgumentParser) -> None:
                    help="PEFT DoRA directories to mix (K experts: the first K); default "
                    "random rank-16 adapters built in memory")
     g.add_argument("--prompt-tokens", type=int, default=None,
-                   help=f"pp prompt length (default {d['prompt_tokens']})")
+                   help=f"pp prompt length (default {d['prompt_tokens']}; 0: no pp test)")
     g.add_argument("--gen-tokens", type=int, default=None,
-                   help=f"timed decode tokens (default {d['gen_tokens']})")
+                   help=f"timed decode tokens (default {d['gen_tokens']}; 0: no tg test)")
     g.add_argument("--warmup-tokens", type=int, default=None,
                    help=f"untimed decode tokens before them (default {d['warmup_tokens']})")
     g.add_argument("--repetitions", "-r", type=int, default=None,

@@ -180,7 +180,8 @@ def run_speed_report(model_dir: str | os.PathLike[str], *, threads: Sequence[int
     Args:
         threads: native kernel thread counts to measure (each case runs at each).
         experts: numbers of DoRA experts mixed (0: the base model alone).
-        prompt_tokens: pp prompt length; gen_tokens: timed decode steps per repetition.
+        prompt_tokens: pp prompt length; gen_tokens: timed decode steps per repetition
+            (0 leaves that test out, as llama-bench's ``-p 0`` / ``-n 0`` do).
         warmup_tokens: untimed decode steps before the timed ones.
         adapters: PEFT DoRA directories; when given, ``K`` experts are the first ``K``
             of them, else random rank-16 adapters are built in memory.
@@ -195,12 +196,14 @@ def run_speed_report(model_dir: str | os.PathLike[str], *, threads: Sequence[int
     from r3mes.core.backends import BitNetCppBackend
 
     for name, value, low in (("threads", min(threads, default=0), 1),
-                             ("prompt_tokens", prompt_tokens, 1),
-                             ("gen_tokens", gen_tokens, 1), ("warmup_tokens", warmup_tokens, 0),
+                             ("prompt_tokens", prompt_tokens, 0),
+                             ("gen_tokens", gen_tokens, 0), ("warmup_tokens", warmup_tokens, 0),
                              ("repetitions", repetitions, 1),
                              ("experts", min(experts, default=-1), 0)):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
+    if not prompt_tokens and not gen_tokens:
+        raise ValueError("prompt_tokens and gen_tokens are both 0: nothing to measure")
     most = max(experts)
     if adapters and most > len(adapters):
         raise ValueError(f"{most} experts asked for, {len(adapters)} adapters given")
@@ -219,7 +222,7 @@ def run_speed_report(model_dir: str | os.PathLike[str], *, threads: Sequence[int
     prompt = torch.randint(0, vocab, (prompt_tokens,), generator=rng).tolist()
     first = int(torch.randint(0, vocab, (1,), generator=rng))
     cases = [BenchCase(kind, n, t, k) for t in threads for k in experts
-             for kind, n in (("pp", prompt_tokens), ("tg", gen_tokens))]
+             for kind, n in (("pp", prompt_tokens), ("tg", gen_tokens)) if n]
     try:
         for rep in range(repetitions + 1):  # the first round is a warm-up, not recorded
             for case in cases:
