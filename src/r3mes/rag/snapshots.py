@@ -431,12 +431,7 @@ class RagStore:
 
     def _read_manifest(self, directory: Path) -> dict[str, Any]:
         path = directory / "manifest.json"
-        try:
-            m = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise IndexCorruptedError(f"{path}: missing (no such snapshot)") from exc
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise IndexCorruptedError(f"{path}: not valid JSON ({exc})") from exc
+        m = _read_json(path, "no such snapshot")
         try:
             if not isinstance(m, dict):
                 raise TypeError("not a JSON object")
@@ -560,6 +555,17 @@ class RagStore:
             if p.is_dir() and not p.name.startswith(".") and p.name not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
+
+
+def _read_json(path: Path, missing: str) -> Any:
+    """The JSON in ``path``; a missing or unparsable file is an IndexCorruptedError
+    (``missing`` says what a missing file means)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise IndexCorruptedError(f"{path}: missing ({missing})") from exc
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IndexCorruptedError(f"{path}: not valid JSON ({exc})") from exc
 
 
 def _file_entry(path: Path) -> dict[str, Any]:

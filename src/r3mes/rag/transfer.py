@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from r3mes.rag.errors import IndexCorruptedError, RagError
 from r3mes.rag.named_index import check_index_name
-from r3mes.rag.snapshots import _check_file_name, _files_match, _info
+from r3mes.rag.snapshots import _check_file_name, _files_match, _info, _read_json
 from r3mes.utils.atomic import atomic_open, atomic_write_json, fsync_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -188,12 +188,7 @@ def _extract_archive(src: Path, dest: Path) -> None:
 
 
 def _read_export_header(path: Path) -> dict[str, Any]:
-    try:
-        h = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise IndexCorruptedError(f"{path}: missing; not an r3mes index export") from exc
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise IndexCorruptedError(f"{path}: not valid JSON ({exc})") from exc
+    h = _read_json(path, "not an r3mes index export")
     ok = (isinstance(h, dict) and h.get("type") == EXPORT_TYPE
           and h.get("format") == EXPORT_FORMAT and isinstance(h.get("index"), str)
           and isinstance(h.get("snapshots"), list) and h["snapshots"]
