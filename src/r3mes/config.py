@@ -208,6 +208,29 @@ class ServerSection(_Section):
     model_name: str = "r3mes-bitnet"
 
 
+class IpfsSection(_Section):
+    """Where adapters and index snapshots move over IPFS (``r3mes.distribution``)."""
+
+    api: str | None = None  # a kubo node's RPC API, e.g. http://127.0.0.1:5001
+    gateway: str | None = None  # a trustless HTTP gateway, for nodes that run no daemon
+    timeout_s: float = Field(60, gt=0)
+
+
+class MinerNodeSection(_Section):
+    """A miner node: pull the serving node's published index snapshots over IPFS."""
+
+    sync_from_serving: bool = False
+    serving_url: str | None = None  # the serving node's r3mes server
+    interval_s: float = Field(21600, gt=0)  # 6 hours, the news index's publication cadence
+    indices: list[str] | None = None  # None: every index the serving node publishes
+
+    @model_validator(mode="after")
+    def _check(self) -> MinerNodeSection:
+        if self.sync_from_serving and not self.serving_url:
+            raise ValueError("sync_from_serving: true needs serving_url")
+        return self
+
+
 class R3mesConfig(_Section):
     """The whole configuration (the schema of ``dora_config.yaml``)."""
 
@@ -220,6 +243,8 @@ class R3mesConfig(_Section):
     generation: GenerationSection = GenerationSection()
     postprocess: PostprocessSection = PostprocessSection()
     server: ServerSection = ServerSection()
+    ipfs: IpfsSection = IpfsSection()
+    miner_node: MinerNodeSection = MinerNodeSection()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data, the YAML file's shape (the ``r3mes config show --json`` schema)."""

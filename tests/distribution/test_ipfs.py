@@ -204,3 +204,50 @@ def test_a_car_is_read_block_by_verified_block(tmp_path):
     bad[leaf] = bad[leaf][:-1] + b"\x00"
     with pytest.raises(BlockVerificationError, match=leaf):
         read_car(_car(root, bad))
+
+
+def test_a_miner_node_syncs_from_the_serving_node_and_keeps_serving_when_it_is_gone(
+        kubo_pair, tmp_path, embedder):
+    import json
+
+    from r3mes.distribution.kubo import KuboRPC
+    from r3mes.distribution.sync import MinerSync, published
+
+    a, b = kubo_pair
+    home_a, home_m = tmp_path / "serving", tmp_path / "miner"
+    store_a = RagStore(home_a, embedder=embedder, compact_fraction=1.0)
+    store_a.index("news").add_documents(DOCS)
+    store_a.save("news")
+    publish_index("news", a.rpc, home_a, store_a)
+
+    class Serving(BaseHTTPRequestHandler):  # what the serving node's server answers
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):  # noqa: N802
+            body = json.dumps({"indices": published(home_a)}).encode()
+            self.send_response(200 if self.path == "/api/v1/ipfs/published" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Serving)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    store_m = RagStore(home_m, embedder=embedder)
+    sync = MinerSync(home_m, url, lambda: KuboRPC(b.api), rag_store=store_m)
+    try:
+        assert sync.sync_once() == {"news": "pulled"}
+        assert sync.sync_once() == {"news": "current"}
+        store_a.index("news").add_documents([TEA])
+        store_a.save("news")
+        publish_index("news", a.rpc, home_a, store_a)
+        assert sync.sync_once() == {"news": "pulled"}
+        assert _top(RagStore(home_m, embedder=embedder), "news", "green tea") == "tea"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    # the serving node is gone: nothing changes, the last good snapshot keeps answering
+    assert sync.sync_once() == {}
+    assert "unreachable" in (sync.last_error or "")
+    assert _top(RagStore(home_m, embedder=embedder), "news", "green tea") == "tea"

@@ -95,3 +95,59 @@ def test_the_dump_loads_back_to_the_same_config(tmp_path):
     assert load_config(path, environ={}) == cfg
     assert cfg.get("generation.temperature") == 0.7
     assert isinstance(R3mesConfig().to_dict()["router"]["gating"], dict)
+
+
+def test_the_packaged_yaml_spells_out_the_schema_defaults():
+    # One place sets defaults (the schema); the YAML file shows them to users.
+    assert load_config(environ={}) == R3mesConfig()
+
+
+def test_pipeline_and_router_defaults_come_from_the_schema():
+    import dataclasses
+
+    from r3mes.config import schema_default
+    from r3mes.router.hybrid_router import HybridConfig
+    from r3mes.router.vram_adaptive_gating import GatingConfig
+    from r3mes.serving import PipelineConfig
+
+    default = PipelineConfig()
+    assert default == PipelineConfig.from_settings(R3mesConfig())
+    for f in dataclasses.fields(PipelineConfig):
+        key = f.metadata.get("setting")
+        if key is not None and f.metadata.get("convert") is None:
+            assert getattr(default, f.name) == schema_default(key), f.name
+    assert default.system_prompt.startswith("You are a helpful assistant")
+    hybrid = HybridConfig()
+    assert (hybrid.keyword_weight, hybrid.semantic_weight, hybrid.fast_path_threshold,
+            hybrid.adaptive_weighting) == (
+        schema_default("router.hybrid.keyword_weight"),
+        schema_default("router.hybrid.semantic_weight"),
+        schema_default("router.hybrid.fast_path_threshold"),
+        schema_default("router.hybrid.adaptive_weighting"))
+    assert default.hybrid_config() == hybrid
+    gating = GatingConfig()
+    assert gating.max_k == schema_default("router.gating.vram_24gb_max_experts")
+    assert default.gating_config() == gating
+    # The mutable defaults are copies: changing one pipeline's list changes no other's.
+    default.preload_experts.append("x")
+    assert "x" not in PipelineConfig().preload_experts
+    assert schema_default("cache.tier1_vram.preload") == ["turkish_dora", "general_dora"]
+
+
+def test_removed_keys_are_ignored_with_a_warning(tmp_path, caplog):
+    path = tmp_path / "old.yaml"
+    path.write_text("dora:\n  default_rank: 8\nrouter:\n  keyword:\n    confidence_threshold: 0.2\n"
+                    "  semantic:\n    device: cuda\ncache:\n  tier2_ram:\n"
+                    "    eviction_policy: lru\n    capacity_mb: 100\n"
+                    "rag:\n  serving_node:\n    indices: [general]\n")
+    with caplog.at_level("WARNING", logger="r3mes.config"):
+        cfg = load_config(path, environ={"R3MES_DORA__DEFAULT_ALPHA": "16"})
+    assert cfg.cache.tier2_ram.capacity_mb == 100
+    assert "dora" not in cfg.to_dict() and "keyword" not in cfg.to_dict()["router"]
+    for key in ("dora", "router.keyword", "router.semantic.device",
+                "cache.tier2_ram.eviction_policy", "rag.serving_node", "R3MES_DORA__DEFAULT_ALPHA"):
+        assert key in caplog.text
+    # A key that never existed is still a typo.
+    path.write_text("dora_settings:\n  rank: 8\n")
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(path, environ={})

@@ -50,7 +50,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     common.add_argument("--home", default=None, help="data directory (default $R3MES_HOME or "
                         "~/.r3mes)")
     common.add_argument("--json", action="store_true", help="machine-readable output")
-    adapters = subparsers.add_parser("adapters", help="manage the DoRA adapter store")
+    adapters = subparsers.add_parser("adapters", help="manage the DoRA adapter store; publish "
+                                  "and pull adapters over IPFS by CID")
     sub = adapters.add_subparsers(dest="adapters_command", required=True)
 
     p = sub.add_parser("list", parents=[common], help="list stored adapters")

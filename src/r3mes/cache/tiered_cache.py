@@ -61,6 +61,8 @@ log = logging.getLogger(__name__)
 PrepareFn = Callable[[Path, dict[str, Any]], Any]
 #: ``prepared_size(prepared) -> bytes`` it occupies in tier 1.
 SizeFn = Callable[[Any], int]
+#: ``release(prepared)``: a prepared object left tier 1 (or was never recorded there).
+ReleaseFn = Callable[[Any], None]
 
 
 class CacheCapacityError(R3mesError, RuntimeError):
@@ -131,6 +133,10 @@ class TieredDoRACache:
             Default: :class:`LoadedAdapter` with the tensors moved to ``device``.
         prepared_size: bytes a prepared object occupies; default: its ``nbytes`` attribute if
             it has an integer one, else the host tensors' bytes.
+        release: ``release(prepared)``, called once for every object ``prepare`` made, when
+            it leaves tier 1 (demoted, invalidated, replaced, closed) or could not be placed
+            there. With :class:`~r3mes.cache.residency.AdapterResidency`'s ``prepare`` and
+            ``release`` the cache owns which adapters the backend holds.
         device: where the default ``prepare`` puts tensors (``None``: leave them on the host).
         pinned: adapter ids loaded into tier 1 by :meth:`start` and never evicted.
         vram: optional device budget shared with the base model and the KV cache.
@@ -148,6 +154,7 @@ class TieredDoRACache:
         tier2_capacity_mb: float,
         prepare: PrepareFn | None = None,
         prepared_size: SizeFn | None = None,
+        release: ReleaseFn | None = None,
         device: Any = None,
         pinned: Sequence[str] = (),
         vram: VRAMManager | None = None,
@@ -164,6 +171,7 @@ class TieredDoRACache:
         self.tier2_capacity_bytes = int(tier2_capacity_mb * MB)
         self._prepare = prepare
         self._prepared_size = prepared_size
+        self._release = release
         self.device = device
         self.vram = vram
         self.verify_on_load = verify_on_load
@@ -422,6 +430,7 @@ class TieredDoRACache:
             if existing is not None and existing.host.digest == host.digest:
                 return existing
         loop = asyncio.get_running_loop()
+        prepared: Any = None
         try:
             with self._lock:
                 # Make room for roughly this much before prepare allocates on the device.
@@ -432,6 +441,8 @@ class TieredDoRACache:
             with self._lock:
                 self._insert_t1(entry)
         except BaseException:
+            if prepared is not None and self._release is not None:
+                self._release(prepared)  # made but never recorded in tier 1
             if from_tier == 3:  # keep what we read: the next attempt is then a tier-2 hit
                 with self._lock:
                     if adapter_id not in self._t2 and adapter_id not in self._t1:
@@ -603,6 +614,8 @@ class TieredDoRACache:
         if self.vram is not None:
             with contextlib.suppress(KeyError):
                 self.vram.release(_vram_name(adapter_id))
+        if self._release is not None:
+            self._release(entry.prepared)
         return entry
 
     def _demote_t1(self, adapter_id: str) -> None:

@@ -189,7 +189,7 @@ def _cmd_train_adapter(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from r3mes.core.backends import BitNetCppBackend, PyTorchBackend, get_best_backend
+    from r3mes.core.backends import create_backend
     from r3mes.core.checkpoint import CheckpointError
     from r3mes.core.generation import GenerationConfig
 
@@ -198,12 +198,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                                   top_k=args.top_k, top_p=args.top_p,
                                   repetition_penalty=args.repetition_penalty,
                                   stop=tuple(args.stop), seed=args.seed)
-        if args.backend == "pytorch":
-            backend = PyTorchBackend()
-        elif args.backend == "bitnet_cpp" or args.device != "cpu":
-            backend = BitNetCppBackend(num_threads=args.threads, device=args.device)
-        else:
-            backend = get_best_backend(num_threads=args.threads)
+        backend = create_backend(args.backend, device=args.device, num_threads=args.threads)
         info = backend.load_base_model(_resolve(args.model, args.home), verify=args.verify)
         ids, weights = [], list(args.adapter_weight)
         for spec in args.adapter:

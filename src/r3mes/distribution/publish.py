@@ -152,7 +152,10 @@ def publish_index(name: str, client: KuboRPC, home: str | Path | None = None, st
                   ) -> dict[str, Any]:
     """Add the current snapshot of index ``name`` (with what it builds on) to the IPFS node;
     ``{"index", "digest", "snapshots", "bytes", "cid", "uri"}``."""
+    from r3mes.distribution.sync import record_published
+
     cid, info = _index(r3mes_home(home), name, client, store)
+    record_published(home, name, str(cid), info["digest"])
     return {"index": name, "digest": info["digest"], "snapshots": info["snapshots"],
             "bytes": info["bytes"], "cid": str(cid), "uri": f"ipfs://{cid}"}
 

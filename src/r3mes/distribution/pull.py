@@ -150,7 +150,8 @@ def pull_index(cid: str | CID, source: BlockSource, home: str | Path | None = No
     stage = _staging(root)
     try:
         stats = fetch_tree(cid, source, stage / "export", have)
-        result = store.import_snapshot(stage / "export")
+        with store.lock():  # the fetch ran unlocked; only the install excludes other writers
+            result = store.import_snapshot(stage / "export")
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     result["pull"] = stats.to_dict()

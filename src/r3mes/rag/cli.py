@@ -49,7 +49,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``index`` command group, and ``rag`` as a second name for it."""
     for name in GROUP_NAMES:
         group = subparsers.add_parser(
-            name, help="retrieval: index documents and search them" if name == "index"
+            name, help="retrieval: index documents, search them, publish and pull snapshots "
+            "over IPFS" if name == "index"
             else "same as 'r3mes index'")
         _add_commands(group.add_subparsers(dest="rag_command", required=True))
 

@@ -50,6 +50,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from r3mes.config import schema_default
 from r3mes.router.calibration import FusionModel, load_fusion
 from r3mes.router.keyword_router import KeywordRouter, LanguageGuess, clean_query
 from r3mes.router.registry import ExpertRegistry, resolve_registry
@@ -67,12 +68,14 @@ class EmptyQueryError(ValueError):
 @dataclass(frozen=True)
 class HybridConfig:
     """Tunables of the hybrid router; the defaults are the seed's, tuned on the training
-    split of ``tests/router/data/router_eval.yaml`` where the seed leaves a choice."""
+    split of ``tests/router/data/router_eval.yaml`` where the seed leaves a choice. The four
+    the YAML configuration sets (``router.hybrid``) take their defaults from its schema
+    (:func:`r3mes.config.schema_default`)."""
 
-    fast_path_threshold: float = 0.85
-    keyword_weight: float = 0.3
-    semantic_weight: float = 0.7
-    adaptive_weighting: bool = True
+    fast_path_threshold: float = schema_default("router.hybrid.fast_path_threshold")
+    keyword_weight: float = schema_default("router.hybrid.keyword_weight")
+    semantic_weight: float = schema_default("router.hybrid.semantic_weight")
+    adaptive_weighting: bool = schema_default("router.hybrid.adaptive_weighting")
     semantic_temperature: float = 0.01
     language_weight: float = 0.6
     language_lead_threshold: float = 0.5

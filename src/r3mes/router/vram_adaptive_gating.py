@@ -19,16 +19,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from r3mes.config import schema_default
+
 
 @dataclass(frozen=True)
 class GatingConfig:
     """Tiers are ``(upper_gb, k)`` pairs: ``k`` experts while the budget is <= ``upper_gb``;
-    above the last tier ``max_k`` experts."""
+    above the last tier ``max_k`` experts. The defaults are the ``router.gating`` settings'
+    (:func:`r3mes.config.schema_default`)."""
 
-    tiers: tuple[tuple[float, int], ...] = ((8.0, 1), (16.0, 2))
-    max_k: int = 3
-    fallback_threshold: float = 0.5
-    min_weight: float = 0.1
+    tiers: tuple[tuple[float, int], ...] = (
+        (8.0, schema_default("router.gating.vram_8gb_max_experts")),
+        (16.0, schema_default("router.gating.vram_16gb_max_experts")))
+    max_k: int = schema_default("router.gating.vram_24gb_max_experts")
+    fallback_threshold: float = schema_default("router.gating.general_fallback_threshold")
+    min_weight: float = schema_default("router.gating.min_weight")
     default_vram_gb: float = 8.0
 
     def __post_init__(self) -> None:

@@ -27,6 +27,7 @@ that queued while a batch ran are generated together through the backend's batch
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import math
@@ -36,11 +37,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from r3mes.core.generation import GenerationConfig, sample_next, stop_token_ids
+
+if TYPE_CHECKING:
+    from r3mes.core.backends import InferenceBackend
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +129,8 @@ class Engine:
         adapters: see :data:`AdapterHook`.
     """
 
-    def __init__(self, backend: Any, max_context: int | None = None, *, max_batch: int = 8,
+    def __init__(self, backend: InferenceBackend, max_context: int | None = None, *,
+                 max_batch: int = 8,
                  max_queue: int = 64, kv_tokens: int | None = None,
                  kv_megabytes: float | None = None, kv_block_size: int = 16,
                  adapters: AdapterHook | None = None) -> None:
@@ -135,7 +140,7 @@ class Engine:
         self.max_context = max_context
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self.name = str(getattr(backend, "name", type(backend).__name__))
+        self.name = backend.name
         self.continuous = backend.supports_feature("continuous_batching")
         self.hetero = backend.supports_feature("heterogeneous_batch")
         self.batching = backend.supports_feature("batch")
@@ -150,7 +155,9 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._closed = False
         self._service_s = 5.0  # running mean of a job's time in the engine (Retry-After)
-        self.counters = {"jobs": 0, "steps": 0, "tokens": 0, "rejected": 0, "batches": 0}
+        # jobs: accepted; completed: finished without an error
+        self.counters = {"jobs": 0, "completed": 0, "steps": 0, "tokens": 0, "rejected": 0,
+                         "batches": 0}
 
     # ---- the public side ----------------------------------------------------------------
     def submit(self, job: GenerationJob) -> Future[JobTiming]:
@@ -173,6 +180,16 @@ class Engine:
                 self._thread.start()
             self._cond.notify()
         return row.future
+
+    async def run(self, job: GenerationJob) -> JobTiming:
+        """Queue ``job`` and wait for it without blocking the event loop (the async form of
+        :meth:`submit`, with the same errors; the job's own error is raised here)."""
+        return await asyncio.wrap_future(self.submit(job))
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (the engine takes no more jobs)."""
+        return self._closed
 
     def generate(self, jobs: Sequence[GenerationJob]) -> None:
         """Run ``jobs`` to completion (blocking; for callers without an event loop)."""
@@ -307,7 +324,7 @@ class Engine:
                 self._adapters(needed)
             params = job.params
             row.stop_ids = stop_token_ids(params, self.backend.model.config,
-                                          getattr(self.backend, "tokenizer", None))
+                                          self.backend.tokenizer)
             if params.temperature > 0:
                 row.generator = torch.Generator()
                 row.generator.manual_seed(params.seed if params.seed is not None
@@ -366,6 +383,7 @@ class Engine:
         if error is not None:
             row.future.set_exception(error)
         else:
+            self.counters["completed"] += 1
             started = row.started or time.perf_counter()
             row.future.set_result(JobTiming((started - row.submitted) * 1e3, row.batch_size))
 

@@ -62,6 +62,7 @@ from r3mes.serving.inference_pipeline import (
     PipelineResult,
     UnknownExpertError,
 )
+from r3mes.serving.streaming import stream_pieces
 
 log = logging.getLogger(__name__)
 
@@ -170,18 +171,6 @@ class R3mesRegistry:
 # --------------------------------------------------------------------------- engine replica
 
 
-class _ReplicaPipeline(InferencePipeline):
-    """The pipeline of one engine replica: the ingress routes, so forced experts may come
-    with the router's weights (``[(id, weight)]``) and are used as given."""
-
-    def _check_forced(self, force_experts: Sequence[Any] | None) -> list[tuple[str, float]] | None:
-        if force_experts and not isinstance(force_experts, str) and all(
-                isinstance(e, (tuple, list)) for e in force_experts):
-            super()._check_forced([str(e) for e, _ in force_experts])  # known, fitting ids
-            return [(str(e), float(w)) for e, w in force_experts]
-        return super()._check_forced(force_experts)
-
-
 class AdapterRefused(PipelineError):
     """An adapter whose content or digest is not the one the request was routed with."""
 
@@ -276,7 +265,9 @@ class R3mesEngine:
         self.config = dataclasses.replace(
             config, home=str(self.home), router_strategy="keyword", experts_dir=None,
             knowledge_dir=None, preload_experts=[])
-        self.pipe = _ReplicaPipeline(self.config, adapter_store=store, rag_store=rag_store)
+        # The ingress routes: each request comes with the routed (expert, weight) pairs,
+        # which the pipeline takes as forced experts with their weights.
+        self.pipe = InferencePipeline(self.config, adapter_store=store, rag_store=rag_store)
         for index, digest in sorted(manifest["rag"].items()):
             await self._sync_index(index, digest)
         await self.pipe.load_model()
@@ -285,7 +276,7 @@ class R3mesEngine:
             # The embedder loads on first use: here, not inside the first request.
             with contextlib.suppress(Exception):
                 await asyncio.get_running_loop().run_in_executor(
-                    None, self.pipe._retrieve, "warm up the retriever", None)
+                    None, self.pipe.retrieve, "warm up the retriever")
         log.info("engine replica %s ready in %.1f s", self.replica, time.time() - t_start)
         self.pipe.config.citations = False  # as the server: sources go in r3mes.sources
         self.pipe.skipped_experts.update(refused)
@@ -332,29 +323,12 @@ class R3mesEngine:
 
     async def generate_stream(self, request: dict[str, Any]) -> AsyncIterator[Any]:
         """Yield the answer's text pieces, then the :class:`PipelineResult`."""
-        queue: asyncio.Queue[str | None] = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-        cancel = threading.Event()
+        async def answer(emit: Any, cancel: threading.Event) -> PipelineResult:
+            return await self._run(request, emit, cancel)
 
-        def emit(piece: str) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, piece)
-
-        async def produce() -> PipelineResult:
-            try:
-                return await self._run(request, emit, cancel)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-
-        task = loop.create_task(produce())
-        try:
-            while (piece := await queue.get()) is not None:
-                if piece:
-                    yield piece
-        finally:
-            if not task.done():  # the caller went away: stop generating
-                cancel.set()
-                task.cancel()
-        yield await task
+        async with contextlib.aclosing(stream_pieces(answer)) as items:
+            async for item in items:
+                yield item
 
     async def _run(self, request: dict[str, Any], emit: Any,
                    cancel: threading.Event | None) -> PipelineResult:
@@ -394,9 +368,10 @@ class R3mesEngine:
 
     async def _stream_or_run(self, request: dict[str, Any], emit: Any,
                              cancel: threading.Event | None) -> PipelineResult:
-        return await self.pipe._run_one(
-            request["query"], request["experts"], request["skip_rag"], None,
-            request["history"], request["rag_indices"], request["generation"], emit, cancel)
+        return await self.pipe.run(
+            request["query"], request["experts"], request["skip_rag"],
+            history=request["history"], rag_indices=request["rag_indices"], on_text=emit,
+            cancel=cancel, **request["generation"])
 
     def _check_digests(self, digests: Mapping[str, str]) -> None:
         """Refuse a request routed with adapter content this replica does not hold."""
@@ -429,7 +404,7 @@ class R3mesEngine:
         files = await self.registry.rag_snapshot.remote(index, digest)
 
         def install() -> None:
-            with self.pipe._rag_lock:  # no retrieval reads the index while it changes
+            with self.pipe.rag_lock:  # no retrieval reads the index while it changes
                 install_rag_snapshot(store, index, digest, files)
         await asyncio.get_running_loop().run_in_executor(None, install)
 
@@ -463,7 +438,7 @@ class R3mesEngine:
     async def check_health(self) -> None:
         """Serve's health check: the engine thread must be alive."""
         engine = self.pipe.engine
-        if engine is None or engine._closed:
+        if engine is None or engine.closed:
             raise RuntimeError("the engine is closed")
 
 
@@ -532,8 +507,8 @@ class RayPipeline:
         return self.local.rag_store
 
     @property
-    def _rag_lock(self) -> Any:
-        return self.local._rag_lock
+    def rag_lock(self) -> Any:
+        return self.local.rag_lock
 
     async def load_model(self, path: str | Path | None = None) -> None:
         """Wait for the registry's data directory, then prepare routing (no model here)."""
@@ -642,23 +617,10 @@ class RayPipeline:
         local = self.local
         result = PipelineResult(query=query if isinstance(query, str) else repr(query))
         self.counters["requests"] += 1
-        m = result.metrics
         try:
-            query = local._check_query(query)
-            local._params(generation)  # refuse bad options before a replica is involved
-            forced = local._check_forced(force_experts)
-            if forced is not None:
-                experts = forced
-            else:
-                t0 = time.perf_counter()
-                decision = await asyncio.get_running_loop().run_in_executor(
-                    local._stage_executor, local._route, query, vram_gb)
-                m.routing_time_ms = (time.perf_counter() - t0) * 1e3
-                experts = local._fill_general(decision)
-                m.used_fast_path = bool(decision.fast_path)
-                m.keyword_confidence = float(decision.keyword_confidence)
-                m.routing_stages_ms = dict(decision.timings_ms)
-                result.routing = decision.to_dict()
+            # Bad options are refused before a replica is involved.
+            query, _ = local.check_request(query, generation, force_experts, vram_gb)
+            experts = await local.route(query, force_experts, vram_gb=vram_gb, result=result)
         except InvalidRequestError as exc:
             self._fail(result, exc, "unknown_expert" if isinstance(exc, UnknownExpertError)
                        else "invalid_request")
@@ -713,9 +675,9 @@ class RayPipeline:
         remote.query = routed.query
         return remote
 
-    def _fail(self, result: PipelineResult, exc: Exception, kind: str) -> None:
-        result.success, result.error = False, str(exc) or type(exc).__name__
-        result.error_type, result.finish_reason = kind, "error"
+    @staticmethod
+    def _fail(result: PipelineResult, exc: Exception, kind: str) -> None:
+        result.fail(exc, kind)
 
     def _finish(self, result: PipelineResult, started: float) -> PipelineResult:
         result.metrics.total_time_ms = (time.perf_counter() - started) * 1e3

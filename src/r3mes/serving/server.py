@@ -270,6 +270,23 @@ def _escape(value: str) -> str:
 # --------------------------------------------------------------------------- the app
 
 
+def _start_miner_sync(settings: Any, pipe: Any) -> Any:
+    """With ``miner_node.sync_from_serving``, pull the serving node's snapshots now and on an
+    interval (:class:`r3mes.distribution.sync.MinerSync`); None otherwise."""
+    miner = getattr(settings, "miner_node", None)
+    if miner is None or not miner.sync_from_serving:
+        return None
+    from r3mes.distribution import open_source
+    from r3mes.distribution.sync import MinerSync
+
+    ipfs = settings.ipfs
+    sync = MinerSync(getattr(pipe.config, "home", None), miner.serving_url,
+                     lambda: open_source(ipfs.api, ipfs.gateway), miner.indices,
+                     miner.interval_s)  # its own store: the server's sees the new ref
+    sync.start()
+    return sync
+
+
 def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = None,
                pipeline_config: PipelineConfig | None = None) -> FastAPI:
     """The FastAPI application.
@@ -300,9 +317,12 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
         await pipe.load_model()
         for notice in pipe.notices:  # once, in the server's log (the demo model, ...)
             log.warning("%s", notice)
+        sync = _start_miner_sync(settings, pipe)
         try:
             yield
         finally:
+            if sync is not None:
+                sync.stop()
             await pipe.close()
 
     app = FastAPI(title="r3mes", version=_version(), lifespan=lifespan, docs_url=None,
@@ -430,6 +450,13 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
         except RagError as exc:
             raise APIError(400, str(exc), param="query") from exc
         return {"query": body.query, "hits": [h.to_dict() for h in hits]}
+
+    @app.get("/api/v1/ipfs/published")
+    async def ipfs_published() -> dict[str, Any]:
+        """The index snapshots this node published over IPFS (what miner nodes pull)."""
+        from r3mes.distribution.sync import published
+
+        return {"indices": published(getattr(pipe().config, "home", None))}
 
     @app.post("/api/v1/rag/documents")
     async def rag_documents(request: Request) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from r3mes.core.checkpoint import LoadInfo, load_model
+from r3mes.core.checkpoint import LoadInfo, ModelShape, load_model
 from r3mes.core.dora import dora_modules, set_adapter_mix
 from r3mes.core.generation import GenerationConfig, GenerationResult, TokenEvent
 from r3mes.core.generation import generate as _generate
@@ -82,6 +82,7 @@ class InferenceBackend(ABC):
             self._rows_key = None
 
     def unload_dora_adapter(self, adapter_id: str) -> None:
+        """Remove expert ``adapter_id`` from the model; KeyError when it is not loaded."""
         with self._lock:
             if adapter_id not in self.adapters:
                 raise KeyError(f"adapter {adapter_id!r} is not loaded")
@@ -90,6 +91,20 @@ class InferenceBackend(ABC):
                     module.remove_adapter(adapter_id)
             del self.adapters[adapter_id]
             self._rows_key = None
+
+    # ---- what the serving layer reads of the loaded model -----------------------------
+    def max_context(self) -> int | None:
+        """The model's context length (``max_position_embeddings``), ``None`` if unset."""
+        value = self._require_model().config.max_position_embeddings
+        return int(value) if isinstance(value, int) and value > 0 else None
+
+    def model_shape(self) -> ModelShape:
+        """The loaded model's :class:`~r3mes.core.checkpoint.ModelShape` (what an adapter
+        must match to fit it; no weights digest)."""
+        from r3mes.core.checkpoint import _linear_shapes
+
+        config = self._require_model().config
+        return ModelShape(_linear_shapes(config), config.num_hidden_layers, None)
 
     # ---- the mix -----------------------------------------------------------------------
     def _set_mix(self, adapter_ids: Sequence[str], adapter_weights: Sequence[float]) -> None:
