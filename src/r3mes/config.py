@@ -20,6 +20,7 @@ where it came from (the file, the environment variable or the flag) and the dott
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,6 +35,12 @@ ENV_PREFIX = "R3MES_"
 #: environment shortcuts -> dotted key
 ENV_SHORTCUTS = {"R3MES_MODEL": "model.path", "R3MES_API_KEY": "server.api_key"}
 DEFAULT_CONFIG_FILE = "dora_config.yaml"  # next to r3mes/serving/__init__.py
+#: keys older configurations may hold that nothing reads any more (dotted; a section name
+#: covers its whole subtree): dropped with a warning instead of refused, so those files load
+REMOVED_KEYS = ("dora", "router.keyword", "router.semantic.device",
+                "cache.tier2_ram.eviction_policy", "rag.serving_node")
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -55,18 +62,8 @@ class ModelSection(_Section):
     knowledge_dir: str | None = None
 
 
-class DoraSection(_Section):
-    default_rank: int = Field(16, ge=1)
-    default_alpha: float = Field(32, gt=0)
-
-
-class KeywordSection(_Section):
-    confidence_threshold: float = Field(0.3, ge=0, le=1)
-
-
 class SemanticSection(_Section):
     model: str | None = None
-    device: str = "cpu"
 
 
 class HybridSection(_Section):
@@ -96,7 +93,6 @@ class GatingSection(_Section):
 class RouterSection(_Section):
     strategy: Literal["keyword", "semantic", "hybrid"] = "hybrid"
     registry: str | None = None
-    keyword: KeywordSection = KeywordSection()
     semantic: SemanticSection = SemanticSection()
     hybrid: HybridSection = HybridSection()
     gating: GatingSection = GatingSection()
@@ -109,7 +105,6 @@ class Tier1Section(_Section):
 
 class Tier2Section(_Section):
     capacity_mb: float = Field(2048, ge=0)
-    eviction_policy: Literal["lru"] = "lru"
 
 
 class Tier3Section(_Section):
@@ -138,10 +133,6 @@ class InferenceSection(_Section):
     kv_block_size: int = Field(16, ge=1, le=1024)
 
 
-class ServingNodeSection(_Section):
-    indices: list[str] = Field(default_factory=lambda: ["general", "news", "medical", "code"])
-
-
 class RagSection(_Section):
     enabled: bool = True
     vector_store: Literal["faiss"] = "faiss"
@@ -154,7 +145,6 @@ class RagSection(_Section):
     reranker_model: str | None = None
     indices: list[str] | None = None
     max_context_chars: int = Field(4000, ge=0)
-    serving_node: ServingNodeSection = ServingNodeSection()
 
     @model_validator(mode="after")
     def _check(self) -> RagSection:
@@ -182,7 +172,8 @@ class GenerationSection(_Section):
     repetition_penalty: float = Field(1.1, gt=0)
     stop: list[str] = Field(default_factory=list)
     seed: int | None = None
-    system_prompt: str = ""
+    system_prompt: str = ("You are a helpful assistant. Answer using the context when it is "
+                          "relevant.")
 
 
 class SafetySection(_Section):
@@ -235,7 +226,6 @@ class R3mesConfig(_Section):
     """The whole configuration (the schema of ``dora_config.yaml``)."""
 
     model: ModelSection = ModelSection()
-    dora: DoraSection = DoraSection()
     router: RouterSection = RouterSection()
     cache: CacheSection = CacheSection()
     inference: InferenceSection = InferenceSection()
@@ -309,6 +299,25 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _removed(dotted: str) -> bool:
+    return any(dotted == key or dotted.startswith(key + ".") for key in REMOVED_KEYS)
+
+
+def _drop_removed(data: dict[str, Any], source: str) -> dict[str, Any]:
+    """``data`` without the :data:`REMOVED_KEYS` it holds, each dropped with a warning."""
+    out = copy.deepcopy(data)
+    for dotted in REMOVED_KEYS:
+        *parents, last = dotted.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and last in node:
+            del node[last]
+            log.warning("%s: %s is no longer read by r3mes and is ignored; remove it",
+                        source, dotted)
+    return out
+
+
 def _validate(data: Mapping[str, Any], source: str) -> R3mesConfig:
     try:
         return R3mesConfig.model_validate(data)
@@ -373,17 +382,38 @@ def load_config(
     _validate(data, str(default_config_path()))
     user = user_config_path(path, home, environ)
     if user is not None:
-        data = _merge(data, _read_yaml(user))
+        data = _merge(data, _drop_removed(_read_yaml(user), str(user)))
         _validate(data, str(user))
     for dotted, (name, value) in sorted(env_overrides(environ).items()):
+        if _removed(dotted):
+            log.warning("environment variable %s: %s is no longer read by r3mes and is "
+                        "ignored", name, dotted)
+            continue
         _set_dotted(data, dotted, value)
         _validate(data, f"environment variable {name}")
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue  # an unset flag leaves the configured value
+        if _removed(dotted):
+            log.warning("option %s is no longer read by r3mes and is ignored", dotted)
+            continue
         _set_dotted(data, dotted, value)
         _validate(data, f"option {dotted}")
     return _validate(data, "configuration")
+
+
+_SCHEMA_DEFAULTS: R3mesConfig | None = None
+
+
+def schema_default(dotted: str) -> Any:
+    """The default of the setting at ``dotted`` (``"rag.top_k"``): the one place defaults
+    are set. The packaged ``dora_config.yaml`` spells out the same values (a test holds
+    them equal), and :class:`~r3mes.serving.PipelineConfig` and the router's configs take
+    theirs from here. Mutable values come back as copies."""
+    global _SCHEMA_DEFAULTS
+    if _SCHEMA_DEFAULTS is None:
+        _SCHEMA_DEFAULTS = R3mesConfig()
+    return copy.deepcopy(_SCHEMA_DEFAULTS.get(dotted))
 
 
 def config_sources(path: str | os.PathLike[str] | None = None,

@@ -442,7 +442,7 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
         loop = asyncio.get_running_loop()
 
         def search() -> list[Any]:
-            with p._rag_lock:
+            with p.rag_lock:
                 return p.retriever.search(body.query, top_k=body.top_k, indices=body.indices,
                                           filters=body.filters, mode=body.mode)
         try:
@@ -471,7 +471,7 @@ def create_app(pipeline: InferencePipeline | None = None, *, settings: Any = Non
                 raise APIError(409, "retrieval is disabled on this server")
             docs = [Document(d.doc_id, d.text, d.metadata) for d in body.documents]
             p.rag_store.ensure_room_for(docs)
-            with p._rag_lock, p.rag_store.lock():
+            with p.rag_lock, p.rag_store.lock():
                 counts = p.rag_store.index(body.index).add_documents(docs)
                 snap = p.rag_store.save(body.index)
             return {"index": body.index, **counts, "snapshot": snap.digest}
