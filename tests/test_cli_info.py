@@ -7,6 +7,7 @@ import shutil
 import subprocess
 
 import pytest
+from visible_gpus import expected_cuda_devices
 
 
 def test_info_json_reports_kernels_and_cpu() -> None:
@@ -32,7 +33,13 @@ def test_info_text_names_each_part() -> None:
 def test_cuda_module_is_built_when_nvcc_is_present() -> None:
     from r3mes import _native_cuda
 
-    assert _native_cuda.device_count() >= 0
+    count = _native_cuda.device_count()
+    assert isinstance(count, int) and count >= 0
+    expected = expected_cuda_devices()
+    if expected is not None:
+        assert count == expected
+    out = subprocess.run(["r3mes", "info", "--json"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["cuda"]["device_count"] == count
 
 
 def test_bench_reports_each_shape_and_token_count() -> None:

@@ -29,6 +29,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from r3mes.errors import R3mesError
 from r3mes.utils.paths import r3mes_home
 
 ENV_PREFIX = "R3MES_"
@@ -43,7 +44,7 @@ REMOVED_KEYS = ("dora", "router.keyword", "router.semantic.device",
 log = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
+class ConfigError(R3mesError, ValueError):
     """The configuration is invalid; the message names the source (file, env var, flag) and
     the dotted field."""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from visible_gpus import expected_cuda_devices
 
 from r3mes import kernels
 from r3mes.kernels import cuda, reference
@@ -71,9 +72,14 @@ def _reference_pack(t: np.ndarray) -> np.ndarray:
 # ---- host: module, layout, emulation, argument checks ----------------------------------------
 
 
-def test_module_imports_and_counts_devices_without_failing():
-    assert _native().device_count() >= 0
+def test_module_imports_and_counts_the_devices_torch_sees():
+    count = _native().device_count()
+    assert isinstance(count, int) and count >= 0
+    expected = expected_cuda_devices()
+    if expected is not None:
+        assert count == expected
     info = cuda.info()
+    assert info["device_count"] == count
     assert info["compiled"] is True
     assert info["available"] == (torch.cuda.is_available() and info["device_count"] > 0)
 

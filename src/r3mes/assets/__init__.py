@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from r3mes.errors import R3mesError
 from r3mes.utils.hashing import file_sha256
 
 __all__ = ["ASSETS_DIR", "MANIFEST_NAME", "AssetsError", "read_manifest", "verify_assets"]
@@ -27,7 +28,7 @@ ASSETS_DIR = Path(__file__).resolve().parent
 MANIFEST_NAME = "MANIFEST.json"
 
 
-class AssetsError(ValueError):
+class AssetsError(R3mesError, ValueError):
     """The bundled assets are missing, altered or inconsistent; the message names the file."""
 
 

@@ -19,11 +19,12 @@ import math
 import torch
 
 from r3mes.core.model import BitNetConfig
+from r3mes.errors import R3mesError
 
 __all__ = ["KVBlockPool", "KVCacheFull"]
 
 
-class KVCacheFull(RuntimeError):
+class KVCacheFull(R3mesError, RuntimeError):
     """The pool has fewer free blocks than a request needs."""
 
 

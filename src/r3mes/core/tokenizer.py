@@ -14,10 +14,12 @@ from typing import Any
 
 from tokenizers import Tokenizer as _HFTokenizer
 
+from r3mes.errors import R3mesError
+
 __all__ = ["Tokenizer", "TokenizerError"]
 
 
-class TokenizerError(ValueError):
+class TokenizerError(R3mesError, ValueError):
     """A tokenizer directory that cannot be used; the message names the file."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from r3mes.errors import R3mesError
 
-class RagError(Exception):
+
+class RagError(R3mesError):
     """Base class of every error this package raises on bad input or bad stored state."""
 
 

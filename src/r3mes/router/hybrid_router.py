@@ -51,6 +51,7 @@ from typing import Any, Literal
 import numpy as np
 
 from r3mes.config import schema_default
+from r3mes.errors import R3mesError
 from r3mes.router.calibration import FusionModel, load_fusion
 from r3mes.router.keyword_router import KeywordRouter, LanguageGuess, clean_query
 from r3mes.router.registry import ExpertRegistry, resolve_registry
@@ -61,7 +62,7 @@ Strategy = Literal["keyword", "semantic", "hybrid"]
 STRATEGIES: tuple[str, ...] = ("keyword", "semantic", "hybrid")
 
 
-class EmptyQueryError(ValueError):
+class EmptyQueryError(R3mesError, ValueError):
     """The query is empty or only whitespace."""
 
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from r3mes.errors import R3mesError
+
 EXPERT_KINDS = ("domain", "language", "task", "fallback")
 _ID_RE = re.compile(r"^[a-z0-9][a-z0-9_\-]{0,63}$")
 _LANG_RE = re.compile(r"^[a-z]{2,3}$")
@@ -27,7 +29,7 @@ _FIELDS = {"id", "kind", "description", "language", "strong", "weak", "patterns"
 _LIST_FIELDS = ("strong", "weak", "patterns", "queries")
 
 
-class RegistryError(ValueError):
+class RegistryError(R3mesError, ValueError):
     """A registry file (or a restriction of it) is invalid; the message names what and where."""
 
 

@@ -14,11 +14,13 @@ import os
 import shutil
 from pathlib import Path
 
+from r3mes.errors import R3mesError
+
 __all__ = ["DiskFullError", "disk_full_message", "ensure_free_space", "format_bytes",
            "free_bytes"]
 
 
-class DiskFullError(OSError):
+class DiskFullError(R3mesError, OSError):
     """Not enough free space for what was asked; nothing was changed."""
 
     def __init__(self, message: str, path: str | os.PathLike[str] | None = None) -> None:
