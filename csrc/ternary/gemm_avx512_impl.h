@@ -59,9 +59,71 @@ inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0) {
       store_output(a, m0 + t, n + r, _mm512_reduce_add_epi32(acc[r][t]) - a.qsum[m0 + t]);
 }
 
+// Prefill (many tokens): the row tile's codes are decoded once into `codes` [R][kp] (the
+// activations' order: slice p of group g at g * 256 + 64 p) and every token tile then
+// reads them back from L1/L2: the decode's shift and mask ops (7 a row and group) are
+// paid once per row tile instead of once per token tile.
+template <class Dot, int R>
+inline void decode_rows(const GemmArgs& a, std::size_t n, uint8_t* codes, std::size_t kp) {
+  const std::size_t row_bytes = packed_row_bytes(a.K);
+  const __m512i mask = _mm512_set1_epi8(3);
+  for (int r = 0; r < R; ++r) {
+    const uint8_t* row = a.packed + (n + r) * row_bytes;
+    for (std::size_t g = 0; g < kp / kGroupWeights; ++g) {
+      const __m512i v = _mm512_loadu_si512(row + g * kGroupBytes);
+      for (int p = 0; p < 4; ++p)
+        _mm512_storeu_si512(codes + r * kp + g * kGroupWeights + 64 * p,
+                            _mm512_and_si512(_mm512_srli_epi16(v, 2 * p), mask));
+    }
+  }
+}
+
+template <class Dot, int R, int T>
+inline void tile_decoded(const GemmArgs& a, std::size_t n, std::size_t m0, const uint8_t* codes,
+                         std::size_t kp) {
+  __m512i acc[R][T];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  const int8_t* qs[T];
+  for (int t = 0; t < T; ++t) qs[t] = a.q + (m0 + t) * kp;
+  for (std::size_t g = 0; g < kp / kGroupWeights; ++g) {
+    typename Dot::Partial part[R][T];
+    for (int p = 0; p < 4; ++p) {
+      const std::size_t k = g * kGroupWeights + 64 * p;
+      __m512i x[T];
+      for (int t = 0; t < T; ++t) x[t] = _mm512_loadu_si512(qs[t] + k);
+      for (int r = 0; r < R; ++r) {
+        const __m512i c = _mm512_loadu_si512(codes + r * kp + k);
+        for (int t = 0; t < T; ++t) Dot::step(part[r][t], acc[r][t], c, x[t], p);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) Dot::finish_group(part[r][t], acc[r][t]);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t)
+      store_output(a, m0 + t, n + r, _mm512_reduce_add_epi32(acc[r][t]) - a.qsum[m0 + t]);
+}
+
+// Largest K whose decoded 4-row tile lives on the stack (32 KiB).
+constexpr std::size_t kDecodedMaxK = 8192;
+
 template <class Dot, int R>
 inline void row_tile(const GemmArgs& a, std::size_t n) {
   std::size_t m = 0;
+  const std::size_t kp = padded_k(a.K);
+  if (a.M > kStreamTokens && kp <= kDecodedMaxK) {
+    alignas(64) uint8_t codes[R * kDecodedMaxK];
+    decode_rows<Dot, R>(a, n, codes, kp);
+    for (; m + 4 <= a.M; m += 4) tile_decoded<Dot, R, 4>(a, n, m, codes, kp);
+    switch (a.M - m) {
+      case 3: tile_decoded<Dot, R, 3>(a, n, m, codes, kp); break;
+      case 2: tile_decoded<Dot, R, 2>(a, n, m, codes, kp); break;
+      case 1: tile_decoded<Dot, R, 1>(a, n, m, codes, kp); break;
+      default: break;
+    }
+    return;
+  }
   if (a.M <= kStreamTokens) {
     // A decode batch: tiles of 3 tokens, whose 4 x 3 accumulators, 4 weight and 3
     // activation registers fit the register file (4 x 4 spills).
