@@ -25,6 +25,7 @@ tensors, so the adapter store and the CLI can validate headers without it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -190,13 +191,18 @@ def read_header(path: str | os.PathLike[str], error: ErrorType = SafetensorsForm
 
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype name (one of :data:`DTYPE_SIZES`)."""
+    return _torch_dtypes()[name]
+
+
+@functools.cache
+def _torch_dtypes() -> dict[str, torch.dtype]:
     import torch
 
     return {
         "F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
         "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
         "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-    }[name]
+    }
 
 
 class SafetensorsFile:
@@ -284,7 +290,7 @@ def write_safetensors(path: str | os.PathLike[str], tensors: dict[str, torch.Ten
 
     Widest dtype first so every tensor is naturally aligned; the data starts 64-aligned.
     """
-    names = {torch_dtype(n): n for n in DTYPE_SIZES}
+    names = {dtype: name for name, dtype in _torch_dtypes().items()}
     order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
     header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
