@@ -47,11 +47,9 @@ import threading
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from r3mes.core.generation import GenerationConfig
 from r3mes.serving import startup
 from r3mes.serving.engine import Engine, EngineOverloaded, GenerationJob
 from r3mes.serving.errors import (
@@ -62,6 +60,9 @@ from r3mes.serving.errors import (
 )
 from r3mes.serving.pipeline_config import PipelineConfig
 from r3mes.serving.postprocess import Postprocessor, SafetyFilter
+from r3mes.serving.prompt import context_block, prompt_ids
+from r3mes.serving.results import PipelineMetrics, PipelineResult
+from r3mes.serving.sampling import SEED_MAX, SEED_MIN, Sampling, check_sampling
 from r3mes.serving.startup import (
     DEMO_MODEL_NOTICE,
     MODEL_HELP,
@@ -77,132 +78,14 @@ if TYPE_CHECKING:
 __all__ = [
     "DEMO_MODEL_NOTICE", "GENERAL_EXPERT", "MODEL_HELP", "InferencePipeline",
     "InvalidRequestError", "ModelNotFoundError", "PipelineConfig", "PipelineError",
-    "PipelineMetrics", "PipelineResult", "UnknownExpertError", "assets_dir",
+    "PipelineMetrics", "PipelineResult", "SEED_MAX", "SEED_MIN", "UnknownExpertError",
+    "assets_dir",
     "create_pipeline", "resolve_model_path",
 ]
 
 log = logging.getLogger(__name__)
 
 GENERAL_EXPERT = "general_dora"
-SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what the sampler's 64-bit generator accepts
-MIN_SAMPLING_TEMPERATURE = 1e-4  # below it sampling is greedy decoding (and would overflow)
-ROLE_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
-GENERATION_OPTIONS = frozenset({"max_new_tokens", "max_tokens", "temperature", "top_k", "top_p",
-                                "repetition_penalty", "stop", "seed"})
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class PipelineMetrics:
-    """Per-query measurements (the seed's fields, then r3mes' additions). Times in ms."""
-
-    total_time_ms: float = 0.0
-    rag_time_ms: float = 0.0
-    routing_time_ms: float = 0.0
-    loading_time_ms: float = 0.0
-    inference_time_ms: float = 0.0
-    rag_docs_retrieved: int = 0
-    rag_context_length: int = 0
-    used_fast_path: bool = False
-    keyword_confidence: float = 0.0
-    adapters_loaded: list[str] = field(default_factory=list)
-    cache_hits: int = 0
-    cache_misses: int = 0
-    tokens_generated: int = 0
-    backend_used: str = ""
-    # additions
-    prefetch_time_ms: float = 0.0
-    postprocess_time_ms: float = 0.0
-    queue_time_ms: float = 0.0
-    time_to_first_token_ms: float | None = None
-    prompt_tokens: int = 0
-    batch_size: int = 1
-    routing_stages_ms: dict[str, float] = field(default_factory=dict)
-
-    @property
-    def overhead_ms(self) -> float:
-        """Everything but token generation (what the pipeline adds around the model)."""
-        return max(0.0, self.total_time_ms - self.inference_time_ms)
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key, value in data.items():
-            if isinstance(value, float):
-                data[key] = round(value, 4)
-        data["routing_stages_ms"] = {k: round(v, 4) for k, v in self.routing_stages_ms.items()}
-        data["overhead_ms"] = round(self.overhead_ms, 4)
-        return data
-
-
-@dataclass
-class PipelineResult:
-    """The answer to one query and how it was produced.
-
-    ``output`` is the post-processed text; ``tokens`` the generated ids; ``experts_used``
-    ``[(expert_id, weight)]`` as routed (or forced); ``sources`` the retrieved chunks
-    (``{"number", "doc_id", "chunk_id", "index", "title", "source", "score", "cited"}``);
-    ``success=False`` carries ``error`` and ``error_type`` (``"invalid_request"``,
-    ``"unknown_expert"``, ``"overloaded"`` with ``retry_after`` seconds, ``"internal"``)
-    instead of raising. ``warnings`` says which broken
-    expert or index the answer was given without (the rest still answered).
-    """
-
-    query: str
-    output: str = ""
-    tokens: list[int] = field(default_factory=list)
-    experts_used: list[tuple[str, float]] = field(default_factory=list)
-    rag_context: str | None = None
-    sources: list[dict[str, Any]] = field(default_factory=list)
-    metrics: PipelineMetrics = field(default_factory=PipelineMetrics)
-    success: bool = True
-    error: str | None = None
-    error_type: str | None = None
-    retry_after: float | None = None  # with error_type "overloaded"
-    finish_reason: str | None = None
-    routing: dict[str, Any] | None = None
-    masked_terms: list[str] = field(default_factory=list)
-    #: parts this query had to do without (a broken expert or index), one line each
-    warnings: list[str] = field(default_factory=list)
-
-    def raise_if_failed(self) -> None:
-        """Raises the failure as an exception: InvalidRequestError for the caller's mistakes
-        (``invalid_request``, ``unknown_expert``), PipelineError otherwise."""
-        if self.success:
-            return
-        cls = InvalidRequestError if self.error_type in (
-            "invalid_request", "unknown_expert") else PipelineError
-        raise cls(self.error or "the query failed")
-
-    def fail(self, exc: BaseException, kind: str) -> None:
-        """Record ``exc`` as this query's failure of type ``kind`` (see the class notes)."""
-        self.success = False
-        self.error = str(exc) or type(exc).__name__
-        self.error_type = kind
-        self.finish_reason = "error"
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready (the ``r3mes ask --json`` schema)."""
-        return {
-            "query": self.query, "output": self.output, "success": self.success,
-            "error": self.error, "error_type": self.error_type,
-            "finish_reason": self.finish_reason,
-            "experts_used": [{"id": e, "weight": round(w, 6)} for e, w in self.experts_used],
-            "fast_path": self.metrics.used_fast_path,
-            "sources": self.sources, "rag_context": self.rag_context,
-            "tokens": list(self.tokens), "metrics": self.metrics.to_dict(),
-            "routing": self.routing, "masked_terms": self.masked_terms,
-            "warnings": list(self.warnings),
-        }
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """A request's checked generation options: the sampler's config and the stop strings."""
-
-    params: GenerationConfig
-    stop: list[str]
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -484,7 +367,7 @@ class InferencePipeline:
         """Checks a request before any work is done for it: returns the query (undecodable
         characters replaced) and its generation options. Raises
         :class:`InvalidRequestError` (:class:`UnknownExpertError`) naming what is wrong."""
-        query, sampling = self._check_query(query), self._sampling(generation)
+        query, sampling = self._check_query(query), check_sampling(generation, self.config)
         self._check_budget(vram_gb)
         self._check_forced(force_experts)
         return query, sampling
@@ -561,12 +444,12 @@ class InferencePipeline:
                 self._prefetch(query, force_experts, m))
             result.experts_used = experts
             context, sources = self._context(query, hits, result)
-            prompt_ids = self._prompt_ids(query, context, history)
-            m.prompt_tokens = len(prompt_ids)
+            ids = prompt_ids(self.tokenizer, self.config.system_prompt, query, context, history)
+            m.prompt_tokens = len(ids)
             async with contextlib.AsyncExitStack() as leases:
                 mix = await self._adapters(experts, result, leases)
-                await self._generate(prompt_ids, mix, sampling, sources, result, started,
-                                     emit, cancel)
+                await self._generate(ids, mix, sampling, sources, result, started, emit,
+                                     cancel)
         except InvalidRequestError as exc:
             self._fail(result, exc, "unknown_expert" if isinstance(exc, UnknownExpertError)
                        else "invalid_request")
@@ -611,48 +494,6 @@ class InferencePipeline:
             if likely:
                 self.cache.predictive_load(likely)
         m.prefetch_time_ms = (time.perf_counter() - t0) * 1e3
-
-    def _sampling(self, overrides: Mapping[str, Any]) -> Sampling:
-        cfg = self.config
-        unknown = set(overrides) - GENERATION_OPTIONS
-        if unknown:
-            raise InvalidRequestError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
-        o = {k: v for k, v in overrides.items() if v is not None}
-        if "max_tokens" in o:
-            o.setdefault("max_new_tokens", o.pop("max_tokens"))
-        try:
-            max_new_tokens = int(o.get("max_new_tokens", cfg.max_new_tokens))
-            temperature = float(o.get("temperature", cfg.temperature))
-            top_k = int(o.get("top_k", cfg.top_k))
-            top_p = float(o.get("top_p", cfg.top_p))
-            repetition_penalty = float(o.get("repetition_penalty", cfg.repetition_penalty))
-            seed = None if o.get("seed", cfg.seed) is None else int(o.get("seed", cfg.seed))
-        except (TypeError, ValueError) as exc:
-            raise InvalidRequestError(f"bad generation option: {exc}") from exc
-        if max_new_tokens < 1:
-            raise InvalidRequestError("max_new_tokens must be at least 1")
-        if 0 < temperature < MIN_SAMPLING_TEMPERATURE:
-            # Dividing the logits by 1e-240 overflows to inf (NaN probabilities); a
-            # temperature this small samples the top token anyway: decode greedily.
-            temperature = 0.0
-        if seed is not None and not SEED_MIN <= seed <= SEED_MAX:
-            raise InvalidRequestError(f"seed must be an integer in [{SEED_MIN}, {SEED_MAX}] "
-                                      "(a 64-bit seed)")
-        # repetition_penalty divides or multiplies logits: outside [0.01, 100] they overflow.
-        if not (0 <= temperature <= 10) or not (0 < top_p <= 1) or top_k < 0 \
-                or not (0.01 <= repetition_penalty <= 100):
-            raise InvalidRequestError(
-                "generation options out of range: temperature in [0, 10], top_p in (0, 1], "
-                "top_k >= 0, repetition_penalty in [0.01, 100]")
-        params = GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature,
-                                  top_k=top_k, top_p=top_p,
-                                  repetition_penalty=repetition_penalty, seed=seed)
-        stop = o.get("stop", cfg.stop)
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise InvalidRequestError("stop must be a string or a list of strings")
-        return Sampling(params, [s for s in stop if s])
 
     def _check_query(self, query: Any) -> str:
         if not isinstance(query, str):
@@ -726,69 +567,16 @@ class InferencePipeline:
 
     def _context(self, query: str, hits: Sequence[Any],
                  result: PipelineResult) -> tuple[str | None, dict[int, dict[str, Any]]]:
-        """The numbered context block for ``hits`` (within ``rag_max_context_chars``) and
-        the sources by number; recorded in ``result``."""
+        """The context block for ``hits`` and the sources by number, recorded in ``result``."""
         if not hits:
             return None, {}
-        from r3mes.rag import build_prompt
-
-        limit = self.config.rag_max_context_chars
-        kept, used = [], 0
-        for hit in hits:
-            if kept and used + len(hit.text) > limit:
-                break
-            kept.append(hit)
-            used += len(hit.text)
-        prompt, sources = build_prompt(query, kept)
-        context = prompt.rsplit("\n\nQuery: ", 1)[0]
+        context, sources = context_block(query, hits, self.config.rag_max_context_chars)
         result.rag_context = context
         result.sources = [{"number": n, **src, "score": round(float(src["score"]), 6),
                            "cited": False} for n, src in sources.items()]
         result.metrics.rag_docs_retrieved = len(hits)
         result.metrics.rag_context_length = len(context)
         return context, sources
-
-    def _prompt_ids(self, query: str, context: str | None,
-                    history: Sequence[Mapping[str, str]] | None) -> list[int]:
-        prompt, templated = self._prompt(query, context, history)
-        # A rendered chat template carries its own special tokens (BOS, headers), as
-        # transformers' apply_chat_template: encoded without adding any.
-        return _encode(self.tokenizer, prompt, add_special_tokens=not templated)
-
-    def _prompt(self, query: str, context: str | None,
-                history: Sequence[Mapping[str, str]] | None) -> tuple[str, bool]:
-        """The prompt text and whether it is the model's chat template rendered: a model
-        whose tokenizer has a chat template gets its messages (one system message holding
-        the system prompt, the retrieved context and the caller's system turns; then the
-        history; then the query) through it, others the plain ``Role: text`` layout."""
-        for turn in history or ():
-            if str(turn.get("role")) not in ROLE_NAMES:
-                raise InvalidRequestError(f"unknown chat role {turn.get('role')!r} "
-                                          "(system, user or assistant)")
-        if getattr(self.tokenizer, "chat_template", None):
-            system = [self.config.system_prompt or "", context or ""]
-            system += [str(t.get("content", "")) for t in history or ()
-                       if t.get("role") == "system"]
-            messages = [{"role": "system", "content": "\n\n".join(p for p in system if p)}]
-            if not messages[0]["content"]:
-                messages = []
-            messages += [{"role": str(t["role"]), "content": str(t.get("content", ""))}
-                         for t in history or () if t.get("role") != "system"]
-            messages.append({"role": "user", "content": query})
-            try:
-                return self.tokenizer.apply_chat_template(messages), True
-            except Exception as exc:  # a template that refuses these messages
-                raise InvalidRequestError(f"the model's chat template failed: {exc}") from exc
-        parts = []
-        if self.config.system_prompt:
-            parts.append(f"System: {self.config.system_prompt}")
-        if context:
-            parts.append(context)
-        parts += [f"{ROLE_NAMES[str(t.get('role'))]}: {t.get('content', '')}"
-                  for t in history or ()]
-        parts.append(f"User: {query}")
-        parts.append("Assistant:")
-        return "\n\n".join(parts), False
 
     async def _adapters(self, experts: list[tuple[str, float]], result: PipelineResult,
                         leases: contextlib.AsyncExitStack) -> list[tuple[str, float]]:
@@ -906,12 +694,6 @@ class InferencePipeline:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _encode(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
-    """Ids from an r3mes Tokenizer (a list) or a ``tokenizers.Tokenizer`` (an Encoding)."""
-    out = tokenizer.encode(text, add_special_tokens=add_special_tokens)
-    return [int(i) for i in getattr(out, "ids", out)]
 
 
 def _capabilities(backend: InferenceBackend | None) -> Any:
