@@ -12,13 +12,16 @@ from r3mes.core.backends import (
     BACKEND_NAMES,
     BitNetCppBackend,
     PyTorchBackend,
+    UnknownBackendError,
     create_backend,
 )
 
 
 def test_an_unknown_name_is_refused_naming_the_known_ones():
-    with pytest.raises(ValueError, match=r"unknown backend 'llama'.*auto, pytorch or bitnet_cpp"):
+    with pytest.raises(UnknownBackendError,
+                       match=r"unknown backend 'llama'.*auto, pytorch or bitnet_cpp") as info:
         create_backend("llama")
+    assert isinstance(info.value, ValueError)
 
 
 def test_the_names_are_the_configurations():

@@ -120,15 +120,13 @@ async def load_backend(config: PipelineConfig, model_path: Path,
     from r3mes.core.checkpoint import verify_weights
 
     def create() -> InferenceBackend:
-        from r3mes.core.backends import create_backend
+        from r3mes.core.backends import UnknownBackendError, create_backend
 
         try:
             backend = create_backend(config.backend, device=config.device,
                                      adapter_storage=config.adapter_storage)
-        except ValueError as exc:
-            if "unknown backend" in str(exc):
-                raise PipelineError(str(exc)) from exc
-            raise
+        except UnknownBackendError as exc:  # a setting's mistake: reported as the pipeline's
+            raise PipelineError(str(exc)) from exc
         backend.load_base_model(str(model_path))
         return backend
 

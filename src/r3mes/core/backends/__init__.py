@@ -6,12 +6,17 @@ from r3mes import kernels
 from r3mes.core.backends.base import InferenceBackend
 from r3mes.core.backends.bitnet_cpp_backend import BitNetCppBackend
 from r3mes.core.backends.pytorch_backend import PyTorchBackend
+from r3mes.errors import R3mesError
 
 __all__ = ["BACKEND_NAMES", "BitNetCppBackend", "InferenceBackend", "PyTorchBackend",
-           "available_backends", "create_backend", "get_best_backend"]
+           "UnknownBackendError", "available_backends", "create_backend", "get_best_backend"]
 
 #: the names :func:`create_backend` takes (the ``inference.backend`` setting's values)
 BACKEND_NAMES = ("auto", "pytorch", "bitnet_cpp")
+
+
+class UnknownBackendError(R3mesError, ValueError):
+    """:func:`create_backend` was asked for a backend name it does not know."""
 
 
 def available_backends() -> list[str]:
@@ -45,12 +50,13 @@ def create_backend(name: str = "auto", *, device: str = "cpu",
       ``adapter_storage`` is asked for (only they have those), else
       :func:`get_best_backend`.
 
-    Raises ValueError for an unknown ``name`` (naming the known ones) and the backend's own
+    Raises UnknownBackendError for an unknown ``name`` (naming the known ones) and the
+    backend's own
     errors (RuntimeError when the native module or a GPU is missing, ValueError for a bad
     ``adapter_storage``).
     """
     if name not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {name!r} ({', '.join(BACKEND_NAMES[:-1])} or "
+        raise UnknownBackendError(f"unknown backend {name!r} ({', '.join(BACKEND_NAMES[:-1])} or "
                          f"{BACKEND_NAMES[-1]})")
     if name == "pytorch":
         return PyTorchBackend()
