@@ -67,8 +67,6 @@
 // int8 B is laid out for those pairwise products (rank padded to even, rank2):
 //
 //   bt8[((t * rank2 / 2 + i) * 16 + l) * 2 + h] = B8[16 t + l, 2 i + h]
-#include <pybind11/pybind11.h>
-
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -77,6 +75,10 @@
 
 #include "common/cpu_features.h"
 #include "ternary/ternary.h"
+
+namespace pybind11 {
+class module_;
+}
 
 namespace r3mes {
 
@@ -194,7 +196,7 @@ void dora_epilogue_rows_scalar(const DoraMix& p, std::size_t n0, std::size_t n1)
 // How the SIMD epilogues split a row range: tiles(v0, v1) on its whole 16-row tiles, the
 // scalar spec on the partial tiles at either edge.
 template <class Tiles>
-inline void dora_epilogue_by_tiles(const DoraMix& p, std::size_t n0, std::size_t n1,
+static inline void dora_epilogue_by_tiles(const DoraMix& p, std::size_t n0, std::size_t n1,
                                    Tiles&& tiles) {
   const std::size_t v0 = (n0 + kDoraTile - 1) / kDoraTile * kDoraTile;
   const std::size_t v1 = n1 / kDoraTile * kDoraTile;
@@ -206,17 +208,31 @@ inline void dora_epilogue_by_tiles(const DoraMix& p, std::size_t n0, std::size_t
   tiles(v0, v1);
   if (v1 < n1) dora_epilogue_rows_scalar(p, v1, n1);
 }
+namespace isa_avx2 {
 void dora_epilogue_rows_avx2(const DoraMix& p, std::size_t n0, std::size_t n1);
+}
+namespace isa_avx512 {
 void dora_epilogue_rows_avx512(const DoraMix& p, std::size_t n0, std::size_t n1);
+}
+namespace isa_avx512vnni {
 void dora_epilogue_rows_avx512vnni(const DoraMix& p, std::size_t n0, std::size_t n1);
+}
 
 // Per-ISA dot products of a float row with an fp32 / fp16 / int8 row of length k.
 float dora_dot_f32_scalar(const float* x, const float* a, std::size_t k);
 float dora_dot_f16_scalar(const float* x, const uint16_t* a, std::size_t k);
+namespace isa_avx2 {
 float dora_dot_f32_avx2(const float* x, const float* a, std::size_t k);
+}
+namespace isa_avx2 {
 float dora_dot_f16_avx2(const float* x, const uint16_t* a, std::size_t k);
+}
+namespace isa_avx512 {
 float dora_dot_f32_avx512(const float* x, const float* a, std::size_t k);
+}
+namespace isa_avx512 {
 float dora_dot_f16_avx512(const float* x, const uint16_t* a, std::size_t k);
+}
 
 // The int8 A pass: out[r] = exact sum_k a[r * lda + k] x16[k] for `rows` int8 rows and one
 // int16 row (the SIMD kernels take four rows at once, sharing each load of x16), and the
@@ -225,15 +241,25 @@ float dora_dot_f16_avx512(const float* x, const uint16_t* a, std::size_t k);
 
 void dora_dot_i8x16_rows_scalar(const int8_t* a, std::size_t lda, std::size_t rows,
                                 const int16_t* x16, std::size_t k, int64_t* out);
+namespace isa_avx2 {
 void dora_dot_i8x16_rows_avx2(const int8_t* a, std::size_t lda, std::size_t rows,
                               const int16_t* x16, std::size_t k, int64_t* out);
+}
+namespace isa_avx512 {
 void dora_dot_i8x16_rows_avx512(const int8_t* a, std::size_t lda, std::size_t rows,
                                 const int16_t* x16, std::size_t k, int64_t* out);
+}
+namespace isa_avx512vnni {
 void dora_dot_i8x16_rows_avx512vnni(const int8_t* a, std::size_t lda, std::size_t rows,
                                     const int16_t* x16, std::size_t k, int64_t* out);
+}
 void dora_quantize_x16_scalar(const float* x, std::size_t k, float inv, int16_t* x16);
+namespace isa_avx2 {
 void dora_quantize_x16_avx2(const float* x, std::size_t k, float inv, int16_t* x16);
+}
+namespace isa_avx512 {
 void dora_quantize_x16_avx512(const float* x, std::size_t k, float inv, int16_t* x16);
+}
 
 // One fused DoRA product made ready for ternary_gemm / ternary_gemm_multi: the
 // activations quantised, the A pass hooked in as the GEMM's prologue (same pool
@@ -301,6 +327,6 @@ void dora_row_norms(const uint8_t* packed, std::size_t N, std::size_t K, float w
                     const float* lora_a, std::size_t rank, const float* lora_b, float scaling,
                     double* norms, SimdLevel level);
 
-void register_dora_bindings(pybind11::module_& mod);
+void register_dora_bindings(pybind11::module_& mod);  // dora_bindings.cpp
 
 }  // namespace r3mes

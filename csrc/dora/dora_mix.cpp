@@ -332,14 +332,14 @@ struct Isa {
 
 Isa isa_for(SimdLevel level) {
   if (level == SimdLevel::Avx512Vnni)
-    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_dot_i8x16_rows_avx512vnni,
-            dora_epilogue_rows_avx512vnni, dora_quantize_x16_avx512, absmax_avx512};
+    return {isa_avx512::dora_dot_f32_avx512, isa_avx512::dora_dot_f16_avx512, isa_avx512vnni::dora_dot_i8x16_rows_avx512vnni,
+            isa_avx512vnni::dora_epilogue_rows_avx512vnni, isa_avx512::dora_quantize_x16_avx512, isa_avx512::absmax_avx512};
   if (level == SimdLevel::Avx512)
-    return {dora_dot_f32_avx512, dora_dot_f16_avx512, dora_dot_i8x16_rows_avx512,
-            dora_epilogue_rows_avx512, dora_quantize_x16_avx512, absmax_avx512};
+    return {isa_avx512::dora_dot_f32_avx512, isa_avx512::dora_dot_f16_avx512, isa_avx512::dora_dot_i8x16_rows_avx512,
+            isa_avx512::dora_epilogue_rows_avx512, isa_avx512::dora_quantize_x16_avx512, isa_avx512::absmax_avx512};
   if (level == SimdLevel::Avx2)
-    return {dora_dot_f32_avx2, dora_dot_f16_avx2, dora_dot_i8x16_rows_avx2,
-            dora_epilogue_rows_avx2, dora_quantize_x16_avx2, absmax_avx2};
+    return {isa_avx2::dora_dot_f32_avx2, isa_avx2::dora_dot_f16_avx2, isa_avx2::dora_dot_i8x16_rows_avx2,
+            isa_avx2::dora_epilogue_rows_avx2, isa_avx2::dora_quantize_x16_avx2, isa_avx2::absmax_avx2};
   return {dora_dot_f32_scalar, dora_dot_f16_scalar, dora_dot_i8x16_rows_scalar,
           dora_epilogue_rows_scalar, dora_quantize_x16_scalar, absmax_scalar};
 }
@@ -350,10 +350,10 @@ void epilogue_trampoline(void* ctx, std::size_t n0, std::size_t n1) {
 }
 
 void (*hook_for(EpilogueFn f))(void*, std::size_t, std::size_t) {
-  if (f == dora_epilogue_rows_avx512vnni)
-    return epilogue_trampoline<dora_epilogue_rows_avx512vnni>;
-  if (f == dora_epilogue_rows_avx512) return epilogue_trampoline<dora_epilogue_rows_avx512>;
-  if (f == dora_epilogue_rows_avx2) return epilogue_trampoline<dora_epilogue_rows_avx2>;
+  if (f == isa_avx512vnni::dora_epilogue_rows_avx512vnni)
+    return epilogue_trampoline<isa_avx512vnni::dora_epilogue_rows_avx512vnni>;
+  if (f == isa_avx512::dora_epilogue_rows_avx512) return epilogue_trampoline<isa_avx512::dora_epilogue_rows_avx512>;
+  if (f == isa_avx2::dora_epilogue_rows_avx2) return epilogue_trampoline<isa_avx2::dora_epilogue_rows_avx2>;
   return epilogue_trampoline<dora_epilogue_rows_scalar>;
 }
 

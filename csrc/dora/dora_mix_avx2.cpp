@@ -12,6 +12,7 @@
 #define R3MES_F16C __attribute__((target("avx2,fma,f16c")))
 
 namespace r3mes {
+namespace isa_avx2 {
 namespace {
 
 R3MES_F16C inline __m256 load_h8(const uint16_t* p) {
@@ -192,4 +193,5 @@ void dora_quantize_x16_avx2(const float* x, std::size_t k, float inv, int16_t* x
   dora_quantize_x16_scalar(x + i, k - i, inv, x16 + i);
 }
 
+}  // namespace isa_avx2
 }  // namespace r3mes

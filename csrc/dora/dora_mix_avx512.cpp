@@ -9,6 +9,7 @@
 #include "dora/dora_avx512_impl.h"
 
 namespace r3mes {
+namespace isa_avx512 {
 namespace {
 
 struct MaddPair {
@@ -87,4 +88,5 @@ void dora_quantize_x16_avx512(const float* x, std::size_t k, float inv, int16_t*
   }
 }
 
+}  // namespace isa_avx512
 }  // namespace r3mes

@@ -8,6 +8,7 @@
 #include "dora/dora_avx512_impl.h"
 
 namespace r3mes {
+namespace isa_avx512vnni {
 namespace {
 
 struct DpwssdPair {
@@ -27,4 +28,5 @@ void dora_dot_i8x16_rows_avx512vnni(const int8_t* a, std::size_t lda, std::size_
   dot_i8x16_rows<DpwssdPair>(a, lda, rows, x16, k, out);
 }
 
+}  // namespace isa_avx512vnni
 }  // namespace r3mes

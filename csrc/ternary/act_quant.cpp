@@ -36,11 +36,11 @@ bool quantize_activations(const float* x, std::size_t rows, std::size_t k, int8_
   auto absmax = absmax_scalar;
   auto quantize_row = quantize_row_scalar;
   if (level >= SimdLevel::Avx512) {
-    absmax = absmax_avx512;
-    quantize_row = quantize_row_avx512;
+    absmax = isa_avx512::absmax_avx512;
+    quantize_row = isa_avx512::quantize_row_avx512;
   } else if (level == SimdLevel::Avx2) {
-    absmax = absmax_avx2;
-    quantize_row = quantize_row_avx2;
+    absmax = isa_avx2::absmax_avx2;
+    quantize_row = isa_avx2::quantize_row_avx2;
   }
   bool all_finite = true;
   for (std::size_t r = 0; r < rows; ++r) {

@@ -7,6 +7,7 @@
 #include "ternary/ternary.h"
 
 namespace r3mes {
+namespace isa_avx2 {
 
 float absmax_avx2(const float* x, std::size_t k, bool* finite) {
   const __m256 sign = _mm256_set1_ps(-0.0f);
@@ -59,4 +60,5 @@ int32_t quantize_row_avx2(const float* x, std::size_t k, float scale, int8_t* q)
   return total + quantize_row_scalar(x + i, k - i, scale, q + i);
 }
 
+}  // namespace isa_avx2
 }  // namespace r3mes

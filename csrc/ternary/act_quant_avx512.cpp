@@ -7,6 +7,7 @@
 #include "ternary/ternary.h"
 
 namespace r3mes {
+namespace isa_avx512 {
 
 float absmax_avx512(const float* x, std::size_t k, bool* finite) {
   const __m512 inf = _mm512_set1_ps(INFINITY);
@@ -45,4 +46,5 @@ int32_t quantize_row_avx512(const float* x, std::size_t k, float scale, int8_t* 
   return _mm512_reduce_add_epi32(sum);
 }
 
+}  // namespace isa_avx512
 }  // namespace r3mes

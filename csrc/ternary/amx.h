@@ -28,10 +28,14 @@ bool amx_usable();
 void set_amx_enabled(bool enabled);
 
 // q_quads [kp / 4][m_pad] dwords from the g256-permuted activations q [M, kp].
+namespace isa_amx {
 void amx_pack_activations(const int8_t* q_perm, std::size_t M, std::size_t kp, int32_t* q_quads,
                           std::size_t m_pad);
+}
 
 // Rows [n0, n1) for all tokens; a.q_quads / a.m_pad set (see GemmArgs).
+namespace isa_amx {
 void ternary_gemm_rows_amx(const GemmArgs& a, std::size_t n0, std::size_t n1);
+}
 
 }  // namespace r3mes

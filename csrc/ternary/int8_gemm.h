@@ -11,7 +11,7 @@
 namespace r3mes {
 
 constexpr std::size_t kInt8Align = 64;
-inline std::size_t int8_padded_k(std::size_t k) { return (k + kInt8Align - 1) / kInt8Align * kInt8Align; }
+static inline std::size_t int8_padded_k(std::size_t k) { return (k + kInt8Align - 1) / kInt8Align * kInt8Align; }
 
 struct Int8GemmArgs {
   const int8_t* w;          // [N, Kp]
@@ -21,6 +21,7 @@ struct Int8GemmArgs {
   const float* x_scale;     // [M]
   std::size_t M, N, K;
   float* out;               // [M, N]
+  const uint8_t* u = nullptr;  // q + 128 (filled by int8_gemm for the VNNI kernel)
 };
 
 // Quantises one row per call; returns false on NaN/Inf.
@@ -29,11 +30,17 @@ bool quantize_int8_weight(const float* w, std::size_t n, std::size_t k, int8_t* 
 void int8_gemm(const Int8GemmArgs& args, SimdLevel level);
 
 void int8_gemm_rows_scalar(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
+namespace isa_avx2 {
 void int8_gemm_rows_avx2(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
+}
+namespace isa_avx512 {
 void int8_gemm_rows_avx512(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
+}
+namespace isa_avx512vnni {
 void int8_gemm_rows_avx512vnni(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
+}
 
-inline void store_int8_output(const Int8GemmArgs& a, std::size_t m, std::size_t n, int32_t acc) {
+static inline void store_int8_output(const Int8GemmArgs& a, std::size_t m, std::size_t n, int32_t acc) {
   a.out[m * a.N + n] = static_cast<float>(acc) / (a.x_scale[m] * a.w_scale[n]);
 }
 

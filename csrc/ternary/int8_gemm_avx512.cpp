@@ -4,6 +4,7 @@
 #include "ternary/int8_gemm.h"
 
 namespace r3mes {
+namespace isa_avx512 {
 
 void int8_gemm_rows_avx512(const Int8GemmArgs& a, std::size_t n0, std::size_t n1) {
   const std::size_t kp = int8_padded_k(a.K);
@@ -22,4 +23,5 @@ void int8_gemm_rows_avx512(const Int8GemmArgs& a, std::size_t n0, std::size_t n1
   }
 }
 
+}  // namespace isa_avx512
 }  // namespace r3mes

@@ -1,5 +1,5 @@
 // AVX-512 VNNI int8 GEMM. vpdpbusd wants unsigned x signed bytes, so the
-// activations are offset by +128 once per call (u = q + 128) and the offset is
+// activations are offset by +128 once per call (u = q + 128, made by int8_gemm) and the offset is
 // removed with the weight row sums: sum(q*w) = sum(u*w) - 128*sum(w).
 // A tile of four weight rows is read from memory once for all M tokens: the tokens are
 // walked two at a time inside the tile, the rows staying in L1 (4 x 2560 bytes for the
@@ -7,11 +7,10 @@
 // per token, which made a decode batch of B rows read the 329 MB head B times.
 #include <immintrin.h>
 
-#include <vector>
-
 #include "ternary/int8_gemm.h"
 
 namespace r3mes {
+namespace isa_avx512vnni {
 namespace {
 
 // Rows [n, n + R) for tokens [m, m + T).
@@ -58,13 +57,10 @@ inline void row_tile(const Int8GemmArgs& a, const uint8_t* u, std::size_t kp, st
 
 void int8_gemm_rows_avx512vnni(const Int8GemmArgs& a, std::size_t n0, std::size_t n1) {
   const std::size_t kp = int8_padded_k(a.K);
-  std::vector<uint8_t> u(a.M * kp);
-  const __m512i offset = _mm512_set1_epi8(static_cast<char>(0x80));
-  for (std::size_t i = 0; i < a.M * kp; i += 64)
-    _mm512_storeu_si512(u.data() + i, _mm512_xor_si512(_mm512_loadu_si512(a.q + i), offset));
   std::size_t n = n0;
-  for (; n + 4 <= n1; n += 4) row_tile<4>(a, u.data(), kp, n);
-  for (; n < n1; ++n) row_tile<1>(a, u.data(), kp, n);
+  for (; n + 4 <= n1; n += 4) row_tile<4>(a, a.u, kp, n);
+  for (; n < n1; ++n) row_tile<1>(a, a.u, kp, n);
 }
 
+}  // namespace isa_avx512vnni
 }  // namespace r3mes

@@ -49,10 +49,10 @@ constexpr std::size_t kPrefetchTiles = 4;
 constexpr std::size_t kStreamTokens = 16;
 #define R3MES_WEIGHT_PREFETCH_HINT _MM_HINT_T1
 
-inline std::size_t padded_k(std::size_t k) {
+static inline std::size_t padded_k(std::size_t k) {
   return (k + kGroupWeights - 1) / kGroupWeights * kGroupWeights;
 }
-inline std::size_t packed_row_bytes(std::size_t k) { return padded_k(k) / 4; }
+static inline std::size_t packed_row_bytes(std::size_t k) { return padded_k(k) / 4; }
 
 // ---- activation quantisation (per token absmax -> int8) -------------------
 // scale = 127 / max(max|x|, 1e-5); q = clamp(round_half_even(x*scale), -128, 127).
@@ -117,25 +117,41 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
 // layout the ISA expects (natural for scalar/avx2, g256-permuted for avx512*).
 using GemmRowsFn = void (*)(const GemmArgs& args, std::size_t n0, std::size_t n1);
 void ternary_gemm_rows_scalar(const GemmArgs& args, std::size_t n0, std::size_t n1);
+namespace isa_avx2 {
 void ternary_gemm_rows_avx2(const GemmArgs& args, std::size_t n0, std::size_t n1);
+}
+namespace isa_avx512 {
 void ternary_gemm_rows_avx512(const GemmArgs& args, std::size_t n0, std::size_t n1);
+}
+namespace isa_avx512vnni {
 void ternary_gemm_rows_avx512vnni(const GemmArgs& args, std::size_t n0, std::size_t n1);
+}
 
 // Per-ISA activation quantisation of one row (returns the absmax, NaN/Inf
 // reported through `finite`).
 float absmax_scalar(const float* x, std::size_t k, bool* finite);
+namespace isa_avx2 {
 float absmax_avx2(const float* x, std::size_t k, bool* finite);
+}
+namespace isa_avx512 {
 float absmax_avx512(const float* x, std::size_t k, bool* finite);
+}
 int32_t quantize_row_scalar(const float* x, std::size_t k, float scale, int8_t* q);
+namespace isa_avx2 {
 int32_t quantize_row_avx2(const float* x, std::size_t k, float scale, int8_t* q);
+}
+namespace isa_avx512 {
 int32_t quantize_row_avx512(const float* x, std::size_t k, float scale, int8_t* q);
+}
 
 // Reorders each 256-group of an int8 row from natural order to the order an
 // AVX-512 register of codes has: [h0 p0 | h1 p0 | h0 p1 | h1 p1 | ...] in 32s.
 void permute_activations_g256(const int8_t* src, int8_t* dst, std::size_t kp);
 
 // Shared epilogue: one output element.
-inline void store_output(const GemmArgs& a, std::size_t m, std::size_t n, int32_t acc) {
+// Helpers here are static: ISA-flagged files include this header, and an inline (weak)
+// copy compiled for AVX-512 could be the one the linker keeps for baseline callers.
+static inline void store_output(const GemmArgs& a, std::size_t m, std::size_t n, int32_t acc) {
   if (a.out_f32 != nullptr) {
     float y = static_cast<float>(acc) / (a.x_scale[m] * a.w_scale);
     if (a.bias != nullptr) y += a.bias[n];

@@ -35,9 +35,9 @@ void ternary_gemm_rows_scalar(const GemmArgs& a, std::size_t n0, std::size_t n1)
 namespace {
 
 GemmRowsFn rows_fn_for(SimdLevel level) {
-  if (level == SimdLevel::Avx512Vnni) return ternary_gemm_rows_avx512vnni;
-  if (level == SimdLevel::Avx512) return ternary_gemm_rows_avx512;
-  if (level == SimdLevel::Avx2) return ternary_gemm_rows_avx2;
+  if (level == SimdLevel::Avx512Vnni) return isa_avx512vnni::ternary_gemm_rows_avx512vnni;
+  if (level == SimdLevel::Avx512) return isa_avx512::ternary_gemm_rows_avx512;
+  if (level == SimdLevel::Avx2) return isa_avx2::ternary_gemm_rows_avx2;
   return ternary_gemm_rows_scalar;
 }
 
@@ -92,7 +92,7 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
       const std::size_t kp = padded_k(g.K);
       g.m_pad = (g.M + kAmxTokenBlock - 1) / kAmxTokenBlock * kAmxTokenBlock;
       quads.emplace_back(kp / 4 * g.m_pad);
-      amx_pack_activations(g.q, g.M, kp, quads.back().data(), g.m_pad);
+      isa_amx::amx_pack_activations(g.q, g.M, kp, quads.back().data(), g.m_pad);
       g.q_quads = quads.back().data();  // which also routes this product to the AMX rows
     }
   }
@@ -153,7 +153,7 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
     if (const std::size_t k = claim_prologue(t.product); k != kNone) run_prologue(t.product, k);
 #if defined(R3MES_HAVE_AMX)
     if (g.q_quads != nullptr)
-      ternary_gemm_rows_amx(g, t.n0, t.n1);
+      isa_amx::ternary_gemm_rows_amx(g, t.n0, t.n1);
     else
 #endif
       rows_fn(g, t.n0, t.n1);

@@ -4,11 +4,11 @@
 
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "ternary/amx.h"
 
 namespace r3mes {
+namespace isa_amx {
 namespace {
 
 // Tile registers: C 0-3 (2 row tiles x 2 token tiles), A (weights) 4-5, B (tokens) 6-7.
@@ -94,20 +94,21 @@ void amx_pack_activations(const int8_t* q_perm, std::size_t M, std::size_t kp, i
 
 void ternary_gemm_rows_amx(const GemmArgs& a, std::size_t n0, std::size_t n1) {
   const std::size_t kp = padded_k(a.K), m_pad = a.m_pad;
-  thread_local std::vector<int8_t> w;
-  w.resize(32 * kp);
+  // Plain new/delete, no std container: this file is compiled for AMX and must not define
+  // template code the baseline could end up calling (see scripts/check_isa_symbols.py).
+  int8_t* const w = new int8_t[32 * kp];
   alignas(64) int32_t c[4][16 * 16];
   configure_tiles();
   for (std::size_t n = n0; n < n1; n += 32) {
-    decode_rows(a, n, n1, w.data());
+    decode_rows(a, n, n1, w);
     for (std::size_t m = 0; m < a.M; m += kAmxTokenBlock) {
       _tile_zero(0);
       _tile_zero(1);
       _tile_zero(2);
       _tile_zero(3);
       for (std::size_t k = 0; k < kp; k += 64) {
-        _tile_loadd(4, w.data() + k, static_cast<long>(kp));
-        _tile_loadd(5, w.data() + 16 * kp + k, static_cast<long>(kp));
+        _tile_loadd(4, w + k, static_cast<long>(kp));
+        _tile_loadd(5, w + 16 * kp + k, static_cast<long>(kp));
         const int32_t* b = a.q_quads + (k / 4) * m_pad + m;
         _tile_loadd(6, b, static_cast<long>(m_pad * 4));
         _tile_loadd(7, b + 16, static_cast<long>(m_pad * 4));
@@ -125,6 +126,8 @@ void ternary_gemm_rows_amx(const GemmArgs& a, std::size_t n0, std::size_t n1) {
     }
   }
   _tile_release();
+  delete[] w;
 }
 
+}  // namespace isa_amx
 }  // namespace r3mes

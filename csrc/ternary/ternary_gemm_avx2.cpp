@@ -5,6 +5,7 @@
 #include "ternary/ternary.h"
 
 namespace r3mes {
+namespace isa_avx2 {
 namespace {
 
 inline int32_t hsum_epi32(__m256i v) {
@@ -66,4 +67,5 @@ void ternary_gemm_rows_avx2(const GemmArgs& a, std::size_t n0, std::size_t n1) {
   }
 }
 
+}  // namespace isa_avx2
 }  // namespace r3mes

@@ -3,6 +3,7 @@
 #include "ternary/gemm_avx512_impl.h"
 
 namespace r3mes {
+namespace isa_avx512 {
 namespace {
 
 struct MaddubsDot {
@@ -23,4 +24,5 @@ void ternary_gemm_rows_avx512(const GemmArgs& a, std::size_t n0, std::size_t n1)
   gemm_rows<MaddubsDot>(a, n0, n1);
 }
 
+}  // namespace isa_avx512
 }  // namespace r3mes

@@ -11,6 +11,7 @@
 #include "ternary/gemm_avx512_impl.h"
 
 namespace r3mes {
+namespace isa_avx512vnni {
 namespace {
 
 struct VnniDot {
@@ -74,4 +75,5 @@ void ternary_gemm_rows_avx512vnni(const GemmArgs& a, std::size_t n0, std::size_t
   for (; n < n1; ++n) gemv_tile<1>(a, n);
 }
 
+}  // namespace isa_avx512vnni
 }  // namespace r3mes
