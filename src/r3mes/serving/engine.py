@@ -483,6 +483,4 @@ class Engine:
                     if live == 0:
                         break
         finally:
-            close = getattr(events, "close", None)
-            if callable(close):
-                close()
+            events.close()  # a batch left early resets the backend's expert mix now

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -222,8 +222,9 @@ class InferenceBackend(ABC):
                adapter_ids: Sequence[str] = (),
                adapter_weights: Sequence[float] = (),
                adapter_mixes: Sequence[Sequence[tuple[str, float]]] | None = None,
-               ) -> Iterator[TokenEvent]:
-        """Generate for a batch of prompts, yielding :class:`TokenEvent` s as they come.
+               ) -> Generator[TokenEvent, None, None]:
+        """Generate for a batch of prompts, yielding :class:`TokenEvent` s as they come
+        (``close()`` the generator to stop early: the expert mix is reset).
 
         ``adapter_mixes`` gives each prompt its own ``[(adapter_id, weight)]`` (a
         heterogeneous batch: one forward pass, a different expert mix per row).
