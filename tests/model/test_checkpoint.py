@@ -164,6 +164,27 @@ def test_r3mes_directory_converts_to_another_head(r3mes_dir, tmp_path):
     assert (tmp_path / "re" / "tokenizer.json").exists()
 
 
+def test_int4_head_calibrated_on_text(hf_dirs, tmp_path):
+    from r3mes.core.head_calibration import hidden_importance
+
+    text = "the quick brown fox jumps over the lazy dog. " * 20
+    convert(hf_dirs["packed"], tmp_path / "plain", head="int4")
+    convert(hf_dirs["packed"], tmp_path / "cal", head="int4", calibration_text=text)
+    plain, _ = load_model(tmp_path / "plain")
+    cal, info = load_model(tmp_path / "cal")
+    assert info.head == "int4-g64"
+    # The importance moved some steps, hence stored values (the same head otherwise).
+    assert not torch.equal(plain.lm_head.int4.scale, cal.lm_head.int4.scale)
+    assert not torch.equal(plain.lm_head.int4.packed, cal.lm_head.int4.packed)
+    exact, _ = load_model(hf_dirs["packed"], head="float")
+    imp = hidden_importance(exact, list(range(3, 40)))
+    assert imp.shape == (exact.config.hidden_size,) and bool((imp > 0).all())
+    with pytest.raises(ValueError, match="int4"):
+        convert(hf_dirs["packed"], tmp_path / "bad", head="int8", calibration_text=text)
+    with pytest.raises(ValueError, match="2 tokens"):
+        hidden_importance(exact, [5])
+
+
 # ---------------------------------------------------------------- malformed checkpoints
 def _copy(src, dst):
     shutil.copytree(src, dst)

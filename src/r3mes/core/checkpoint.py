@@ -613,22 +613,36 @@ def save_model(model: BitNetForCausalLM, dst: str | os.PathLike[str],
 
 
 def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
-            head: str = "int8") -> dict[str, Any]:
+            head: str = "int8", calibration_text: str | None = None,
+            calibration_tokens: int = 4096) -> dict[str, Any]:
     """Convert an HF BitNet directory into the r3mes packed format (see FORMAT), or an
     r3mes directory to another ``head`` kind.
 
     An HF source's head is quantised from its float weight. An r3mes source's head can only
     be re-quantised from what it stores (an int8 head to int4 rounds twice): convert from
-    the HF directory when it is at hand. The tokenizer files are copied alongside.
+    the HF directory when it is at hand. ``calibration_text`` (int4 only): text whose
+    first ``calibration_tokens`` tokens, run through the model, weight each hidden
+    feature's rounding error when the int4 head picks its scales
+    (:mod:`r3mes.core.head_calibration`). The tokenizer files are copied alongside.
     Returns the manifest written.
     """
     src_path, dst_path = Path(src), Path(dst)
     if src_path.resolve() == dst_path.resolve():
         raise ValueError("convert: SRC and DST must be different directories")
-    model, _ = load_model(src_path, head=head)
+    if calibration_text is not None and head != "int4":
+        raise ValueError("convert: calibration text weighs the int4 head's rounding; "
+                         f"it has no use with head {head!r}")
+    model, _ = load_model(src_path, head="float" if calibration_text is not None else head)
     if model.lm_head.kind != head:
+        importance = None
+        if calibration_text is not None:
+            from r3mes.core.head_calibration import hidden_importance
+            from r3mes.core.tokenizer import Tokenizer
+
+            ids = Tokenizer(src_path).encode(calibration_text)[:calibration_tokens]
+            importance = hidden_importance(model, ids)
         model.lm_head = LMHead.from_float(model.lm_head.dequantized_weight(), head,
-                                          group=INT4_HEAD_GROUP)
+                                          group=INT4_HEAD_GROUP, importance=importance)
     manifest = save_model(model, dst_path, source=src_path.name)
     for name in TOKENIZER_FILES:
         f = src_path / name

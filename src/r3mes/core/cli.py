@@ -60,6 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     conv.add_argument("--head", choices=("int8", "int4", "float"), default="int8",
                       help="LM head precision: int8 with per-row scales (default), int4 in "
                       "groups of 64 (half the bytes, see MODEL_CARD.md for its cost), float32")
+    conv.add_argument("--calibration", metavar="TEXT_FILE",
+                      help="with --head int4: UTF-8 text run through the model to weigh each "
+                      "hidden feature's rounding error (its first --calibration-tokens tokens)")
+    conv.add_argument("--calibration-tokens", type=int, default=4096)
     _common(conv)
     conv.set_defaults(func=_cmd_convert)
 
@@ -134,7 +138,11 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     src, dst = _resolve(args.src, args.home), Path(args.dst)
     t0 = time.perf_counter()
     try:
-        manifest = convert(src, dst, head=args.head)
+        text = None
+        if args.calibration is not None:
+            text = Path(args.calibration).read_text(encoding="utf-8")
+        manifest = convert(src, dst, head=args.head, calibration_text=text,
+                           calibration_tokens=args.calibration_tokens)
     except (CheckpointError, ValueError, OSError) as exc:
         return _fail(args, str(exc))
     out = {"src": str(src), "dst": str(dst), "format": manifest["format"],
