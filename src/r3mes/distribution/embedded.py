@@ -30,6 +30,7 @@ import ctypes
 import email.parser
 import importlib.util
 import json
+import os
 import platform
 import shutil
 import signal
@@ -257,7 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connect", action="append", default=[], metavar="MULTIADDR",
                         help="peer to connect to (repeatable)")
     args = parser.parse_args(argv)
-    node = KuboLibrary(args.repo)
+    repo = Path(args.repo).resolve()
+    repo.mkdir(parents=True, exist_ok=True)
+    # The kubo library writes its log to ./kubo.log: keep it in the node's repository, not
+    # in whatever directory the node was started from.
+    os.chdir(repo)
+    node = KuboLibrary(repo)
     for addr in args.connect:
         node.connect(addr)
     server = ThreadingHTTPServer(("127.0.0.1", args.port), _handler(node))
