@@ -23,6 +23,7 @@ from r3mes.core.backends.cuda_model import (
     move_model_to_cuda,
     resolve_device,
 )
+from r3mes.core.backends.native_decode import NativeDecoder
 from r3mes.core.dora import dora_modules, set_adapter_mix
 from r3mes.core.generation import GenerationConfig
 from r3mes.core.model import (
@@ -63,6 +64,7 @@ def tiny_model(seed: int = 0) -> BitNetForCausalLM:
     embed = torch.randn(CONFIG.vocab_size, h, generator=g)
     head = LMHead.from_float(torch.randn(CONFIG.vocab_size, h, generator=g) * 0.3)
     model = BitNetForCausalLM(CONFIG, embed, layers, head)
+    NativeDecoder.attach(model)  # the CPU decode the static step is compared with
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, RMSNorm):

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from r3mes import kernels
+from r3mes.core.backends.native_decode import NativeDecoder
 from r3mes.core.dora import set_adapter_mix
 from r3mes.core.model import (
     LINEAR_NAMES,
@@ -33,6 +34,7 @@ def _model(hidden_act: str = "relu2", sub_norms: bool = True, seed: int = 0) -> 
         for _ in range(cfg.num_hidden_layers)]
     model = BitNetForCausalLM(cfg, torch.randn(300, 96, generator=g), layers,
                               LMHead.from_float(torch.randn(300, 96, generator=g)))
+    NativeDecoder.attach(model)  # what the native backend does
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
@@ -51,10 +53,23 @@ def _add_experts(model: BitNetForCausalLM, names: list[str], rank: int = 4) -> N
                                 torch.rand(module.out_features, generator=g) + 0.5, scaling=2.0)
 
 
+def use_native(model: BitNetForCausalLM, native: bool) -> None:
+    """Decode through fresh native layers, or through the model's torch layers."""
+    if native:
+        NativeDecoder.attach(model).reset()
+    else:
+        model.decode_hook = None
+
+
+def native_running(model: BitNetForCausalLM) -> bool:
+    """Whether the model's last decode steps ran in the native layers."""
+    return isinstance(model.decode_hook, NativeDecoder) and model.decode_hook.running
+
+
 def _decode_logits(model: BitNetForCausalLM, prompts: list[list[int]], steps: int,
                    native: bool) -> torch.Tensor:
     """Logits of `steps` decode steps (greedy tokens fed back) after a left-padded prompt."""
-    model._native_layers = None if native else False
+    use_native(model, native)
     width = max(len(p) for p in prompts)
     pad = [width - len(p) for p in prompts]
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
@@ -65,7 +80,7 @@ def _decode_logits(model: BitNetForCausalLM, prompts: list[list[int]], steps: in
         token = logits[:, -1].argmax(-1, keepdim=True)
         logits = model(token, cache, last_only=True)
         out.append(logits)
-    assert (model._native_layers not in (None, False)) == native
+    assert native_running(model) == native
     return torch.cat(out, dim=1)
 
 
@@ -137,14 +152,14 @@ def test_models_the_native_layer_cannot_run_fall_back_to_torch() -> None:
     cache = model.new_cache(1, 8)
     model(torch.tensor([[1, 2]]), cache, last_only=True)
     model(torch.tensor([[3]]), cache, last_only=True)
-    assert model._native_layers is False
+    assert model.decode_hook.unavailable
 
 
 def test_decode_layer_refuses_bad_arguments_by_name() -> None:
     from r3mes import _native
 
     model = _model()
-    layer = model._native_decode_layers()[0]
+    layer = model.decode_hook.layers()[0]
     h = np.zeros((1, 96), dtype=np.float32)
     cache = np.zeros((2, 1, 2, 8, 24), dtype=np.float32)  # [layers, blocks, kv, 8, dim]
     table = np.zeros((1, 1), dtype=np.int32)
@@ -183,11 +198,11 @@ def test_a_layer_that_stops_qualifying_sends_decode_back_to_torch() -> None:
     cache = model.new_cache(1, 8)
     model(torch.tensor([[1, 2]]), cache, last_only=True)
     model(torch.tensor([[3]]), cache, last_only=True)
-    assert model._native_layers not in (None, False)
+    assert native_running(model)
     model.model.layers[1].mlp.down_proj.quantize_activations = False
     length = cache.length
     model(torch.tensor([[4]]), cache, last_only=True)
-    assert model._native_layers is False and cache.length == length + 1
+    assert model.decode_hook.unavailable and cache.length == length + 1
 
 
 def _step_after_prompt(model: BitNetForCausalLM) -> torch.Tensor:
@@ -217,7 +232,7 @@ def test_load_state_dict_and_optimizer_steps_reach_the_native_layers() -> None:
         module.lora_B["fresh"].add_(0.5)
     trained = _step_after_prompt(model)
     assert not torch.equal(untrained, trained)
-    model._native_layers = False  # the torch layer path agrees with what native decode did
+    use_native(model, False)  # the torch layer path agrees with what native decode did
     _assert_close(trained, _step_after_prompt(model))
 
 
@@ -227,7 +242,7 @@ def test_two_threads_decoding_through_one_model_get_their_own_results() -> None:
     model = _model()
     _add_experts(model, ["med"])
     set_adapter_mix(model, [("med", 1.0)])
-    model._native_decode_layers()  # built once; both threads share the layers
+    model.decode_hook.layers()  # built once; both threads share the layers
 
     def decode(prompt: list[int]) -> torch.Tensor:
         cache = model.new_cache(1, len(prompt) + 8)
@@ -257,4 +272,4 @@ def test_two_threads_decoding_through_one_model_get_their_own_results() -> None:
         t.join()
     assert not errors, errors
     assert all(torch.equal(r, expected[i]) for i in (0, 1) for r in results[i])
-    assert model._native_layers not in (None, False)
+    assert native_running(model)

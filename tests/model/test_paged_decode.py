@@ -11,7 +11,7 @@ from r3mes.core.dora import set_adapter_mix
 from r3mes.core.kv_blocks import KVBlockPool, KVCacheFull
 from r3mes.core.model import BitNetForCausalLM
 
-from .test_native_decode import _add_experts, _model
+from .test_native_decode import _add_experts, _model, native_running, use_native
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="needs the native module")
 
@@ -81,7 +81,7 @@ def _run(model: BitNetForCausalLM, rows: list[int], steps: int, block_size: int 
 
 
 def test_batched_rows_equal_each_row_alone_bit_for_bit(model, threads) -> None:
-    model._native_layers = None
+    use_native(model, True)
     alone = {r: _run(model, [r], steps=6)[r] for r in range(len(ROWS))}
     for rows in ([0, 1], [0, 1, 2], list(range(len(ROWS)))):
         together = _run(model, rows, steps=6)
@@ -90,11 +90,11 @@ def test_batched_rows_equal_each_row_alone_bit_for_bit(model, threads) -> None:
     staggered = _run(model, list(range(len(ROWS))), steps=6, stagger=True)
     for r in range(len(ROWS)):
         assert all(torch.equal(a, b) for a, b in zip(alone[r], staggered[r], strict=True)), r
-    assert model._native_layers, "the native decode layers must have run"
+    assert native_running(model), "the native decode layers must have run"
 
 
 def test_block_size_does_not_change_results(model) -> None:
-    model._native_layers = None
+    use_native(model, True)
     small = _run(model, [0, 2, 3], steps=5, block_size=1)
     large = _run(model, [0, 2, 3], steps=5, block_size=32)
     for r in small:
@@ -103,7 +103,7 @@ def test_block_size_does_not_change_results(model) -> None:
 
 def test_paged_decode_matches_the_contiguous_cache_path(model) -> None:
     """The same sequence through generate()'s left-padded KVCache gives the same logits."""
-    model._native_layers = None
+    use_native(model, True)
     prompt, mix = ROWS[0]
     paged = _run(model, [0], steps=4)[0]
     _set_rows(model, [mix])
@@ -117,13 +117,13 @@ def test_paged_decode_matches_the_contiguous_cache_path(model) -> None:
 
 
 def test_native_paged_decode_matches_the_torch_reference(model) -> None:
-    model._native_layers = None
+    use_native(model, True)
     native = _run(model, [0, 1, 3], steps=4)
-    model._native_layers = False  # the layer ops in torch, caches gathered from blocks
+    use_native(model, False)  # the layer ops in torch, caches gathered from blocks
     try:
         torch_path = _run(model, [0, 1, 3], steps=4)
     finally:
-        model._native_layers = None
+        use_native(model, True)
     for r in native:
         for a, b in zip(native[r], torch_path[r], strict=True):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -131,7 +131,7 @@ def test_native_paged_decode_matches_the_torch_reference(model) -> None:
 
 
 def test_block_table_outside_the_pool_is_refused(model) -> None:
-    model._native_layers = None
+    use_native(model, True)
     set_adapter_mix(model, None)
     pool = KVBlockPool(model.config, num_blocks=2, block_size=4)
     with pytest.raises(ValueError, match="block_table"):

@@ -94,6 +94,7 @@ from r3mes.core.model import (
     BitNetForCausalLM,
     LMHead,
     bitlinear_from_packed,
+    linear_shapes,
 )
 from r3mes.errors import R3mesError
 from r3mes.utils.atomic import atomic_open, atomic_write_json
@@ -290,18 +291,7 @@ class _TensorSource:
         return self.where[name].path
 
 
-def _linear_shapes(cfg: BitNetConfig) -> dict[str, tuple[int, int]]:
-    q_out = cfg.num_attention_heads * cfg.head_dim
-    kv_out = cfg.num_key_value_heads * cfg.head_dim
-    return {
-        "self_attn.q_proj": (q_out, cfg.hidden_size),
-        "self_attn.k_proj": (kv_out, cfg.hidden_size),
-        "self_attn.v_proj": (kv_out, cfg.hidden_size),
-        "self_attn.o_proj": (cfg.hidden_size, q_out),
-        "mlp.gate_proj": (cfg.intermediate_size, cfg.hidden_size),
-        "mlp.up_proj": (cfg.intermediate_size, cfg.hidden_size),
-        "mlp.down_proj": (cfg.hidden_size, cfg.intermediate_size),
-    }
+_linear_shapes = linear_shapes  # (out, in) of each projection: the model's table
 
 
 def _norm_names(cfg: BitNetConfig, i: int) -> list[tuple[str, int]]:

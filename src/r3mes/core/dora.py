@@ -45,8 +45,10 @@ from torch import nn
 
 from r3mes import kernels
 from r3mes.core.bitlinear import BitLinear, _ste_quantize_activations, _ste_quantize_weight
+from r3mes.kernels import cuda
 
-__all__ = ["BitLinearDoRA", "MixSpec", "apply_dora", "dora_modules", "set_adapter_mix"]
+__all__ = ["BitLinearDoRA", "MixSpec", "apply_dora", "cuda_adapter", "dora_forward_cuda",
+           "dora_modules", "set_adapter_mix"]
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -537,8 +539,6 @@ class BitLinearDoRA(nn.Module):
         bias = self.base.bias
         if x.device.type == "cuda":
             # A model on a GPU (r3mes.core.backends.cuda_model): the fused CUDA kernel.
-            from r3mes.core.backends.cuda_model import dora_forward_cuda
-
             y = dora_forward_cuda(self, x2, names, mat, base_w, needs_grad)
         elif use_kernel:
             adapters = [self._kernel_adapter(n) for n in names]
@@ -576,6 +576,67 @@ class BitLinearDoRA(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"adapters={self.adapter_names}, storage={self.storage}, "
                 f"quantize_activations={self.quantize_activations}")
+
+
+# ---- on a GPU ---------------------------------------------------------------------------------
+# What a BitLinearDoRA runs for CUDA inputs (a model moved by
+# r3mes.core.backends.cuda_model.move_model_to_cuda): the device copies of its adapters and
+# the fused CUDA kernel. Here, beside the module, so core never imports core.backends.
+
+
+def cuda_adapter(module: BitLinearDoRA, name: str,
+                 device: torch.device | None = None) -> cuda.CudaDoRAAdapter:
+    """The CUDA kernel copy of adapter ``name`` of ``module`` on ``device`` (default: the
+    base weight's). Made from the CPU-prepared adapter (same storage, same values) and
+    cached with it: a new copy only when the adapter was prepared again (its parameters
+    or the module's storage changed)."""
+    kernel = module._kernel_adapter(name)
+    if device is None:
+        device = module.base.ternary.device
+    prep = module._prepared[name]
+    hit = prep.extra.get("cuda")
+    if hit is None or hit[0] is not kernel or hit[1].device != device:
+        hit = (kernel, cuda.CudaDoRAAdapter.from_cpu(kernel, device))
+        prep.extra["cuda"] = hit
+    return hit[1]
+
+
+def _device_mix(module: BitLinearDoRA, mat: torch.Tensor, base_w: torch.Tensor | None,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The mix matrix and base weights on the device, copied once per mix: the mix only
+    changes with ``mix_serial`` (and a heterogeneous one with the batch shape). Device
+    tensors also keep the kernel call free of host copies, so it can be graph-captured."""
+    key = (module.mix_serial, tuple(mat.shape), device)
+    hit = module.__dict__.get("_cuda_mix")
+    if hit is None or hit[0] != key:
+        mat_d = mat.detach().to(device=device, dtype=torch.float32).contiguous()
+        bw_d = (None if base_w is None
+                else base_w.detach().to(device=device, dtype=torch.float32).contiguous())
+        hit = (key, mat_d, bw_d)
+        module.__dict__["_cuda_mix"] = hit
+    return hit[1], hit[2]
+
+
+def dora_forward_cuda(module: BitLinearDoRA, x2: torch.Tensor, names: list[str],
+                      mat: torch.Tensor, base_w: torch.Tensor | None,
+                      needs_grad: bool) -> torch.Tensor:
+    """``module``'s mixed output for CUDA x2 [M, in] -> float32 [M, out] (no bias added
+    twice: the kernel adds it): one fused CUDA DoRA call for all the experts."""
+    weight = module.base.ternary
+    if not isinstance(weight, cuda.CudaTernaryWeight):
+        raise RuntimeError(
+            f"BitLinearDoRA: input on {x2.device} but the base weight is not on a GPU "
+            "(move the model with r3mes.core.backends.cuda_model.move_model_to_cuda)"
+        )
+    if needs_grad or not module.quantize_activations:
+        raise RuntimeError(
+            "BitLinearDoRA on a GPU runs inference only (int8-quantised base path, no "
+            "gradients); train adapters on the CPU model"
+        )
+    dev = weight.device
+    adapters = [cuda_adapter(module, n, dev) for n in names]
+    mat_d, bw_d = _device_mix(module, mat, base_w, dev)
+    return cuda.dora_linear(x2.contiguous(), weight, adapters, mat_d, module.base.bias, bw_d)
 
 
 # ---- model-level helpers --------------------------------------------------------------------

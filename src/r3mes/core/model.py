@@ -1,6 +1,8 @@
 """The BitNet b1.58 transformer, module for module as HF transformers' ``BitNetForCausalLM``.
 
-Block (one decoder layer)::
+Read top to bottom: the config, the norm, the LM head, the KV cache, then the blocks from
+the inside out (attention, MLP, decoder layer, the stack, the causal LM). Each block is a
+``forward``; one decoder layer is::
 
     h = h + o_proj(attn_sub_norm(attention(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))))
         where n = input_layernorm(h)
@@ -11,19 +13,27 @@ Block (one decoder layer)::
 which also have no sub-norms). Every projection is a ternary :class:`BitLinear` wrapped in
 ``BitLinearDoRA`` so that experts apply everywhere; module paths are HF's
 (``model.layers.3.self_attn.q_proj`` ...) so PEFT adapter keys map one to one.
+:meth:`BitNetForCausalLM.for_training` builds the same model in float, trainable form
+(quantisation-aware training with straight-through estimators, HF state-dict keys).
 
 All activations are float32. The LM head is not ternary (BitNet keeps it in bf16); it is
-held either in float32 (``LMHead.kind == "float"``) or, for speed, as int8 with one scale
-per vocabulary row (``"int8"``), see :class:`LMHead`.
+held in float32 (``LMHead.kind == "float"``), as int8 with one scale per vocabulary row
+(``"int8"``) or as group-wise int4 (``"int4"``), see :class:`LMHead`.
+
+Attention reads and writes keys and values through a *KV store*: :class:`KVCache` (the
+contiguous, left-padded cache generation uses), the paged view of a
+:class:`~r3mes.core.kv_blocks.KVBlockPool` (:meth:`BitNetForCausalLM.decode_paged`'s
+reference), or the CUDA decoder's static cache. Everything here is the architecture and
+its torch reference; faster one-token decoders (the native CPU one in
+:mod:`r3mes.core.backends.native_decode`) plug in through :attr:`BitNetForCausalLM.decode_hook`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,10 +48,14 @@ if TYPE_CHECKING:
 __all__ = [
     "BitNetConfig",
     "BitNetForCausalLM",
+    "DecodeHook",
     "KVCache",
+    "KVStore",
     "LMHead",
     "LINEAR_NAMES",
     "bitlinear_from_packed",
+    "grouped_query_attention",
+    "linear_shapes",
 ]
 
 # Projection names inside a decoder layer, as HF names them.
@@ -104,6 +118,57 @@ class BitNetConfig:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def to_hf_config(self) -> dict[str, Any]:
+        """``config.json`` of HF transformers' BitNet with float weights quantised online
+        (``quantization_mode: online``): what a model trained from
+        :meth:`BitNetForCausalLM.for_training` is saved with. BitNet-shaped configs only
+        (relu², sub-norms): ValueError otherwise."""
+        if self.hidden_act != "relu2" or not self.sub_norms:
+            raise ValueError("to_hf_config: only the BitNet shape (relu2, sub-norms) has an "
+                             "HF BitNet config")
+        eos = self.eos_token_id[0] if len(self.eos_token_id) == 1 else list(self.eos_token_id)
+        return {
+            "architectures": ["BitNetForCausalLM"],
+            "model_type": "bitnet",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "rope_theta": self.rope_theta,
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "initializer_range": 0.02,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": eos,
+            "pad_token_id": self.pad_token_id,
+            "use_cache": True,
+            "torch_dtype": "float32",
+            "quantization_config": {"quant_method": "bitnet", "linear_class": "autobitlinear",
+                                    "quantization_mode": "online"},
+        }
+
+
+def linear_shapes(config: BitNetConfig) -> dict[str, tuple[int, int]]:
+    """``{"self_attn.q_proj": (out_features, in_features), ...}`` of one decoder layer."""
+    q_out = config.num_attention_heads * config.head_dim
+    kv_out = config.num_key_value_heads * config.head_dim
+    return {
+        "self_attn.q_proj": (q_out, config.hidden_size),
+        "self_attn.k_proj": (kv_out, config.hidden_size),
+        "self_attn.v_proj": (kv_out, config.hidden_size),
+        "self_attn.o_proj": (config.hidden_size, q_out),
+        "mlp.gate_proj": (config.intermediate_size, config.hidden_size),
+        "mlp.up_proj": (config.intermediate_size, config.hidden_size),
+        "mlp.down_proj": (config.hidden_size, config.intermediate_size),
+    }
+
 
 def _relu2(x: torch.Tensor) -> torch.Tensor:
     return torch.square(F.relu(x))
@@ -134,11 +199,6 @@ def bitlinear_from_packed(weight: kernels.TernaryWeight) -> BitLinear:
     layer.bias = None
     layer.ternary = weight
     return layer
-
-
-def _wrap_linear(base: BitLinear) -> nn.Module:
-    """Every projection is a ``BitLinearDoRA`` so adapters attach by module path."""
-    return BitLinearDoRA(base)
 
 
 def _base_of(module: nn.Module) -> BitLinear:
@@ -232,6 +292,37 @@ class LMHead(nn.Module):
 
 
 # --------------------------------------------------------------------------- KV cache
+class KVStore(Protocol):
+    """Where attention keeps keys and values: it stores a layer's new ones and attends over
+    every position a row has so far."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Stores k, v [B, kv_heads, T, head_dim] of ``layer`` and returns the attention
+        output [B, T, heads * head_dim] of q [B, heads, T, head_dim]."""
+        ...
+
+
+def grouped_query_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                            mask: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Softmax attention of q [B, heads, T, hd] over keys/values [B, kv_heads, S, hd] with an
+    additive mask [B, 1, T, S]; returns [B, T, heads * hd].
+
+    Grouped-query attention without materialising repeated keys/values: the rep query
+    heads that share a kv head (HF's repeat_kv order: head = kv*rep + r) become rows of one
+    matmul against that kv head.
+    """
+    bsz, nh, seq, hd = q.shape
+    nkv, end = keys.shape[1], keys.shape[2]
+    rep = nh // nkv
+    qg = q.reshape(bsz, nkv, rep * seq, hd)
+    scores = torch.matmul(qg, keys.transpose(2, 3)).view(bsz, nkv, rep, seq, end)
+    scores = scores * scaling + mask[:, :, None]
+    probs = torch.softmax(scores, dim=-1).view(bsz, nkv, rep * seq, end)
+    o = torch.matmul(probs, values).view(bsz, nh, seq, hd)
+    return o.transpose(1, 2).reshape(bsz, seq, nh * hd)
+
+
 class KVCache:
     """Preallocated keys/values [layers, B, kv_heads, max_len, head_dim] for left-padded rows.
 
@@ -255,6 +346,23 @@ class KVCache:
         if self.pad.shape != (batch_size,):
             raise ValueError(f"pad: expected {batch_size} entries, got {tuple(self.pad.shape)}")
 
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        """Writes k, v at positions ``[length, length + T)`` (``length`` moves on once every
+        layer ran: :meth:`BitNetForCausalLM.forward`) and attends over positions
+        ``[0, length + T)``. ``mask`` None: one new token a row, attended by the native
+        decode-attention kernel over the layer's cache (padding masked by ``pad``)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        if mask is None:
+            bsz, nh, _, hd = q.shape
+            o = kernels.decode_attention(q.reshape(bsz, nh, hd), self.k[layer], self.v[layer],
+                                         self.pad, end, scaling)
+            return o.view(bsz, 1, nh * hd)
+        return grouped_query_attention(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end],
+                                       mask, scaling)
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the rows ``index`` (e.g. drop finished sequences)."""
         self.k = self.k[:, index.to(self.k.device)].contiguous()
@@ -263,10 +371,41 @@ class KVCache:
         self.batch_size = int(index.numel())
 
 
-# --------------------------------------------------------------------------- the model
+class _PagedRows:
+    """A batch of one-token rows of a :class:`~r3mes.core.kv_blocks.KVBlockPool`, as a KV
+    store: row b writes its new key/value at ``positions[b]`` in its blocks ``table[b]`` and
+    attends over its own positions ``[0, positions[b]]`` (the torch reference of
+    :meth:`BitNetForCausalLM.decode_paged`)."""
+
+    def __init__(self, pool: KVBlockPool, table: torch.Tensor, positions: torch.Tensor) -> None:
+        self.pool = pool
+        self.blocks = [[int(b) for b in row] for row in table]
+        self.positions = [int(p) for p in positions]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        pool, bs = self.pool, self.pool.block_size
+        outs = []
+        for b, p in enumerate(self.positions):
+            pool.k[layer, self.blocks[b][p // bs], :, p % bs] = k[b, :, 0]
+            pool.v[layer, self.blocks[b][p // bs], :, p % bs] = v[b, :, 0]
+            keys, values = pool.gather(layer, self.blocks[b], p + 1)
+            outs.append(kernels.decode_attention(
+                q[b:b + 1, :, 0], keys[None], values[None],
+                torch.zeros(1, dtype=torch.long), p + 1, scaling))
+        bsz, nh, _, hd = q.shape
+        return torch.cat(outs).view(bsz, 1, nh * hd)
+
+
+# --------------------------------------------------------------------------- the blocks
 class BitNetAttention(nn.Module):
-    def __init__(self, config: BitNetConfig, linears: dict[str, nn.Module]) -> None:
+    """Rotary grouped-query attention: q/k/v projections, RoPE, softmax attention through a
+    KV store, ``attn_sub_norm``, o_proj."""
+
+    def __init__(self, config: BitNetConfig, linears: dict[str, nn.Module],
+                 layer_idx: int) -> None:
         super().__init__()
+        self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv = config.num_key_value_heads
         self.head_dim = config.head_dim
@@ -288,8 +427,24 @@ class BitNetAttention(nn.Module):
         v = self.v_proj(x).view(bsz, seq, self.num_kv, self.head_dim).transpose(1, 2)
         return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: KVStore | None, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, T, hidden] (normed) -> [B, T, hidden]. ``cos``/``sin`` [B, 1, T, head_dim]:
+        the rotary tables of the tokens' positions. ``kv``: the store keys and values go
+        through; None attends over these T tokens alone (training, no cache)."""
+        q, k, v = self.qkv(x, cos, sin)
+        if kv is None:
+            o = grouped_query_attention(q, k, v, mask, self.scaling)
+        else:
+            o = kv.attend(self.layer_idx, q, k, v, mask, self.scaling)
+        if self.attn_sub_norm is not None:
+            o = self.attn_sub_norm(o)
+        return self.o_proj(o)
+
 
 class BitNetMLP(nn.Module):
+    """``down_proj(ffn_sub_norm(act(gate_proj(x)) * up_proj(x)))``."""
+
     def __init__(self, config: BitNetConfig, linears: dict[str, nn.Module]) -> None:
         super().__init__()
         self.gate_proj = linears["gate_proj"]
@@ -307,43 +462,87 @@ class BitNetMLP(nn.Module):
 
 
 class BitNetDecoderLayer(nn.Module):
-    def __init__(self, config: BitNetConfig, linears: dict[str, nn.Module]) -> None:
+    """Pre-norm attention and MLP, each added to the residual stream."""
+
+    def __init__(self, config: BitNetConfig, linears: dict[str, nn.Module],
+                 layer_idx: int) -> None:
         super().__init__()
-        self.self_attn = BitNetAttention(config, linears)
+        self.self_attn = BitNetAttention(config, linears, layer_idx)
         self.mlp = BitNetMLP(config, linears)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
+    def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: KVStore | None, mask: torch.Tensor | None) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, kv, mask)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
 
 class BitNetModel(nn.Module):
+    """Token embedding, the decoder layers and the final norm."""
+
     def __init__(self, config: BitNetConfig, embed_weight: torch.Tensor,
                  layer_linears: list[dict[str, nn.Module]]) -> None:
         super().__init__()
         self.embed_tokens = nn.Module()
         # Kept in the checkpoint's dtype (often a memory map): a lookup touches only its rows.
         self.embed_tokens.weight = embed_weight
-        self.layers = nn.ModuleList(BitNetDecoderLayer(config, lin) for lin in layer_linears)
+        self.layers = nn.ModuleList(BitNetDecoderLayer(config, lin, i)
+                                    for i, lin in enumerate(layer_linears))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv: KVStore | None, mask: torch.Tensor | None,
+                last_only: bool = False) -> torch.Tensor:
+        """Final hidden states [B, T (1 with ``last_only``), hidden] of ``input_ids`` [B, T]."""
+        h = self.embed_tokens.weight[input_ids].float()
+        for layer in self.layers:
+            h = layer(h, cos, sin, kv, mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.norm(h)
+
+
+class DecodeHook(Protocol):
+    """A faster runner of one-token decode steps, plugged in as
+    :attr:`BitNetForCausalLM.decode_hook` (the native CPU decoder:
+    :class:`r3mes.core.backends.native_decode.NativeDecoder`). Each method returns None,
+    having touched nothing, when it cannot run the step; the model then runs its layers."""
+
+    def decode(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
+        """Logits [B, 1, V] of ``input_ids`` [B, 1] appended to ``cache`` (advancing it)."""
+        ...
+
+    def decode_paged(self, tokens: torch.Tensor, pool: KVBlockPool, table: torch.Tensor,
+                     positions: torch.Tensor) -> torch.Tensor | None:
+        """Logits [B, V], as :meth:`BitNetForCausalLM.decode_paged` computes them."""
+        ...
 
 
 class BitNetForCausalLM(nn.Module):
-    """The inference model. Build it with :func:`r3mes.core.checkpoint.load_model`.
+    """The BitNet causal LM. Build it with :func:`r3mes.core.checkpoint.load_model` (frozen,
+    packed, for inference) or :meth:`for_training` (float, trainable).
 
     Args:
         config: the architecture.
         embed_weight: token embeddings [V, H] (any float dtype; read row by row).
         layer_linears: per layer, a dict ``{"q_proj": BitLinear, ...}`` (7 projections).
         lm_head: the output projection.
+        dora: wrap every projection in ``BitLinearDoRA`` (so experts attach by module path);
+            False keeps the bare BitLinears (base training: HF state-dict keys).
     """
 
     def __init__(self, config: BitNetConfig, embed_weight: torch.Tensor,
-                 layer_linears: list[dict[str, BitLinear]], lm_head: LMHead) -> None:
+                 layer_linears: list[dict[str, BitLinear]], lm_head: LMHead, *,
+                 dora: bool = True) -> None:
         super().__init__()
         if len(layer_linears) != config.num_hidden_layers:
             raise ValueError("layer_linears: one dict per layer expected")
-        wrapped = [{k: _wrap_linear(v) for k, v in lin.items()} for lin in layer_linears]
+        if dora:
+            layer_linears = [{k: BitLinearDoRA(v) for k, v in lin.items()}
+                             for lin in layer_linears]
         self.config = config
-        self.model = BitNetModel(config, embed_weight, wrapped)
+        self.model = BitNetModel(config, embed_weight, layer_linears)
         self.lm_head = lm_head
         inv_freq = 1.0 / (config.rope_theta ** (
             torch.arange(0, config.head_dim, 2, dtype=torch.int64).float() / config.head_dim))
@@ -351,16 +550,36 @@ class BitNetForCausalLM(nn.Module):
         self._rope_len = 0
         self._cos = torch.empty(0)
         self._sin = torch.empty(0)
-        # Native decode layers (csrc/model/), built at the first decode step; False when
-        # this model cannot use them (then decode runs the layer ops below in torch).
-        self._native_layers: list[Any] | bool | None = None
-        self._native_modules: list[list[BitLinearDoRA]] = []
-        self._native_mixes: list[list[object]] = []
-        # What the native layers' mixes were built from: batch size, every layer's
-        # mix_serial and the versions of the parameters the mixes read.
-        self._native_mix_state: tuple[int, list[int], list[int]] | None = None
-        self._native_watched: list[torch.Tensor] = []
+        #: Runs one-token decode steps when set (see :class:`DecodeHook`); None: the layers
+        #: below run them. The native CPU backend sets it.
+        self.decode_hook: DecodeHook | None = None
         self.eval()
+
+    @classmethod
+    def for_training(cls, config: BitNetConfig, *, init_std: float = 0.02) -> BitNetForCausalLM:
+        """A model to train from scratch (quantisation-aware, as BitNet b1.58 trains): every
+        projection a float :class:`BitLinear` (ternary weights and int8 activations in the
+        forward, straight-through gradients), embeddings, norms and a float LM head as
+        trainable parameters; weights drawn from N(0, ``init_std``) with torch's global
+        generator. ``state_dict()`` keys are HF's, so with :meth:`BitNetConfig.to_hf_config`
+        it saves as an HF float BitNet checkpoint that :func:`~r3mes.core.checkpoint.load_model`
+        reads."""
+        v, h = config.vocab_size, config.hidden_size
+        layers = []
+        for _ in range(config.num_hidden_layers):
+            linears = {}
+            for name, (out_features, in_features) in linear_shapes(config).items():
+                layer = BitLinear(in_features, out_features)
+                nn.init.normal_(layer.weight, mean=0.0, std=init_std)
+                linears[name.split(".")[1]] = layer
+            layers.append(linears)
+        embed = nn.Parameter(torch.empty(v, h).normal_(0.0, init_std))
+        head = LMHead("float", v, h, weight=nn.Parameter(torch.empty(v, h).normal_(0.0, init_std)))
+        model = cls(config, embed, layers, head, dora=False)
+        for module in model.modules():
+            if isinstance(module, RMSNorm):
+                module.weight.requires_grad_(True)
+        return model.train()
 
     # ---------------------------------------------------------------- helpers
     def linear_modules(self) -> dict[str, nn.Module]:
@@ -380,7 +599,8 @@ class BitNetForCausalLM(nn.Module):
         # On the model's device (inv_freq moves with it: r3mes.core.backends.cuda_model).
         return KVCache(self.config, batch_size, max_len, pad, device=self.inv_freq.device)
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotary tables (cos, sin) [*positions.shape, head_dim] of integer positions."""
         needed = int(positions.max()) + 1 if positions.numel() else 1
         if needed > self._rope_len:
             n = max(needed, 2 * self._rope_len, 256)
@@ -396,13 +616,25 @@ class BitNetForCausalLM(nn.Module):
         positions = positions.to(self._cos.device)
         return self._cos[positions], self._sin[positions]
 
+    @staticmethod
+    def _attention_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """Additive mask [B, 1, T, S]: causal, and left padding masked."""
+        key_pos = torch.arange(end)
+        allowed = (key_pos[None, None, :] >= pad[:, None, None]) & (
+            key_pos[None, None, :] <= torch.arange(start, end)[None, :, None])
+        # finfo.min, not -inf: a fully masked (padding) query row stays finite.
+        mask = torch.zeros(allowed.shape, dtype=torch.float32)
+        mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
+        return mask[:, None]
+
     # ---------------------------------------------------------------- forward
     def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                 last_only: bool = False) -> torch.Tensor:
         """Logits float32 [B, T, V] (or [B, 1, V] with ``last_only``) for ``input_ids`` [B, T].
 
-        With a cache (generation) this runs without autograd; without one and with grad
-        enabled it is differentiable, which is how adapters train through the model.
+        With a cache (generation) the tokens are appended after ``cache.length`` positions
+        (left-padding positions, ``cache.pad``, are masked) without autograd. Without one
+        and with grad enabled it is differentiable: how models and adapters train.
         """
         if cache is not None:
             with torch.no_grad():
@@ -411,163 +643,44 @@ class BitNetForCausalLM(nn.Module):
 
     def _forward(self, input_ids: torch.Tensor, cache: KVCache | None,
                  last_only: bool) -> torch.Tensor:
-        # With a cache the tokens are appended after ``cache.length`` positions; left-padding
-        # positions (``cache.pad``) are masked. Without one, a fresh cache is used.
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids: expected [batch, seq], got {tuple(input_ids.shape)}")
         bsz, seq = input_ids.shape
-        cfg = self.config
-        # Training an adapter through the model (grad enabled, no cache): keys and values
-        # are used directly, since writing them into a shared cache tensor in place would
-        # invalidate what autograd saved for earlier layers. Nothing in the frozen model
-        # requires grad, so inference outside no_grad records no graph either.
-        direct_kv = cache is None and torch.is_grad_enabled()
-        if cache is None:
-            cache = self.new_cache(bsz, 0 if direct_kv else seq)
-            cache.max_len = max(cache.max_len, seq)
-        if cache.batch_size != bsz:
-            raise ValueError(f"cache holds {cache.batch_size} rows, input has {bsz}")
-        start = cache.length
+        # Training (grad enabled, no cache): keys and values are attended directly, since
+        # writing them into a shared cache tensor in place would invalidate what autograd
+        # saved for earlier layers. Nothing in a frozen model requires grad, so inference
+        # outside no_grad records no graph either.
+        if cache is None and not torch.is_grad_enabled():
+            cache = self.new_cache(bsz, seq)
+        start = 0 if cache is None else cache.length
         end = start + seq
-        if end > cache.max_len:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size:
-            raise ValueError(f"input_ids: token ids must be in [0, {cfg.vocab_size})")
-
-        # Decode on the native backend: attention runs as one kernel over the cache, and
-        # the whole layer runs natively where the model allows it.
-        # (CPU only: a model on a GPU runs the torch attention below on its device.)
-        on_cpu = cache.k.device.type == "cpu"
-        fused_decode = seq == 1 and not direct_kv and kernels.use_native() and on_cpu
-        if fused_decode and self._native_decode_layers():
-            logits = self._decode_native(input_ids, cache)
+        if cache is not None:
+            if cache.batch_size != bsz:
+                raise ValueError(f"cache holds {cache.batch_size} rows, input has {bsz}")
+            if end > cache.max_len:
+                raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
+        vocab = self.config.vocab_size
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
+            raise ValueError(f"input_ids: token ids must be in [0, {vocab})")
+        if seq == 1 and cache is not None and self.decode_hook is not None:
+            logits = self.decode_hook.decode(input_ids, cache)
             if logits is not None:
                 return logits
-        positions = (torch.arange(start, end)[None, :] - cache.pad[:, None]).clamp(min=0)
-        cos, sin = self._rope(positions)  # [B, T, hd]
-        cos, sin = cos[:, None], sin[:, None]
-        mask = None if fused_decode else self._attention_mask(cache.pad, start, end)
-        if not on_cpu:
-            mask = mask.to(cache.k.device)
 
-        h = self.model.embed_tokens.weight[input_ids].float()
-        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        rep = nh // nkv
-        for li, layer in enumerate(self.model.layers):
-            attn = layer.self_attn
-            q, k, v = attn.qkv(layer.input_layernorm(h), cos, sin)
-            if direct_kv:
-                keys, values = k, v
-            else:
-                cache.k[li, :, :, start:end] = k
-                cache.v[li, :, :, start:end] = v
-                keys = cache.k[li, :, :, :end]
-                values = cache.v[li, :, :, :end]
-            if fused_decode:
-                # One native pass per head instead of a dozen framework ops per layer.
-                o = kernels.decode_attention(q.reshape(bsz, nh, hd), cache.k[li], cache.v[li],
-                                             cache.pad, end, attn.scaling)
-                h = self._finish_layer(layer, h, o.view(bsz, 1, nh * hd))
-                continue
-            # Grouped-query attention without materialising repeated keys/values: the
-            # rep query heads that share a kv head (HF's repeat_kv order: head = kv*rep + r)
-            # become rows of one matmul against that kv head.
-            qg = q.reshape(bsz, nkv, rep * seq, hd)
-            scores = torch.matmul(qg, keys.transpose(2, 3)).view(bsz, nkv, rep, seq, end)
-            scores = scores * attn.scaling + mask[:, :, None]
-            probs = torch.softmax(scores, dim=-1).view(bsz, nkv, rep * seq, end)
-            o = torch.matmul(probs, values).view(bsz, nh, seq, hd)
-            o = o.transpose(1, 2).reshape(bsz, seq, nh * hd)
-            h = self._finish_layer(layer, h, o)
-        if not direct_kv:
+        pad = torch.zeros(bsz, dtype=torch.long) if cache is None else cache.pad
+        positions = (torch.arange(start, end)[None, :] - pad[:, None]).clamp(min=0)
+        cos, sin = self.rope(positions)  # [B, T, hd]
+        # One new token a row on the CPU: attention is one native kernel pass per head over
+        # the cache instead of a dozen framework ops (the mask is implicit there).
+        one_token = (seq == 1 and cache is not None and kernels.use_native()
+                     and cache.k.device.type == "cpu")
+        mask = None
+        if not one_token:
+            mask = self._attention_mask(pad, start, end).to(self.inv_freq.device)
+        h = self.model(input_ids, cos[:, None], sin[:, None], cache, mask, last_only)
+        if cache is not None:
             cache.length = end
-        if last_only:
-            h = h[:, -1:]
-        return self.lm_head(self.model.norm(h))
-
-    def _native_decode_layers(self) -> list[Any] | None:
-        """One ``_native.DecodeLayer`` per layer, or None when a layer needs the torch path
-        (a float base, a bias, an unfrozen base: adapters training through the model)."""
-        if self._native_layers is None:
-            self._native_layers = self._build_native_layers() or False
-        return self._native_layers or None
-
-    def _build_native_layers(self) -> list[Any] | None:
-        from r3mes.kernels import _native
-
-        cfg = self.config
-        built, all_modules = [], []
-        for layer in self.model.layers:
-            modules = [getattr(getattr(layer, part), proj)
-                       for part, proj in (n.split(".") for n in LINEAR_NAMES)]
-            projections = []
-            for m in modules:
-                if not isinstance(m, BitLinearDoRA) or not m.runs_in_native_decode():
-                    return None
-                tw = m.base.ternary
-                projections.append((tw._packed_np, tw.in_features, tw.scale))
-
-            def vec(norm: RMSNorm | None) -> np.ndarray | None:
-                return None if norm is None else norm.weight.detach().float().contiguous().numpy()
-
-            attn, mlp = layer.self_attn, layer.mlp
-            built.append(_native.DecodeLayer(
-                cfg.hidden_size, cfg.intermediate_size, cfg.num_attention_heads,
-                cfg.num_key_value_heads, cfg.head_dim, float(cfg.rms_norm_eps),
-                float(attn.scaling), cfg.hidden_act, vec(layer.input_layernorm),
-                vec(layer.post_attention_layernorm), vec(attn.attn_sub_norm),
-                vec(mlp.ffn_sub_norm), projections))
-            all_modules.append(modules)
-        self._native_modules = all_modules
-        self._native_mixes = [[None] * len(LINEAR_NAMES) for _ in built]
-        self._native_mix_state = None  # fresh layers hold no mix yet
-        return built
-
-    def _decode_native(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor | None:
-        """One decode step with every layer in native code; logits [B, 1, V]. None (nothing
-        touched) when a projection has stopped qualifying since the layers were built."""
-        bsz = input_ids.shape[0]
-        start = cache.length
-        # The contiguous cache is a pool of one block a row, max_len positions long.
-        table = torch.arange(bsz, dtype=torch.int32)[:, None]
-        pos = torch.full((bsz,), start, dtype=torch.long)
-        logits = self._native_step(input_ids[:, 0], cache.k, cache.v, table, cache.pad, pos,
-                                   (start - cache.pad).clamp(min=0))
-        if logits is not None:
-            cache.length = start + 1
-        return logits
-
-    def _native_step(self, tokens: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     table: torch.Tensor, start: torch.Tensor, pos: torch.Tensor,
-                     rope_pos: torch.Tensor) -> torch.Tensor | None:
-        """Runs the native layers on one token a row: row b writes cache position pos[b]
-        (its blocks: ``table[b]``), attends [start[b], pos[b]] and is rotated for position
-        rope_pos[b]. Logits [B, 1, V], or None when the layers can no longer run."""
-        bsz = tokens.shape[0]
-        state = (bsz, [m.mix_serial for layer in self._native_modules for m in layer],
-                 [p._version for p in self._native_watched])
-        if state != self._native_mix_state:
-            try:
-                for li, native in enumerate(self._native_layers):
-                    self._sync_native_mix(li, native, bsz)
-            except RuntimeError:
-                self._native_layers = False
-                return None
-            self._native_watched = [p for layer in self._native_modules for m in layer
-                                    for p in m.mix_parameters()]
-            self._native_mix_state = (bsz, state[1],
-                                      [p._version for p in self._native_watched])
-        cos, sin = self._rope(rope_pos)
-        cos_np, sin_np = cos.contiguous().numpy(), sin.contiguous().numpy()
-        table_np = table.to(torch.int32).contiguous().numpy()
-        start_np = start.to(torch.long).contiguous().numpy()
-        pos_np = pos.to(torch.long).contiguous().numpy()
-        k_np, v_np = k.numpy(), v.numpy()
-        h = self.model.embed_tokens.weight[tokens].float().contiguous()
-        h_np = h.numpy()
-        for li, native in enumerate(self._native_layers):
-            native.step(h_np, k_np, v_np, li, table_np, start_np, pos_np, cos_np, sin_np)
-        return self.lm_head(self.model.norm(h.view(bsz, 1, -1)))
+        return self.lm_head(h)
 
     # ---------------------------------------------------------------- paged decode
     def prefill_paged(self, prompt: Sequence[int], pool: KVBlockPool,
@@ -593,81 +706,15 @@ class BitNetForCausalLM(nn.Module):
         Returns logits float32 [B, V]. A row's logits do not depend on the other rows
         (bit for bit on the native path: one row alone or in any batch).
         """
-        bsz = tokens.shape[0]
-        if kernels.use_native() and self._native_decode_layers():
-            logits = self._native_step(tokens, pool.k, pool.v, table,
-                                       torch.zeros(bsz, dtype=torch.long), positions, positions)
+        if self.decode_hook is not None:
+            logits = self.decode_hook.decode_paged(tokens, pool, table, positions)
             if logits is not None:
-                return logits[:, 0]
-        return self._decode_paged_torch(tokens, pool, table, positions)
-
-    def _decode_paged_torch(self, tokens: torch.Tensor, pool: KVBlockPool, table: torch.Tensor,
-                            positions: torch.Tensor) -> torch.Tensor:
-        """The reference of :meth:`decode_paged`: the model's layer ops in torch, each row's
-        cache gathered from its blocks."""
-        cfg = self.config
-        bsz = tokens.shape[0]
-        nh, hd = cfg.num_attention_heads, cfg.head_dim
-        cos, sin = self._rope(positions[:, None])  # [B, 1, hd]
-        cos, sin = cos[:, None], sin[:, None]
-        bs = pool.block_size
-        blocks = [[int(b) for b in row] for row in table]
-        h = self.model.embed_tokens.weight[tokens[:, None]].float()
-        for li, layer in enumerate(self.model.layers):
-            attn = layer.self_attn
-            q, k, v = attn.qkv(layer.input_layernorm(h), cos, sin)
-            outs = []
-            for b in range(bsz):
-                p = int(positions[b])
-                pool.k[li, blocks[b][p // bs], :, p % bs] = k[b, :, 0]
-                pool.v[li, blocks[b][p // bs], :, p % bs] = v[b, :, 0]
-                keys, values = pool.gather(li, blocks[b], p + 1)
-                outs.append(kernels.decode_attention(
-                    q[b:b + 1, :, 0], keys[None], values[None],
-                    torch.zeros(1, dtype=torch.long), p + 1, attn.scaling))
-            o = torch.cat(outs).view(bsz, 1, nh * hd)
-            h = self._finish_layer(layer, h, o)
-        return self.lm_head(self.model.norm(h))[:, 0]
-
-    def _sync_native_mix(self, li: int, native: Any, bsz: int) -> None:
-        """Hands the layer's current DoRA mixes to its native twin when they changed."""
-        applied = self._native_mixes[li]
-        for j, module in enumerate(self._native_modules[li]):
-            spec = module.decode_kernel_mix(bsz)
-            old = applied[j]
-            if spec is None:
-                if old is not None:
-                    native.set_mix(j, [], None, None)
-                    applied[j] = None
-                continue
-            natives, mat, base_w = spec
-            if (old is not None and old[1] is mat and old[2] is base_w
-                    and len(old[0]) == len(natives)
-                    and all(a is b for a, b in zip(old[0], natives, strict=True))):
-                continue
-            native.set_mix(j, list(natives), mat.numpy(),
-                           None if base_w is None else base_w.numpy())
-            applied[j] = spec
-
-    @staticmethod
-    def _attention_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:
-        """Additive mask [B, 1, T, S]: causal, and left padding masked."""
-        key_pos = torch.arange(end)
-        allowed = (key_pos[None, None, :] >= pad[:, None, None]) & (
-            key_pos[None, None, :] <= torch.arange(start, end)[None, :, None])
-        # finfo.min, not -inf: a fully masked (padding) query row stays finite.
-        mask = torch.zeros(allowed.shape, dtype=torch.float32)
-        mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
-        return mask[:, None]
-
-    @staticmethod
-    def _finish_layer(layer: nn.Module, h: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
-        """The rest of a decoder layer after attention: sub-norm, o_proj, residual, MLP."""
-        attn = layer.self_attn
-        if attn.attn_sub_norm is not None:
-            o = attn.attn_sub_norm(o)
-        h = h + attn.o_proj(o)
-        return h + layer.mlp(layer.post_attention_layernorm(h))
+                return logits
+        # The reference: the layers in torch, each row's cache gathered from its blocks.
+        cos, sin = self.rope(positions[:, None])  # [B, 1, hd]
+        h = self.model(tokens[:, None], cos[:, None], sin[:, None],
+                       _PagedRows(pool, table, positions), None)
+        return self.lm_head(h)[:, 0]
 
     def num_parameters_bytes(self) -> dict[str, int]:
         """Bytes held by each part (ternary packed, head, embedding)."""

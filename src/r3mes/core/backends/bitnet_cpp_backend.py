@@ -2,7 +2,9 @@
 
 Determinism (CPU): the ternary and int8-head dot products are exact integers whatever the
 thread count; the float parts (norms, rotary, attention, softmax) run in torch pinned to
-one thread so their reduction order never changes. Same input, same logits, bit for bit,
+one thread so their reduction order never changes. Decode steps run every decoder layer in
+native code (:class:`~r3mes.core.backends.native_decode.NativeDecoder`, attached to the
+model as its ``decode_hook``). Same input, same logits, bit for bit,
 on every run and every ``num_threads``; :func:`r3mes.core.logit_fingerprint` checks it.
 
 GPU (``device="cuda"``): the model moves to the device after loading
@@ -24,6 +26,7 @@ import torch
 
 from r3mes import kernels
 from r3mes.core.backends.base import InferenceBackend
+from r3mes.core.backends.native_decode import NativeDecoder
 from r3mes.core.checkpoint import LoadInfo
 from r3mes.core.model import KVCache
 
@@ -118,6 +121,9 @@ class BitNetCppBackend(InferenceBackend):
         if os.environ.get("R3MES_BACKEND", "").lower() == "torch":
             raise RuntimeError("R3MES_BACKEND=torch disables the native kernels; use "
                                "PyTorchBackend instead")
+        if self.model is not None:
+            # Decode steps run every layer natively (r3mes.core.backends.native_decode).
+            NativeDecoder.attach(self.model)
         previous = torch.get_num_threads()
         torch.set_num_threads(1)  # fixed float reduction order: bit-identical results
         try:

@@ -9,11 +9,13 @@ BitLinear modules only route CUDA tensors to it:
   :class:`~r3mes.kernels.cuda.CudaTernaryWeight` (GPU layout; the CPU copy is dropped),
   norms, embedding, rotary tables and KV caches live on the device, the LM head becomes a
   :class:`DeviceLMHead`, loaded experts get CUDA kernel copies.
-* :func:`cuda_adapter` / :func:`prepare_cuda_adapters` - the device copy
-  (:class:`~r3mes.kernels.cuda.CudaDoRAAdapter`, fp16 or fp32) of a loaded DoRA adapter,
-  made from the CPU-prepared adapter and cached next to it.
-* :func:`dora_forward_cuda` - what :class:`~r3mes.core.dora.BitLinearDoRA` runs for a CUDA
-  input with experts mixed in: the fused CUDA DoRA kernel, the mix kept on the device.
+* :func:`prepare_cuda_adapters` - the device copies
+  (:class:`~r3mes.kernels.cuda.CudaDoRAAdapter`, fp16 or fp32) of loaded DoRA adapters,
+  made from the CPU-prepared adapters and cached next to them
+  (:func:`r3mes.core.dora.cuda_adapter`, re-exported here). What
+  :class:`~r3mes.core.dora.BitLinearDoRA` runs for a CUDA input,
+  :func:`r3mes.core.dora.dora_forward_cuda` (the fused CUDA DoRA kernel, the mix kept on
+  the device), lives beside the module.
 * :class:`StaticDecoder` - one decode step with static shapes and no host synchronisation
   (ids, position and padding are device tensors, attention covers the whole cache under a
   mask), run eagerly or replayed from a CUDA graph captured once per cache.
@@ -38,8 +40,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from r3mes import kernels
-from r3mes.core.dora import BitLinearDoRA, dora_modules
-from r3mes.core.model import BitNetForCausalLM, KVCache, LMHead, RMSNorm
+from r3mes.core.dora import cuda_adapter, dora_forward_cuda, dora_modules
+from r3mes.core.model import (
+    BitNetForCausalLM,
+    KVCache,
+    LMHead,
+    RMSNorm,
+    grouped_query_attention,
+)
 from r3mes.kernels import cuda
 
 __all__ = [
@@ -173,24 +181,7 @@ class DeviceLMHead(LMHead):
         return y.reshape(*lead, self.vocab_size)
 
 
-# ---- adapters -------------------------------------------------------------------------------
-
-
-def cuda_adapter(module: BitLinearDoRA, name: str,
-                 device: torch.device | None = None) -> cuda.CudaDoRAAdapter:
-    """The CUDA kernel copy of adapter ``name`` of ``module`` on ``device`` (default: the
-    base weight's). Made from the CPU-prepared adapter (same storage, same values) and
-    cached with it: a new copy only when the adapter was prepared again (its parameters
-    or the module's storage changed)."""
-    kernel = module._kernel_adapter(name)
-    if device is None:
-        device = module.base.ternary.device
-    prep = module._prepared[name]
-    hit = prep.extra.get("cuda")
-    if hit is None or hit[0] is not kernel or hit[1].device != device:
-        hit = (kernel, cuda.CudaDoRAAdapter.from_cpu(kernel, device))
-        prep.extra["cuda"] = hit
-    return hit[1]
+# ---- adapters ---------------------------------------------------------------------------------
 
 
 def prepare_cuda_adapters(model: BitNetForCausalLM, names: list[str] | None = None) -> int:
@@ -204,44 +195,6 @@ def prepare_cuda_adapters(model: BitNetForCausalLM, names: list[str] | None = No
                 cuda_adapter(module, name, dev)
                 count += 1
     return count
-
-
-def _device_mix(module: BitLinearDoRA, mat: torch.Tensor, base_w: torch.Tensor | None,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The mix matrix and base weights on the device, copied once per mix: the mix only
-    changes with ``mix_serial`` (and a heterogeneous one with the batch shape). Device
-    tensors also keep the kernel call free of host copies, so it can be graph-captured."""
-    key = (module.mix_serial, tuple(mat.shape), device)
-    hit = module.__dict__.get("_cuda_mix")
-    if hit is None or hit[0] != key:
-        mat_d = mat.detach().to(device=device, dtype=torch.float32).contiguous()
-        bw_d = (None if base_w is None
-                else base_w.detach().to(device=device, dtype=torch.float32).contiguous())
-        hit = (key, mat_d, bw_d)
-        module.__dict__["_cuda_mix"] = hit
-    return hit[1], hit[2]
-
-
-def dora_forward_cuda(module: BitLinearDoRA, x2: torch.Tensor, names: list[str],
-                      mat: torch.Tensor, base_w: torch.Tensor | None,
-                      needs_grad: bool) -> torch.Tensor:
-    """``module``'s mixed output for CUDA x2 [M, in] -> float32 [M, out] (no bias added
-    twice: the kernel adds it): one fused CUDA DoRA call for all the experts."""
-    weight = module.base.ternary
-    if not isinstance(weight, cuda.CudaTernaryWeight):
-        raise RuntimeError(
-            f"BitLinearDoRA: input on {x2.device} but the base weight is not on a GPU "
-            "(move the model with r3mes.core.backends.cuda_model.move_model_to_cuda)"
-        )
-    if needs_grad or not module.quantize_activations:
-        raise RuntimeError(
-            "BitLinearDoRA on a GPU runs inference only (int8-quantised base path, no "
-            "gradients); train adapters on the CPU model"
-        )
-    dev = weight.device
-    adapters = [cuda_adapter(module, n, dev) for n in names]
-    mat_d, bw_d = _device_mix(module, mat, base_w, dev)
-    return cuda.dora_linear(x2.contiguous(), weight, adapters, mat_d, module.base.bias, bw_d)
 
 
 # ---- moving a model -------------------------------------------------------------------------
@@ -275,9 +228,7 @@ def move_model_to_cuda(model: BitNetForCausalLM,
         if lin.ternary is None:
             raise ValueError(f"{path}: the base is not frozen (a float BitLinear cannot run on "
                              "the CUDA kernels)")
-    model._native_layers = False
-    model._native_modules, model._native_mixes, model._native_watched = [], [], []
-    model._native_mix_state = None
+    model.decode_hook = None  # the native CPU decoder never runs on a GPU model
     for lin in bases.values():
         lin.ternary = cuda.CudaTernaryWeight.from_cpu(lin.ternary, dev)
         if lin.bias is not None:
@@ -358,7 +309,7 @@ class StaticDecoder:
                 and s.ids.shape[0] == cache.batch_size):
             return s
         dev = cache.k.device
-        self.model._rope(torch.tensor([cache.max_len - 1]))  # tables cover the cache
+        self.model.rope(torch.tensor([cache.max_len - 1]))  # tables cover the cache
         s = _Session(
             cache_ref=weakref.ref(cache), k_ptr=cache.k.data_ptr(),
             ids=torch.zeros(cache.batch_size, dtype=torch.long, device=dev),
@@ -436,31 +387,29 @@ class StaticDecoder:
 
     def _run(self, s: _Session) -> torch.Tensor:
         """One decode step on the session's buffers: no host synchronisation."""
-        model, cfg = self.model, self.model.config
-        bsz = s.ids.shape[0]
-        nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        rep = nh // nkv
+        model = self.model
         positions = (s.pos - s.pad).clamp(min=0)  # [B]
         cos = s.cos[positions][:, None, None]  # [B, 1, 1, hd]
         sin = s.sin[positions][:, None, None]
         allowed = (s.key_pos[None, :] >= s.pad[:, None]) & (s.key_pos[None, :] <= s.pos)
         mask = torch.zeros(allowed.shape, dtype=torch.float32, device=allowed.device)
         mask.masked_fill_(~allowed, torch.finfo(torch.float32).min)
-        mask = mask[:, None, None]  # [B, 1, 1, S]
-        h = model.model.embed_tokens.weight[s.ids].float()[:, None]  # [B, 1, H]
-        cache = s.cache_ref()
-        k_cache, v_cache = cache.k, cache.v
-        for li, layer in enumerate(model.model.layers):
-            attn = layer.self_attn
-            q, k, v = attn.qkv(layer.input_layernorm(h), cos, sin)
-            k_cache[li].index_copy_(2, s.pos, k)
-            v_cache[li].index_copy_(2, s.pos, v)
-            # GQA as in BitNetForCausalLM._forward: the rep query heads of a kv head are
-            # rows of one matmul against it.
-            qg = q.reshape(bsz, nkv, rep, hd)
-            scores = torch.matmul(qg, k_cache[li].transpose(2, 3))  # [B, nkv, rep, S]
-            probs = torch.softmax(scores * attn.scaling + mask, dim=-1)
-            o = torch.matmul(probs, v_cache[li]).view(bsz, nh, 1, hd)
-            o = o.transpose(1, 2).reshape(bsz, 1, nh * hd)
-            h = model._finish_layer(layer, h, o)
-        return model.lm_head(model.model.norm(h))
+        h = model.model(s.ids[:, None], cos, sin, _StaticKV(s.cache_ref(), s.pos),
+                        mask[:, None, None])  # mask [B, 1, 1, S]
+        return model.lm_head(h)
+
+
+class _StaticKV:
+    """The cache as the static step's KV store: the new key/value go to position ``pos``
+    (a device tensor, so no host synchronisation) and attention covers the whole cache,
+    the positions not written yet masked."""
+
+    def __init__(self, cache: KVCache, pos: torch.Tensor) -> None:
+        self.cache, self.pos = cache, pos
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache.index_copy_(2, self.pos, k)
+        v_cache.index_copy_(2, self.pos, v)
+        return grouped_query_attention(q, k_cache, v_cache, mask, scaling)
