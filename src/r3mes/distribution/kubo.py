@@ -17,11 +17,12 @@ from typing import Any
 import httpx
 
 from r3mes.distribution.cid import CID, parse_cid
+from r3mes.errors import R3mesError
 
 __all__ = ["IpfsError", "KuboRPC"]
 
 
-class IpfsError(RuntimeError):
+class IpfsError(R3mesError, RuntimeError):
     """An IPFS node or gateway could not be reached or refused a request (named in the text)."""
 
 

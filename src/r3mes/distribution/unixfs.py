@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from r3mes.distribution.cid import CID, block_cid
+from r3mes.errors import R3mesError
 
 CHUNK_SIZE = 262144  # kubo's default chunker, size-262144
 MAX_LINKS = 174  # kubo's balanced layout: links per node
@@ -36,7 +37,7 @@ __all__ = ["CHUNK_SIZE", "MAX_LINKS", "DagNode", "Link", "UnixFSError", "build_d
            "decode_node", "file_leaf", "LocalDag", "read_varint"]
 
 
-class UnixFSError(ValueError):
+class UnixFSError(R3mesError, ValueError):
     """A DAG-PB block that is not well-formed UnixFS (or a kind r3mes does not read)."""
 
 

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from r3mes.core.generation import GenerationConfig, sample_next, stop_token_ids
+from r3mes.errors import R3mesError
 
 if TYPE_CHECKING:
     from r3mes.core.backends import InferenceBackend
@@ -55,7 +56,7 @@ TokenCallback = Callable[[int], bool]
 AdapterHook = Callable[[set[str]], None]
 
 
-class EngineOverloaded(RuntimeError):
+class EngineOverloaded(R3mesError, RuntimeError):
     """The queue is full; try again after ``retry_after`` seconds."""
 
     def __init__(self, message: str, retry_after: float) -> None:
@@ -63,7 +64,7 @@ class EngineOverloaded(RuntimeError):
         self.retry_after = retry_after
 
 
-class EngineClosed(RuntimeError):
+class EngineClosed(R3mesError, RuntimeError):
     """The engine was closed before the job ran."""
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from r3mes.errors import R3mesError
 
-class PipelineError(RuntimeError):
+
+class PipelineError(R3mesError, RuntimeError):
     """Base class of the pipeline's own errors."""
 
 

@@ -60,6 +60,7 @@ from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from r3mes.errors import R3mesError
 from r3mes.serving.inference_pipeline import (
     GENERAL_EXPERT,
     SEED_MAX,
@@ -79,7 +80,7 @@ BASE_MODEL_ALIAS = "base"
 # --------------------------------------------------------------------------- errors
 
 
-class APIError(Exception):
+class APIError(R3mesError):
     """An error answered with ``status`` and OpenAI's error body."""
 
     def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error",
