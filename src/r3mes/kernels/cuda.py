@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from r3mes.kernels._checks import check_float_features
+from r3mes.kernels.reference import pow2_scale
 
 if TYPE_CHECKING:  # r3mes.kernels imports this module lazily; avoid a cycle at import time
     from r3mes.kernels import DoRAKernelAdapter, TernaryWeight
@@ -350,14 +351,6 @@ def ternary_matmul_int(q: torch.Tensor, weight: CudaTernaryWeight, *, kernel: st
 # ---- DoRA ----------------------------------------------------------------------------------
 
 
-def _pow2_scale(t: torch.Tensor) -> float:
-    """Smallest power of two above max|t| (1 for zeros), as csrc/dora's pow2_scale."""
-    mx = float(t.abs().max()) if t.numel() else 0.0
-    if mx == 0.0:
-        return 1.0
-    return float(2.0 ** int(torch.frexp(torch.tensor(mx, dtype=torch.float32)).exponent))
-
-
 @dataclass(frozen=True)
 class CudaDoRAAdapter:
     """One DoRA adapter in the fused CUDA kernel's storage (see ``csrc/cuda/epilogue.cuh``).
@@ -448,7 +441,7 @@ def prepare_dora_adapter_cuda(
     dev = _as_cuda_device(device)
     s = float(scaling)
     if storage == "fp16":
-        a_scale, b_scale = _pow2_scale(a), _pow2_scale(b)
+        a_scale, b_scale = pow2_scale(a), pow2_scale(b)
         a_dev = (a / a_scale).to(torch.float16)
         b_dev = (b / b_scale).to(torch.float16)
         coef = s * a_scale * b_scale  # powers of two: exact, as the CPU's float product

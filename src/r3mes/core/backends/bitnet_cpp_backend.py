@@ -118,9 +118,9 @@ class BitNetCppBackend(InferenceBackend):
         if self.device.type == "cuda":
             raise RuntimeError("paged (continuous-batching) decode runs on the CPU backend; "
                                "on a GPU the engine batches statically")
-        if os.environ.get("R3MES_BACKEND", "").lower() == "torch":
-            raise RuntimeError("R3MES_BACKEND=torch disables the native kernels; use "
-                               "PyTorchBackend instead")
+        if not kernels.use_native():
+            raise RuntimeError("the native kernels are off here (R3MES_BACKEND=torch or inside "
+                               "kernels.use_reference()); use PyTorchBackend instead")
         if self.model is not None:
             # Decode steps run every layer natively (r3mes.core.backends.native_decode).
             NativeDecoder.attach(self.model)

@@ -8,40 +8,24 @@ differ.
 
 from __future__ import annotations
 
-import os
-import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
 
+from r3mes import kernels
 from r3mes.core.backends.base import InferenceBackend
 from r3mes.core.model import KVCache
 
 __all__ = ["PyTorchBackend", "torch_reference_kernels"]
 
-_ENV_LOCK = threading.Lock()
 
-
-@contextmanager
-def torch_reference_kernels() -> Iterator[None]:
-    """Route :mod:`r3mes.kernels` to the torch reference for the duration.
-
-    The kernels read ``R3MES_BACKEND`` at every call; this sets it under a process-wide lock
-    (so a native backend running in another thread at the same time would be affected:
-    the kernels have no per-thread override yet).
-    """
-    with _ENV_LOCK:
-        old = os.environ.get("R3MES_BACKEND")
-        os.environ["R3MES_BACKEND"] = "torch"
-        try:
-            yield
-        finally:
-            if old is None:
-                del os.environ["R3MES_BACKEND"]
-            else:
-                os.environ["R3MES_BACKEND"] = old
+def torch_reference_kernels() -> AbstractContextManager[None]:
+    """Route :mod:`r3mes.kernels` to the torch reference for the duration:
+    :func:`r3mes.kernels.use_reference`, local to the calling thread, so a native backend
+    running in another thread at the same time keeps its native kernels."""
+    return kernels.use_reference()
 
 
 class PyTorchBackend(InferenceBackend):
