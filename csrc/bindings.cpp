@@ -17,6 +17,7 @@
 #include "head/int4_gemm.h"
 #include "model/decode_layer.h"
 #include "ternary/int8_gemm.h"
+#include "ternary/quantized_acts.h"
 #include "ternary/ternary.h"
 
 namespace py = pybind11;
@@ -63,23 +64,9 @@ void check_packed(const py::array& packed, std::size_t k) {
   check_packed_rows(packed, k, packed_row_bytes(k));
 }
 
-// Quantised activations in the kernels' padded layout.
-struct QuantizedActs {
-  std::vector<int8_t> q;
-  std::vector<float> scale;
-  std::vector<int32_t> qsum;
-};
-
+// Quantised activations in the ternary kernels' padded layout.
 QuantizedActs quantize_padded(const float* x, std::size_t m, std::size_t k) {
-  QuantizedActs a;
-  const std::size_t kp = padded_k(k);
-  a.q.resize(m * kp);
-  a.scale.resize(m);
-  a.qsum.resize(m);
-  if (!quantize_activations(x, m, k, a.q.data(), kp, a.scale.data(), a.qsum.data(),
-                            active_simd_level()))
-    throw std::invalid_argument("x: activations contain NaN or Inf");
-  return a;
+  return quantize_rows(x, m, k, padded_k(k));
 }
 
 py::tuple py_quantize_activations(const py::array& x) {
@@ -171,15 +158,8 @@ py::array_t<float> py_ternary_linear(const py::array& x, const py::array& packed
   if (!(w_scale > 0.0f) || !std::isfinite(w_scale))
     throw std::invalid_argument("w_scale must be a positive finite number");
   const std::size_t m = x.shape(0), n = packed.shape(0);
-  const float* bias_ptr = nullptr;
   py::array bias_arr;
-  if (!bias.is_none()) {
-    bias_arr = py::array::ensure(bias);
-    check_array<float>(bias_arr, "bias", 1);
-    if (static_cast<std::size_t>(bias_arr.shape(0)) != n)
-      throw std::invalid_argument("bias: length does not match out_features");
-    bias_ptr = data_of<float>(bias_arr);
-  }
+  const float* bias_ptr = optional_bias(bias, n, bias_arr);
   py::array_t<float> out({m, n});
   if (m == 0) return out;
   const float* xp = data_of<float>(x);
@@ -236,13 +216,9 @@ py::array_t<float> py_int8_linear(const py::array& x, const py::array& w, const 
   Int8GemmArgs args{data_of<int8_t>(w), data_of<int32_t>(rowsum), data_of<float>(scale),
                     nullptr, nullptr, m, n, k, op};
   py::gil_scoped_release release;
-  std::vector<int8_t> q(m * kp);
-  std::vector<float> xs(m);
-  std::vector<int32_t> qsum(m);
-  if (!quantize_activations(xp, m, k, q.data(), kp, xs.data(), qsum.data(), active_simd_level()))
-    throw std::invalid_argument("x: activations contain NaN or Inf");
-  args.q = q.data();
-  args.x_scale = xs.data();
+  const QuantizedActs acts = quantize_rows(xp, m, k, kp);
+  args.q = acts.q.data();
+  args.x_scale = acts.scale.data();
   int8_gemm(args, active_simd_level());
   return out;
 }

@@ -46,4 +46,15 @@ inline const T* data_of(const py::array& a) {
   return static_cast<const T*>(a.data());
 }
 
+// An optional float32 bias [n]: nullptr for None. `keep` holds the converted array alive.
+inline const float* optional_bias(const py::object& bias, std::size_t n, py::array& keep) {
+  if (bias.is_none()) return nullptr;
+  keep = py::array::ensure(bias);
+  check_array<float>(keep, "bias", 1);
+  if (static_cast<std::size_t>(keep.shape(0)) != n)
+    throw std::invalid_argument("bias: length " + std::to_string(keep.shape(0)) +
+                                " does not match out_features=" + std::to_string(n));
+  return data_of<float>(keep);
+}
+
 }  // namespace r3mes

@@ -96,14 +96,8 @@ py::array_t<float> run_dora_linear(const py::array& x, const py::array& packed, 
   if (!(w_scale > 0.0f) || !std::isfinite(w_scale))
     throw std::invalid_argument("w_scale must be a positive finite number");
   const std::size_t m = x.shape(0), n = packed.shape(0);
-  const float* bias_ptr = nullptr;
   py::array bias_arr;
-  if (!bias.is_none()) {
-    bias_arr = py::array::ensure(bias);
-    check_array<float>(bias_arr, "bias", 1);
-    check_dim(bias_arr.shape(0), n, "bias length (out_features)");
-    bias_ptr = data_of<float>(bias_arr);
-  }
+  const float* bias_ptr = optional_bias(bias, n, bias_arr);
   py::array_t<float> out({m, n});
   if (m == 0) return out;
   const float* xp = data_of<float>(x);

@@ -4,13 +4,12 @@
 
 #include <stdexcept>
 #include <string>
-#include <vector>
 
 #include "common/array_check.h"
 #include "common/cpu_features.h"
 #include "common/huge_pages.h"
 #include "head/int4_gemm.h"
-#include "ternary/ternary.h"
+#include "ternary/quantized_acts.h"
 
 namespace py = pybind11;
 
@@ -93,13 +92,9 @@ py::array_t<float> py_int4_linear(const py::array& x, const py::array& packed, c
                     data_of<float>(scale), nullptr, nullptr, m, n, k, group, out.mutable_data()};
   const float* xp = data_of<float>(x);
   py::gil_scoped_release release;
-  std::vector<int8_t> q(m * kp);
-  std::vector<float> xs(m);
-  std::vector<int32_t> qsum(m);
-  if (!quantize_activations(xp, m, k, q.data(), kp, xs.data(), qsum.data(), active_simd_level()))
-    throw std::invalid_argument("x: activations contain NaN or Inf");
-  args.q = q.data();
-  args.x_scale = xs.data();
+  const QuantizedActs acts = quantize_rows(xp, m, k, kp);
+  args.q = acts.q.data();
+  args.x_scale = acts.scale.data();
   int4_gemm(args, active_simd_level());
   return out;
 }

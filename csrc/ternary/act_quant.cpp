@@ -2,8 +2,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 
 #include "common/thread_pool.h"
+#include "ternary/quantized_acts.h"
 #include "ternary/ternary.h"
 
 namespace r3mes {
@@ -58,6 +60,17 @@ bool quantize_activations(const float* x, std::size_t rows, std::size_t k, int8_
     if (q_stride > k) std::memset(q + r * q_stride + k, 0, q_stride - k);
   }
   return all_finite;
+}
+
+QuantizedActs quantize_rows(const float* x, std::size_t m, std::size_t k, std::size_t row_stride) {
+  QuantizedActs a;
+  a.q.resize(m * row_stride);
+  a.scale.resize(m);
+  a.qsum.resize(m);
+  if (!quantize_activations(x, m, k, a.q.data(), row_stride, a.scale.data(), a.qsum.data(),
+                            active_simd_level()))
+    throw std::invalid_argument("x: activations contain NaN or Inf");
+  return a;
 }
 
 }  // namespace r3mes
