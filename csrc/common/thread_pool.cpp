@@ -66,7 +66,12 @@ void ThreadPool::worker_loop() {
     const auto spin_until = std::chrono::steady_clock::now() + kSpinBeforeSleep;
     for (unsigned i = 0; generation_.load(std::memory_order_acquire) == seen; ++i) {
       cpu_relax();
-      if ((i & 255) == 0 && std::chrono::steady_clock::now() > spin_until) break;
+      if ((i & 255) == 0) {
+        if (std::chrono::steady_clock::now() > spin_until) break;
+        // Let a runnable thread of the process (a server thread taking a new request while
+        // decode holds every core) have this core now; with none, this returns at once.
+        std::this_thread::yield();
+      }
     }
     if (generation_.load(std::memory_order_acquire) == seen) {
       std::unique_lock<std::mutex> lock(mutex_);
