@@ -10,6 +10,7 @@ from pathlib import Path
 
 import dag_cbor
 import pytest
+import torch
 
 from r3mes.cache.adapter_store import AdapterStore
 from r3mes.distribution import BlockVerificationError, TrustlessGateway, parse_cid
@@ -83,6 +84,33 @@ def test_node_b_pulls_an_adapter_and_a_snapshot_into_a_fresh_home_and_answers(
     pulled = pull_index(pub_index["uri"], b.rpc, home_b, store_b)
     assert pulled["imported"].digest == pub_index["digest"]
     assert _top(RagStore(home_b, embedder=embedder), "general", "how do I bake bread") == "bread"
+
+
+def test_a_pulled_expert_generates_exactly_as_the_published_one(kubo_pair, tmp_path):
+    # A bundled expert of the demo model, published by node A and pulled by node B by CID,
+    # then mixed into the model: the same logits and tokens as the original directory's.
+    from r3mes.assets import ASSETS_DIR
+    from r3mes.core.backends import BitNetCppBackend
+    from r3mes.core.generation import GenerationConfig
+
+    a, b = kubo_pair
+    home_a, home_b = tmp_path / "a", tmp_path / "b"
+    expert = ASSETS_DIR / "experts" / "medical_dora"
+    AdapterStore(home_a).add(expert, "medical_dora")
+    published = publish_adapter("medical_dora", a.rpc, home_a)
+    pull_adapter(published["uri"], b.rpc, "med", home_b)
+
+    backend = BitNetCppBackend()
+    backend.load_base_model(ASSETS_DIR / "demo_model")
+    backend.load_dora_adapter("original", expert)
+    backend.load_dora_adapter("pulled", AdapterStore(home_b).path("med"))
+    ids = backend.encode_prompt("What helps with insulin resistance?")
+    original = backend.inference([ids], ["original"], [1.0])
+    assert torch.equal(backend.inference([ids], ["pulled"], [1.0]), original)
+    assert not torch.equal(backend.inference([ids]), original)  # the expert changes the answer
+    config = GenerationConfig(max_new_tokens=8)
+    want = backend.generate([ids], config, ["original"], [1.0])[0].tokens
+    assert backend.generate([ids], config, ["pulled"], [1.0])[0].tokens == want
 
 
 def test_a_delta_pull_moves_only_the_changed_blocks(kubo_pair, tmp_path, embedder):
