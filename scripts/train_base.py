@@ -3,8 +3,9 @@
     python scripts/train_base.py --tokenizer .train/tokenizer --out .train/base \
         [--corpora scripts/corpora.json] [--steps 400] [--batch 8] [--seq 256] [--seed 1234]
 
-Every projection is a ternary ``BitLinear`` trained with straight-through estimators (see
-``bitnet_train_model.py``); the LM head and embeddings stay float, as in BitNet b1.58.
+The model is the library's own (:meth:`r3mes.core.model.BitNetForCausalLM.for_training`):
+every projection a ternary ``BitLinear`` trained with straight-through estimators; the LM
+head and embeddings stay float, as in BitNet b1.58.
 
 * Data: each corpus in the list is tokenised once (``<s> doc </s>`` per document) and cached
   under ``OUT/data/``; its last ``--heldout-frac`` of tokens is held out. Training windows are
@@ -29,19 +30,19 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_CORPORA, SPECIAL_TOKENS, load_corpora, resolve, seed_everything  # noqa: E402
-from bitnet_train_model import TrainableBitNet, TrainConfig, hf_config  # noqa: E402
 
+from r3mes.core.model import BitNetConfig, BitNetForCausalLM  # noqa: E402
 from r3mes.utils.atomic import atomic_write_json  # noqa: E402
 
 
@@ -102,8 +103,14 @@ class Streams:
         return out
 
 
+def lm_loss(model: BitNetForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over ``ids`` [B, T+1]."""
+    logits = model(ids[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+
+
 @torch.no_grad()
-def evaluate(model: TrainableBitNet, windows: dict[str, torch.Tensor]) -> dict[str, float]:
+def evaluate(model: BitNetForCausalLM, windows: dict[str, torch.Tensor]) -> dict[str, float]:
     """Held-out perplexity per corpus and over all windows (token-weighted)."""
     model.eval()
     out, tot_loss, tot_n = {}, 0.0, 0
@@ -111,7 +118,7 @@ def evaluate(model: TrainableBitNet, windows: dict[str, torch.Tensor]) -> dict[s
         loss_sum, n = 0.0, 0
         for i in range(0, len(w), 8):
             chunk = w[i:i + 8]
-            loss_sum += float(model.loss(chunk)) * chunk[:, 1:].numel()
+            loss_sum += float(lm_loss(model, chunk)) * chunk[:, 1:].numel()
             n += chunk[:, 1:].numel()
         out[name] = math.exp(loss_sum / n)
         tot_loss += loss_sum
@@ -165,7 +172,7 @@ def load_checkpoint(ckpt: Path, model, opt) -> dict:
     return json.loads((ckpt / "state.json").read_text())
 
 
-def export_hf(model: TrainableBitNet, tok_dir: Path, out: Path, training: dict) -> None:
+def export_hf(model: BitNetForCausalLM, tok_dir: Path, out: Path, training: dict) -> None:
     """Write the HF float BitNet directory (atomically: temp dir + rename)."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
@@ -174,8 +181,8 @@ def export_hf(model: TrainableBitNet, tok_dir: Path, out: Path, training: dict) 
     cfg = model.config
     sd = {k: v.detach().float().contiguous() for k, v in model.state_dict().items()}
     save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    (tmp / "config.json").write_text(json.dumps(hf_config(cfg), indent=2) + "\n")
-    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id,
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
+    gen = {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id[0],
            "pad_token_id": cfg.pad_token_id, "do_sample": True, "temperature": 0.8,
            "top_p": 0.95, "max_new_tokens": 128}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
@@ -206,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--rope-theta", type=float, default=10000.0)
     ap.add_argument("--heldout-frac", type=float, default=0.02)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-windows", type=int, default=8)
@@ -222,16 +230,17 @@ def main(argv: list[str] | None = None) -> int:
     seed_everything(args.seed)
     tok_dir, out = resolve(args.tokenizer), resolve(args.out)
     tok = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))
-    cfg = TrainConfig(vocab_size=tok.get_vocab_size(), hidden_size=args.hidden,
-                      intermediate_size=args.intermediate, num_hidden_layers=args.layers,
-                      num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-                      # the context the model has actually seen: the serving engine keeps
-                      # prompts within it (RoPE positions beyond it were never trained)
-                      max_position_embeddings=args.seq,
-                      bos_token_id=tok.token_to_id(SPECIAL_TOKENS["bos"]),
-                      eos_token_id=tok.token_to_id(SPECIAL_TOKENS["eos"]),
-                      pad_token_id=tok.token_to_id(SPECIAL_TOKENS["pad"]))
-    model = TrainableBitNet(cfg)
+    cfg = BitNetConfig(vocab_size=tok.get_vocab_size(), hidden_size=args.hidden,
+                       intermediate_size=args.intermediate, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+                       rope_theta=args.rope_theta,
+                       # the context the model has actually seen: the serving engine keeps
+                       # prompts within it (RoPE positions beyond it were never trained)
+                       max_position_embeddings=args.seq,
+                       bos_token_id=tok.token_to_id(SPECIAL_TOKENS["bos"]),
+                       eos_token_id=tok.token_to_id(SPECIAL_TOKENS["eos"]),
+                       pad_token_id=tok.token_to_id(SPECIAL_TOKENS["pad"]))
+    model = BitNetForCausalLM.for_training(cfg)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         log.flush()
 
     def training_record() -> dict:
-        return {"config": asdict(cfg), "args": vars(args), "corpora": streams.names,
+        return {"config": cfg.to_dict(), "args": vars(args), "corpora": streams.names,
                 "corpus_weights": streams.weights.tolist(),
                 "train_tokens_available": {n: int(len(a)) for n, a in
                                            zip(streams.names, streams.train, strict=True)},
@@ -273,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
             for g in opt.param_groups:
                 g["lr"] = lr
             ids = streams.batch(args.seed, step, args.batch, args.seq)
-            loss = model.loss(ids)
+            loss = lm_loss(model, ids)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -10,9 +10,10 @@ projection with :func:`r3mes.core.trainer.train_adapter` (deterministic, resumab
 PEFT directory lands in ``OUT/<id>/adapter``), and an expert whose adapter exists already is
 skipped, so an interrupted run is continued by rerunning the command.
 
-Training runs on the training twin of the model (``bitnet_train_model.TrainableBitNet``
-loaded from the HF float directory, its projections frozen to ternary and wrapped in
-``BitLinearDoRA``: the inference model's forward runs without autograd). The evaluation
+Training runs through the library model loaded from the HF float directory
+(:func:`r3mes.core.checkpoint.load_model` with a float LM head: projections frozen to
+ternary and wrapped in ``BitLinearDoRA``, the adapters' gradients flowing through the
+frozen base, as ``r3mes train-adapter`` does). The evaluation
 loads every adapter with :func:`r3mes.core.adapter_io.load_peft_adapter` into the model
 r3mes ships (``--eval-model``, default the HF directory) and measures held-out perplexity
 of the base and of each expert on every domain: ``OUT/results.json`` and ``OUT/matrix.md``.
@@ -29,16 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DEFAULT_CORPORA, load_corpora, resolve, seed_everything  # noqa: E402
-from bitnet_train_model import TrainableBitNet, TrainConfig  # noqa: E402
 
 from r3mes.core.adapter_io import load_peft_adapter  # noqa: E402
 from r3mes.core.checkpoint import load_model  # noqa: E402
 from r3mes.core.dora import BitLinearDoRA, set_adapter_mix  # noqa: E402
-from r3mes.core.model import LINEAR_NAMES  # noqa: E402
 from r3mes.core.tokenizer import Tokenizer  # noqa: E402
 from r3mes.core.trainer import TrainConfig as AdapterConfig  # noqa: E402
 from r3mes.core.trainer import evaluate_perplexity, train_adapter  # noqa: E402
@@ -121,24 +119,6 @@ def expert_data(spec: list[dict], every: int, corpora: dict, seed: int
     return train, held
 
 
-# ----------------------------------------------------------------------------- models
-def training_model(hf_dir: Path) -> TrainableBitNet:
-    """The training twin: float weights of ``hf_dir``, projections frozen + BitLinearDoRA."""
-    cfgd = json.loads((hf_dir / "config.json").read_text())
-    fields = TrainConfig.__dataclass_fields__
-    cfg = TrainConfig(**{k: v for k, v in cfgd.items() if k in fields})
-    model = TrainableBitNet(cfg)
-    model.load_state_dict(load_file(str(hf_dir / "model.safetensors")))
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for layer in model.model.layers:
-        for name in LINEAR_NAMES:
-            part, proj = name.split(".")
-            parent = getattr(layer, part)
-            setattr(parent, proj, BitLinearDoRA(getattr(parent, proj).freeze()))
-    return model
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default=".train/base/hf", help="HF float directory of the base")
@@ -173,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     losses: dict[str, list[float]] = {}
 
     if not args.eval_only:
-        model = training_model(base)
+        model, _ = load_model(base, head="float")
         for eid in ids:
             adapter_dir = out / eid / "adapter"
             if (adapter_dir / "adapter_config.json").exists():

@@ -19,6 +19,25 @@ def test_training_form_passes_gradients_through_both_quantisers() -> None:
     assert x.grad is not None and x.grad.abs().sum() > 0
 
 
+def test_training_form_is_the_quantised_forward_with_straight_through_gradients() -> None:
+    torch.manual_seed(3)
+    layer = BitLinear(48, 40)
+    w = layer.weight.detach().clone()
+    x = torch.randn(3, 7, 48, requires_grad=True)
+    y = layer(x)
+    s_w = reference.weight_scale(w)
+    w_q = reference.quantize_weight(w, s_w).float() / s_w
+    s_x = x.detach().abs().amax(-1, keepdim=True).clamp(min=reference.ACT_EPS) / 127.0
+    x_q = (x.detach() / s_x).round().clamp(-128, 127) * s_x
+    torch.testing.assert_close(y, x_q @ w_q.t(), rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(y)
+    y.backward(grad_out)
+    # The quantisers count as the identity: dL/dx = g W_q, dL/dW = g^T x_q.
+    torch.testing.assert_close(x.grad, grad_out @ w_q, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.weight.grad, grad_out.reshape(-1, 40).t()
+                               @ x_q.reshape(-1, 48), rtol=1e-4, atol=1e-4)
+
+
 def test_frozen_layer_runs_the_contract_exactly() -> None:
     torch.manual_seed(1)
     layer = BitLinear(300, 70)

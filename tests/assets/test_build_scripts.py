@@ -1,5 +1,6 @@
-"""The scripts that build the demo assets: the tokenizer is deterministic, the training twin
-of the model is the inference model, and base training resumes exactly."""
+"""The scripts that build the demo assets: the tokenizer is deterministic, base training runs
+through the library model and its export loads back with the same logits, and it resumes
+exactly."""
 
 from __future__ import annotations
 
@@ -14,10 +15,9 @@ from safetensors.torch import load_file
 SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
-from bitnet_train_model import QATBitLinear, TrainableBitNet, TrainConfig  # noqa: E402
 from train_tokenizer import build_tokenizer, write_tokenizer  # noqa: E402
 
-from r3mes.core.bitlinear import BitLinear  # noqa: E402
+from r3mes.core.model import BitNetConfig, BitNetForCausalLM  # noqa: E402
 
 TEXTS = [
     "Diyabet hastalarında insülin direnci egzersiz ve beslenme ile azaltılabilir. " * 3,
@@ -49,27 +49,16 @@ def test_tokenizer_has_the_special_tokens_and_round_trips_turkish(tiny_tokenizer
     assert tok.decode(tok.encode(text)) == text
 
 
-def test_qat_bitlinear_gives_bitlinears_outputs_and_gradients():
-    torch.manual_seed(0)
-    fast, ref = QATBitLinear(48, 40), BitLinear(48, 40)
-    ref.weight.data.copy_(fast.weight.data)
-    x = torch.randn(3, 7, 48)
-    y_fast, y_ref = fast(x), ref(x)
-    torch.testing.assert_close(y_fast, y_ref, rtol=0, atol=1e-6)
-    y_fast.square().sum().backward()
-    y_ref.square().sum().backward()
-    torch.testing.assert_close(fast.weight.grad, ref.weight.grad, rtol=1e-5, atol=1e-6)
-
-
 def test_exported_training_model_loads_in_r3mes_with_the_same_logits(tmp_path, tiny_tokenizer):
     from train_base import export_hf
 
     from r3mes.core.checkpoint import load_model
 
     torch.manual_seed(0)
-    cfg = TrainConfig(vocab_size=320, hidden_size=64, intermediate_size=256,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
-    model = TrainableBitNet(cfg).eval()
+    cfg = BitNetConfig(vocab_size=320, hidden_size=64, intermediate_size=256,
+                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       rope_theta=10000.0, bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    model = BitNetForCausalLM.for_training(cfg).eval()
     export_hf(model, tiny_tokenizer, tmp_path / "hf", {"test": True})
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["architectures"] == ["BitNetForCausalLM"]

@@ -1,8 +1,10 @@
 """BitLinear: the BitNet b1.58 linear layer, trainable in torch and frozen onto the kernels.
 
-Training form: float master weights; the forward pass quantises weights (absmean ->
-{-1, 0, 1}) and activations (per-token absmax -> int8) with straight-through estimators,
-as BitNet b1.58 trains. Inference form (after :meth:`BitLinear.freeze`): 2-bit packed
+Training form: float master weights (the "shadow" of the ternary ones); the forward pass
+quantises weights (absmean -> {-1, 0, 1}) and activations (per-token absmax -> int8) and
+the backward passes gradients straight through both quantisers, as BitNet b1.58 trains
+(:meth:`r3mes.core.model.BitNetForCausalLM.for_training` builds a model of them).
+Inference form (after :meth:`BitLinear.freeze`): 2-bit packed
 weights and the native ternary kernel via :mod:`r3mes.kernels`.
 """
 
@@ -18,16 +20,46 @@ from r3mes import kernels
 from r3mes.kernels import reference
 
 
+class _QuantizeActivationsSTE(torch.autograd.Function):
+    """Per-token absmax int8 fake-quantisation, gradient passed straight through.
+
+    One autograd node, not ``x + (q - x).detach()``: on a small CPU the elementwise passes
+    of that form cost more than the matmuls of a training step. The forward is the
+    quantised value itself.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        scale = x.abs().amax(dim=-1, keepdim=True).clamp_(min=reference.ACT_EPS)
+        scale = scale.reciprocal_().mul_(127.0)
+        return (x * scale).round_().clamp_(-128, 127).div_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+class _QuantizeWeightSTE(torch.autograd.Function):
+    """Per-tensor absmean ternary fake-quantisation, gradient passed straight through."""
+
+    @staticmethod
+    def forward(ctx, w: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        scale = reference.weight_scale(w)
+        return (w * scale).round_().clamp_(-1, 1).div_(scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
 def _ste_quantize_weight(w: torch.Tensor) -> torch.Tensor:
-    scale = reference.weight_scale(w)
-    w_q = (w * scale).round().clamp(-1, 1) / scale
-    return w + (w_q - w).detach()
+    """``T / s_w`` of a float weight, differentiable as the identity (STE)."""
+    return _QuantizeWeightSTE.apply(w)
 
 
 def _ste_quantize_activations(x: torch.Tensor) -> torch.Tensor:
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=reference.ACT_EPS).reciprocal() * 127.0
-    x_q = (x * scale).round().clamp(-128, 127) / scale
-    return x + (x_q - x).detach()
+    """``q / s_x`` of float activations, differentiable as the identity (STE)."""
+    return _QuantizeActivationsSTE.apply(x)
 
 
 class BitLinear(nn.Module):

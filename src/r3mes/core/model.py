@@ -495,7 +495,9 @@ class BitNetModel(nn.Module):
                 kv: KVStore | None, mask: torch.Tensor | None,
                 last_only: bool = False) -> torch.Tensor:
         """Final hidden states [B, T (1 with ``last_only``), hidden] of ``input_ids`` [B, T]."""
-        h = self.embed_tokens.weight[input_ids].float()
+        # F.embedding, not indexing: the same rows, and its backward (training) sums the
+        # gradients of repeated tokens in a fixed order where indexing's adds race.
+        h = F.embedding(input_ids, self.embed_tokens.weight).float()
         for layer in self.layers:
             h = layer(h, cos, sin, kv, mask)
         if last_only:
