@@ -18,6 +18,7 @@ import torch
 from warmup import warm_up
 
 from r3mes import kernels
+from r3mes.core.backends.native_decode import NativeDecoder
 from r3mes.core.dora import set_adapter_mix
 from r3mes.core.model import (
     LINEAR_NAMES,
@@ -62,7 +63,9 @@ def build_model(config: BitNetConfig = CONFIG, head_rows: int | None = None) -> 
     if head_rows is not None:
         head = embed.clone()
         head[head_rows:] = 0
-    return BitNetForCausalLM(config, embed, layers, LMHead.from_float(head))
+    model = BitNetForCausalLM(config, embed, layers, LMHead.from_float(head))
+    NativeDecoder.attach(model)  # decode steps in the native layers, as the native backend runs
+    return model
 
 
 @pytest.fixture(scope="module")
