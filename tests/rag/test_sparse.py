@@ -84,3 +84,15 @@ def test_bm25_allowed_ids_filter():
     ix = BM25Index()
     ix.add([1, 2, 3], ["red apple", "green apple", "blue sky"])
     assert [i for i, _ in ix.search("apple", 5, allowed_ids={2, 3})] == [2]
+
+
+def test_bm25_over_documents_that_tokenise_to_nothing_finds_nothing():
+    # Symbols-only documents leave bm25s an empty vocabulary, which it cannot index (found
+    # by the API fuzzer through /api/v1/rag/search); a search must answer empty, then
+    # work again once a real document arrives.
+    ix = BM25Index()
+    ix.add([1, 2], ["...", "?!"])
+    assert ix.search("0", 5) == []
+    assert ix.search("apples", 5) == []
+    ix.add([3], ["apples and pears"])
+    assert [i for i, _ in ix.search("apples", 5)] == [3]

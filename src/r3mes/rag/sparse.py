@@ -145,6 +145,8 @@ class BM25Index:
         if not q or not self._tokens:
             return []
         self._ensure()
+        if self._bm25 is None:  # every document tokenised to nothing: nothing can match
+            return []
         scores = self._bm25.get_scores(q)
         order = self._order_arr
         if allowed_ids is not None:
@@ -162,13 +164,17 @@ class BM25Index:
         return [(int(order[r]), float(scores[r])) for r in top]
 
     def _ensure(self) -> None:
-        if not self._stale and self._bm25 is not None:
+        if not self._stale:
             return
         import bm25s
 
         self._order = sorted(self._tokens)
         self._order_arr = np.asarray(self._order, dtype=np.int64)  # not per query: O(n)
+        self._stale = False
+        if not any(self._tokens.values()):
+            # bm25s cannot index an empty vocabulary (documents of stop words or symbols).
+            self._bm25 = None
+            return
         bm25 = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
         bm25.index([self._tokens[i] for i in self._order], show_progress=False)
         self._bm25 = bm25
-        self._stale = False
