@@ -156,3 +156,21 @@ def test_adapters_prepared_in_reference_mode_run_the_reference_afterwards() -> N
     expected = kernels.dora_linear_reference(x, w, [ad], torch.ones(1, 1))
     assert torch.equal(kernels.dora_linear(x, w, [ad], torch.ones(1, 1)), expected)
     assert torch.equal(kernels.dora_mix_linear(x, w, mix), expected)
+
+
+def test_every_cuda_entry_names_a_function_of_the_cuda_module() -> None:
+    from r3mes.kernels import cuda
+
+    lazy = [op for op, table in REGISTRY.items()
+            if "cuda" in table and table["cuda"].__qualname__ == f"cuda.{op}"]
+    assert {"quantize_activations", "ternary_linear", "dora_linear", "dora_row_norms"} <= set(lazy)
+    for op in lazy:
+        assert callable(getattr(cuda, op)), op
+
+
+def test_a_weight_that_is_not_a_cpu_weight_takes_the_cuda_entry() -> None:
+    # The CUDA entry checks its weight before it needs a device, so this runs on any machine.
+    with pytest.raises(TypeError, match="expected a CudaTernaryWeight"):
+        kernels.ternary_linear(torch.randn(2, 8), object())
+    with pytest.raises(TypeError, match="expected a CudaTernaryWeight"):
+        kernels.dora_row_norms(object(), torch.randn(2, 8), torch.randn(4, 2), 1.0)

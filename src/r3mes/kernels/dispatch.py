@@ -135,17 +135,16 @@ def register(op: str, backend: str, *, layout: bool = False) -> Callable[[F], F]
     return add
 
 
-def register_cuda(op: str, name: str | None = None) -> None:
-    """Register ``r3mes.kernels.cuda.<name>`` (default: ``op``) as op's CUDA implementation,
-    imported on first use: the CUDA module loads only once a CUDA tensor arrives."""
-    attr = name or op
+def register_cuda(op: str) -> None:
+    """Register ``r3mes.kernels.cuda.<op>`` as op's CUDA implementation, imported on first
+    use: the CUDA module loads only once a CUDA tensor arrives."""
 
     def run(*args: Any, **kwargs: Any) -> Any:
         from r3mes.kernels import cuda
 
-        return getattr(cuda, attr)(*args, **kwargs)
+        return getattr(cuda, op)(*args, **kwargs)
 
-    run.__qualname__ = f"cuda.{attr}"
+    run.__qualname__ = f"cuda.{op}"
     register(op, "cuda")(run)
 
 
