@@ -155,8 +155,7 @@ py::array_t<float> py_ternary_linear(const py::array& x, const py::array& packed
   if (static_cast<std::size_t>(x.shape(1)) != k)
     throw std::invalid_argument("x: has " + std::to_string(x.shape(1)) +
                                 " features, weight has in_features=" + std::to_string(k));
-  if (!(w_scale > 0.0f) || !std::isfinite(w_scale))
-    throw std::invalid_argument("w_scale must be a positive finite number");
+  check_w_scale(w_scale);
   const std::size_t m = x.shape(0), n = packed.shape(0);
   py::array bias_arr;
   const float* bias_ptr = optional_bias(bias, n, bias_arr);

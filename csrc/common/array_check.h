@@ -46,6 +46,12 @@ inline const T* data_of(const py::array& a) {
   return static_cast<const T*>(a.data());
 }
 
+// A ternary weight's scale s_w (y = acc / (s_x * s_w)).
+inline void check_w_scale(float w_scale) {
+  if (!(w_scale > 0.0f) || !(w_scale <= 3.4028235e38f))
+    throw std::invalid_argument("w_scale must be a positive finite number");
+}
+
 // An optional float32 bias [n]: nullptr for None. `keep` holds the converted array alive.
 inline const float* optional_bias(const py::object& bias, std::size_t n, py::array& keep) {
   if (bias.is_none()) return nullptr;

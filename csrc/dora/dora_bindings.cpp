@@ -93,8 +93,7 @@ py::array_t<float> run_dora_linear(const py::array& x, const py::array& packed, 
                                    const float* mix, const float* base_weight,
                                    std::size_t mix_rows, const float* base_factor) {
   check_dim(x.shape(1), k, "x features (in_features)");
-  if (!(w_scale > 0.0f) || !std::isfinite(w_scale))
-    throw std::invalid_argument("w_scale must be a positive finite number");
+  check_w_scale(w_scale);
   const std::size_t m = x.shape(0), n = packed.shape(0);
   py::array bias_arr;
   const float* bias_ptr = optional_bias(bias, n, bias_arr);
@@ -191,8 +190,7 @@ py::array_t<double> py_dora_row_norms(const py::array& packed, std::size_t k, fl
   check_dim(a.shape(1), k, "lora_A columns (in_features)");
   check_dim(b.shape(0), n, "lora_B rows (out_features)");
   check_dim(b.shape(1), r, "lora_B columns (rank)");
-  if (!(w_scale > 0.0f) || !std::isfinite(w_scale))
-    throw std::invalid_argument("w_scale must be a positive finite number");
+  check_w_scale(w_scale);
   py::array_t<double> out(n);
   const uint8_t* pp = data_of<uint8_t>(packed);
   const float* ap = data_of<float>(a);

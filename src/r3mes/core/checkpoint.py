@@ -642,17 +642,22 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     return manifest
 
 
+def _manifest_and_config(root: Path) -> tuple[dict[str, Any], BitNetConfig]:
+    """An r3mes directory's manifest and the model config it records."""
+    manifest = _read_manifest(root)
+    try:
+        return manifest, BitNetConfig.from_dict(manifest["config"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{root / MANIFEST}: bad config: {exc}") from None
+
+
 def describe_model(path: str | os.PathLike[str]) -> dict[str, Any]:
     """What a model directory holds, from its config alone (no weights read): format, head
     kind, shape, and the bytes one decoded token reads (ternary layers + head), which over
     the machine's read bandwidth is the decode floor."""
     root = Path(path)
     if (root / MANIFEST).exists():
-        manifest = _read_manifest(root)
-        try:
-            cfg = BitNetConfig.from_dict(manifest["config"])
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{root / MANIFEST}: bad config: {exc}") from None
+        manifest, cfg = _manifest_and_config(root)
         form, head = "r3mes", manifest["head"]
     else:
         cfg, _ = read_config(root)
@@ -692,11 +697,7 @@ def read_model_shape(path: str | os.PathLike[str]) -> ModelShape:
     its config alone. Raises :class:`CheckpointError` for a directory that is neither."""
     root = Path(path)
     if (root / MANIFEST).exists():
-        manifest = _read_manifest(root)
-        try:
-            cfg = BitNetConfig.from_dict(manifest["config"])
-        except (TypeError, ValueError) as exc:
-            raise CheckpointError(f"{root / MANIFEST}: bad config: {exc}") from None
+        manifest, cfg = _manifest_and_config(root)
         return ModelShape(_linear_shapes(cfg), cfg.num_hidden_layers, manifest["weights_sha256"])
     cfg, _ = read_config(root)
     return ModelShape(_linear_shapes(cfg), cfg.num_hidden_layers, None)
