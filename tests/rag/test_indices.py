@@ -132,6 +132,21 @@ def test_snapshot_digest_identifies_content(small_docs, store):
     assert c.digest != a.digest and c.parent == a.digest
 
 
+def test_current_digests_name_each_saved_index_and_skip_unreadable_refs(
+        small_docs, store, tmp_path, embedder):
+    assert store.current_digest("general") is None and store.current_digests() == {}
+    store.index("general").add_documents(small_docs[:2])
+    store.index("medical").add_documents(small_docs[2:3])
+    general, medical = store.save("general"), store.save("medical")
+    assert store.current_digests() == {"general": general.digest, "medical": medical.digest}
+    (tmp_path / "home" / "rag" / "refs" / "medical.json").write_text("{not json", "utf-8")
+    fresh = RagStore(tmp_path / "home", embedder=embedder)
+    assert fresh.current_digest("medical") is None
+    assert fresh.current_digests() == {"general": general.digest}
+    with pytest.raises(ValueError, match="index name"):
+        fresh.current_digest("../etc")
+
+
 def test_a_tampered_snapshot_file_is_refused_and_restore_brings_back_the_previous(small_docs,
         store, tmp_path, embedder, clock):
     store.index("general").add_documents(small_docs[:2])

@@ -241,6 +241,19 @@ class RagStore:
         needed = 3 * text_bytes + 3 * vector_bytes + (1 << 20)
         ensure_free_space(self.root, needed, f"indexing {len(docs)} document(s)")
 
+    def current_digest(self, name: str) -> str | None:
+        """The digest of ``name``'s current snapshot; None when it has none (or its ref
+        cannot be read: :meth:`verify` says why)."""
+        check_index_name(name)
+        ref = self._read_ref(name, strict=False)
+        return None if ref is None else ref["current"]
+
+    def current_digests(self) -> dict[str, str]:
+        """``{index: digest}`` of every index with a current snapshot (what a replica or a
+        peer must hold to answer as this store does)."""
+        digests = {name: self.current_digest(name) for name in self.existing()}
+        return {name: d for name, d in digests.items() if d is not None}
+
     def snapshots(self, name: str) -> list[SnapshotInfo]:
         """Snapshots of ``name`` that can be restored, current first."""
         check_index_name(name)

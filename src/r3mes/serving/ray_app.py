@@ -122,12 +122,7 @@ class R3mesRegistry:
         experts = {e: {"digest": records[e].digest,
                        "fingerprint": records[e].base_model_fingerprint}
                    for e in pipe.installed_experts if e in records}
-        rag: dict[str, str] = {}
-        if pipe.rag_store is not None:
-            for name in pipe.rag_store.existing():
-                ref = pipe.rag_store._read_ref(name, strict=False)
-                if ref is not None:
-                    rag[name] = ref["current"]
+        rag = pipe.rag_store.current_digests() if pipe.rag_store is not None else {}
         return {"experts": experts, "rag": rag, "skipped": dict(pipe.skipped_experts)}
 
     async def adapter_files(self, digest: str) -> dict[str, bytes]:
@@ -393,8 +388,7 @@ class R3mesEngine:
             return
         async with self._rag_sync:
             for index, digest in wanted.items():
-                ref = store._read_ref(index, strict=False)
-                if ref is None or ref["current"] != digest:
+                if store.current_digest(index) != digest:
                     await self._sync_index(index, digest)
 
     async def _sync_index(self, index: str, digest: str) -> None:
@@ -630,10 +624,7 @@ class RayPipeline:
         rag: dict[str, str] = {}
         if not skip_rag and local.rag_store is not None:
             with contextlib.suppress(Exception):
-                for name in local.rag_store.existing():
-                    ref = local.rag_store._read_ref(name, strict=False)
-                    if ref is not None:
-                        rag[name] = ref["current"]
+                rag = local.rag_store.current_digests()
         request = {"query": query, "experts": [(e, w) for e, w in experts], "digests": digests,
                    "set": expert_set_key(experts, digests), "skip_rag": skip_rag,
                    "history": [dict(t) for t in history] if history else None,
