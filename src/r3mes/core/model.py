@@ -252,7 +252,8 @@ class LMHead(nn.Module):
             raise ValueError(f"head kind must be one of {cls.KINDS}, got {kind!r}")
         if kind == "float":
             return cls("float", v, h, weight=weight.detach().float().contiguous())
-        chunks = [weight[r0:r0 + chunk_rows].detach().float() for r0 in range(0, v, chunk_rows)]
+        # A generator: each float32 chunk is freed once quantised.
+        chunks = (weight[r0:r0 + chunk_rows].detach().float() for r0 in range(0, v, chunk_rows))
         if kind == "int4":
             parts4 = [kernels.quantize_int4_weight(c, group, importance) for c in chunks]
             int4 = kernels.Int4Weight(
