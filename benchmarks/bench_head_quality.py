@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from r3mes import kernels
 from r3mes.core.checkpoint import load_model
+from r3mes.core.head_calibration import final_hidden_states
 from r3mes.core.model import LMHead
 from r3mes.core.tokenizer import Tokenizer
 
@@ -52,21 +53,6 @@ def heldout_windows(tok: Tokenizer, seq: int, per_corpus: int) -> dict[str, torc
     return out
 
 
-class _Identity(torch.nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-
-@torch.no_grad()
-def hidden_states(model, windows: torch.Tensor, batch: int = 8) -> torch.Tensor:
-    """The normed final hidden states [N, T, H] the head sees, for windows [N, T + 1]."""
-    head, model.lm_head = model.lm_head, _Identity()
-    try:
-        return torch.cat([model(windows[i:i + batch, :-1]) for i in range(0, len(windows), batch)])
-    finally:
-        model.lm_head = head
-
-
 def heads_to_compare(model) -> dict[str, LMHead]:
     ref = model.lm_head.dequantized_weight().float()
     heads = {"float": LMHead.from_float(ref, "float")}
@@ -82,31 +68,31 @@ def heads_to_compare(model) -> dict[str, LMHead]:
 @torch.no_grad()
 def compare(states: torch.Tensor, targets: torch.Tensor | None,
             heads: dict[str, LMHead], chunk: int = 512) -> dict[str, dict[str, float]]:
+    """Per head: top-1 agreement with the float head, relative logit RMS error against it,
+    bytes and (with targets) perplexity. The float logits of a chunk are made once."""
     h = states.reshape(-1, states.shape[-1])
     t = None if targets is None else targets.reshape(-1)
-    ref_top = []
-    stats: dict[str, dict[str, float]] = {}
-    for name, head in heads.items():
-        agree = nll = err = norm = 0.0
-        for i, r0 in enumerate(range(0, len(h), chunk)):
-            logits = head(h[r0:r0 + chunk])
-            top = logits.argmax(-1)
-            if name == "float":
-                ref_top.append(top)
-                ref_logits = logits
-            else:
-                agree += (top == ref_top[i]).sum().item()
-                ref_logits = heads["float"](h[r0:r0 + chunk])
-            err += (logits - ref_logits).pow(2).sum().item()
-            norm += ref_logits.pow(2).sum().item()
+    sums = {name: {"agree": 0.0, "err": 0.0, "nll": 0.0} for name in heads}
+    norm = 0.0
+    for r0 in range(0, len(h), chunk):
+        ref = heads["float"](h[r0:r0 + chunk])
+        ref_top = ref.argmax(-1)
+        norm += ref.pow(2).sum().item()
+        for name, head in heads.items():
+            logits = ref if name == "float" else head(h[r0:r0 + chunk])
+            acc = sums[name]
+            acc["agree"] += (logits.argmax(-1) == ref_top).sum().item()
+            acc["err"] += (logits - ref).pow(2).sum().item()
             if t is not None:
-                nll += F.cross_entropy(logits, t[r0:r0 + chunk], reduction="sum").item()
-        n = len(h)
-        stats[name] = {"top1_agreement": 1.0 if name == "float" else agree / n,
-                       "rel_logit_rms": math.sqrt(err / norm),
-                       "bytes": head.nbytes()}
+                acc["nll"] += F.cross_entropy(logits, t[r0:r0 + chunk], reduction="sum").item()
+    n = len(h)
+    stats: dict[str, dict[str, float]] = {}
+    for name, acc in sums.items():
+        stats[name] = {"top1_agreement": acc["agree"] / n,
+                       "rel_logit_rms": math.sqrt(acc["err"] / norm),
+                       "bytes": heads[name].nbytes()}
         if t is not None:
-            stats[name]["perplexity"] = math.exp(nll / n)
+            stats[name]["perplexity"] = math.exp(acc["nll"] / n)
     if t is not None:
         base = stats["float"]["perplexity"]
         for s in stats.values():
@@ -137,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     heads = heads_to_compare(model)
     report = {"model": args.model, "stored_head": info.head, "sets": {}}
     for name, windows in sets.items():
-        states = hidden_states(model, windows)
+        states = final_hidden_states(model, windows[:, :-1])
         targets = None if args.random_text else windows[:, 1:]
         report["sets"][name] = compare(states, targets, heads)
     print(f"model {args.model} (stored head {info.head}); reference: float head")

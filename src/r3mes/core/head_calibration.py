@@ -15,7 +15,7 @@ import torch
 
 from r3mes.core.model import BitNetForCausalLM
 
-__all__ = ["hidden_importance"]
+__all__ = ["final_hidden_states", "hidden_importance"]
 
 
 class _HiddenStates(torch.nn.Module):
@@ -26,6 +26,18 @@ class _HiddenStates(torch.nn.Module):
 
 
 @torch.no_grad()
+def final_hidden_states(model: BitNetForCausalLM, input_ids: torch.Tensor,
+                        batch: int = 8) -> torch.Tensor:
+    """The normed final hidden states [B, T, hidden] the LM head sees for ``input_ids``
+    [B, T], ``batch`` rows at a time."""
+    head, model.lm_head = model.lm_head, _HiddenStates()
+    try:
+        return torch.cat([model(input_ids[i:i + batch]) for i in range(0, len(input_ids), batch)])
+    finally:
+        model.lm_head = head
+
+
+@torch.no_grad()
 def hidden_importance(model: BitNetForCausalLM, token_ids: Sequence[int],
                       window: int = 256) -> torch.Tensor:
     """Mean square [hidden_size] of the normed final hidden states over ``token_ids``, run
@@ -33,12 +45,8 @@ def hidden_importance(model: BitNetForCausalLM, token_ids: Sequence[int],
     ids = torch.as_tensor(list(token_ids), dtype=torch.long)
     if ids.numel() < 2:
         raise ValueError("calibration: need at least 2 tokens of text")
-    head, model.lm_head = model.lm_head, _HiddenStates()
-    try:
-        total = torch.zeros(model.config.hidden_size, dtype=torch.float64)
-        for start in range(0, ids.numel(), window):
-            h = model(ids[start:start + window][None]).reshape(-1, model.config.hidden_size)
-            total += h.double().pow(2).sum(0)
-    finally:
-        model.lm_head = head
+    total = torch.zeros(model.config.hidden_size, dtype=torch.float64)
+    for start in range(0, ids.numel(), window):
+        h = final_hidden_states(model, ids[start:start + window][None])
+        total += h.reshape(-1, model.config.hidden_size).double().pow(2).sum(0)
     return (total / ids.numel()).float()
