@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/thread_pool.h"
+#include "ternary/quantized_acts.h"
 
 namespace r3mes {
 namespace {
@@ -128,20 +129,17 @@ void int4_gemm_rows_scalar(const Int4GemmArgs& a, std::size_t n0, std::size_t n1
 
 void int4_gemm(const Int4GemmArgs& args, SimdLevel level) {
   if (args.M == 0 || args.N == 0) return;
+  Int4GemmArgs a = args;
   // The SIMD kernels multiply unsigned activations (vpmaddubsw): u = q + 128, undone with
   // the row offsets.
-  const std::size_t kp = int4_padded_k(args.K);
-  std::vector<uint8_t> u(args.M * kp);
-  for (std::size_t i = 0; i < u.size(); ++i) u[i] = static_cast<uint8_t>(args.q[i]) ^ 0x80u;
-  Int4GemmArgs a = args;
-  a.u = u.data();
+  std::vector<uint8_t> u;
   auto fn = int4_gemm_rows_scalar;
-  if (level >= SimdLevel::Avx512) fn = isa_avx512::int4_gemm_rows;
-  else if (level == SimdLevel::Avx2) fn = isa_avx2::int4_gemm_rows;
-  const std::size_t threads = static_cast<std::size_t>(get_num_threads());
-  std::size_t grain = (a.N + threads * 8 - 1) / (threads * 8);
-  grain = std::max<std::size_t>(16, (grain + 15) / 16 * 16);
-  parallel_for(a.N, grain, [&](std::size_t n0, std::size_t n1) { fn(a, n0, n1); });
+  if (level != SimdLevel::Scalar) {
+    u = unsigned_activations(a.q, a.M * int4_padded_k(a.K));
+    a.u = u.data();
+    fn = level >= SimdLevel::Avx512 ? isa_avx512::int4_gemm_rows : isa_avx2::int4_gemm_rows;
+  }
+  parallel_rows(a.N, [&](std::size_t n0, std::size_t n1) { fn(a, n0, n1); });
 }
 
 }  // namespace r3mes

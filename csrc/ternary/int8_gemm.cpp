@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "common/thread_pool.h"
+#include "ternary/quantized_acts.h"
 
 namespace r3mes {
 
@@ -49,22 +50,19 @@ void int8_gemm_rows_scalar(const Int8GemmArgs& a, std::size_t n0, std::size_t n1
 
 void int8_gemm(const Int8GemmArgs& args, SimdLevel level) {
   if (args.M == 0 || args.N == 0) return;
-  // vpdpbusd multiplies unsigned by signed bytes: the VNNI kernel reads u = q + 128.
-  std::vector<uint8_t> u;
   Int8GemmArgs a = args;
-  if (level == SimdLevel::Avx512Vnni) {
-    u.resize(a.M * int8_padded_k(a.K));
-    for (std::size_t i = 0; i < u.size(); ++i) u[i] = static_cast<uint8_t>(a.q[i]) ^ 0x80u;
-    a.u = u.data();
-  }
+  std::vector<uint8_t> u;  // the VNNI kernel reads u = q + 128 (vpdpbusd: unsigned x signed)
   auto fn = int8_gemm_rows_scalar;
-  if (level == SimdLevel::Avx512Vnni) fn = isa_avx512vnni::int8_gemm_rows_avx512vnni;
-  else if (level == SimdLevel::Avx512) fn = isa_avx512::int8_gemm_rows_avx512;
-  else if (level == SimdLevel::Avx2) fn = isa_avx2::int8_gemm_rows_avx2;
-  const std::size_t threads = static_cast<std::size_t>(get_num_threads());
-  std::size_t grain = (a.N + threads * 8 - 1) / (threads * 8);
-  grain = std::max<std::size_t>(16, (grain + 15) / 16 * 16);
-  parallel_for(a.N, grain, [&](std::size_t n0, std::size_t n1) { fn(a, n0, n1); });
+  if (level == SimdLevel::Avx512Vnni) {
+    u = unsigned_activations(a.q, a.M * int8_padded_k(a.K));
+    a.u = u.data();
+    fn = isa_avx512vnni::int8_gemm_rows_avx512vnni;
+  } else if (level == SimdLevel::Avx512) {
+    fn = isa_avx512::int8_gemm_rows_avx512;
+  } else if (level == SimdLevel::Avx2) {
+    fn = isa_avx2::int8_gemm_rows_avx2;
+  }
+  parallel_rows(a.N, [&](std::size_t n0, std::size_t n1) { fn(a, n0, n1); });
 }
 
 }  // namespace r3mes

@@ -17,4 +17,8 @@ struct QuantizedActs {
 // Throws std::invalid_argument naming x when it holds NaN or Inf.
 QuantizedActs quantize_rows(const float* x, std::size_t m, std::size_t k, std::size_t row_stride);
 
+// u = q + 128 as unsigned bytes (q XOR 0x80), for kernels that multiply unsigned by signed
+// bytes (vpdpbusd, vpmaddubsw) and undo the offset with their weights' row sums.
+std::vector<uint8_t> unsigned_activations(const int8_t* q, std::size_t n);
+
 }  // namespace r3mes
