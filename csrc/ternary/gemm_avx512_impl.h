@@ -13,57 +13,11 @@
 namespace r3mes {
 namespace {
 
-template <class Dot, int R, int T>
-inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0) {
-  const std::size_t kp = padded_k(a.K);
-  const std::size_t row_bytes = packed_row_bytes(a.K);
-  const __m512i mask = _mm512_set1_epi8(3);
-  __m512i acc[R][T];
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
-  const uint8_t* rows[R];
-  for (int r = 0; r < R; ++r) rows[r] = a.packed + (n + r) * row_bytes;
-  const int8_t* qs[T];
-  for (int t = 0; t < T; ++t) qs[t] = a.q + (m0 + t) * kp;
-
-  // Decode streams weights from memory: the first token tile prefetches ahead (see
-  // kPrefetchTiles, kStreamTokens).
-  const bool prefetch_ahead =
-      m0 == 0 && a.M <= kStreamTokens && n + (kPrefetchTiles + 1) * R <= a.N;
-  for (std::size_t g = 0; g < kp / kGroupWeights; ++g) {
-    __m512i v[R];
-    for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(rows[r] + g * kGroupBytes);
-    if (prefetch_ahead)
-      for (int r = 0; r < R; ++r) {
-        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchTiles * R * row_bytes +
-                                                         g * kGroupBytes),
-                     R3MES_WEIGHT_PREFETCH_HINT);
-        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * row_bytes + g * kGroupBytes),
-                     _MM_HINT_T0);  // the next tile, from L2 into L1 (see ternary.h)
-      }
-    typename Dot::Partial part[R][T];
-    for (int p = 0; p < 4; ++p) {
-      __m512i x[T];
-      for (int t = 0; t < T; ++t) x[t] = _mm512_loadu_si512(qs[t] + g * kGroupWeights + 64 * p);
-      for (int r = 0; r < R; ++r) {
-        __m512i codes = p == 0 ? _mm512_and_si512(v[r], mask)
-                               : _mm512_and_si512(_mm512_srli_epi16(v[r], 2 * p), mask);
-        for (int t = 0; t < T; ++t) Dot::step(part[r][t], acc[r][t], codes, x[t], p);
-      }
-    }
-    for (int r = 0; r < R; ++r)
-      for (int t = 0; t < T; ++t) Dot::finish_group(part[r][t], acc[r][t]);
-  }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t)
-      store_output(a, m0 + t, n + r, _mm512_reduce_add_epi32(acc[r][t]) - a.qsum[m0 + t]);
-}
-
-// Prefill (many tokens): the row tile's codes are decoded once into `codes` [R][kp] (the
-// activations' order: slice p of group g at g * 256 + 64 p) and every token tile then
-// reads them back from L1/L2: the decode's shift and mask ops (7 a row and group) are
-// paid once per row tile instead of once per token tile.
-template <class Dot, int R>
+// Prefill (many tokens) decodes a row tile's codes once into `codes` [R][kp] (the
+// activations' order: slice p of group g at g * 256 + 64 p) and every token tile reads them
+// back from L1/L2: the shift and mask ops (7 a row and group) are paid once per row tile
+// instead of once per token tile. Decode batches stream the weights and decode in registers.
+template <int R>
 inline void decode_rows(const GemmArgs& a, std::size_t n, uint8_t* codes, std::size_t kp) {
   const std::size_t row_bytes = packed_row_bytes(a.K);
   const __m512i mask = _mm512_set1_epi8(3);
@@ -78,22 +32,49 @@ inline void decode_rows(const GemmArgs& a, std::size_t n, uint8_t* codes, std::s
   }
 }
 
-template <class Dot, int R, int T>
-inline void tile_decoded(const GemmArgs& a, std::size_t n, std::size_t m0, const uint8_t* codes,
-                         std::size_t kp) {
+// Rows [n, n + R) x tokens [m0, m0 + T); the codes come from `codes` (decoded by
+// decode_rows) when kDecoded, else from the packed rows.
+template <class Dot, int R, int T, bool kDecoded>
+inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0, const uint8_t* codes) {
+  const std::size_t kp = padded_k(a.K);
+  const std::size_t row_bytes = packed_row_bytes(a.K);
+  const __m512i mask = _mm512_set1_epi8(3);
   __m512i acc[R][T];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
+  const uint8_t* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = a.packed + (n + r) * row_bytes;
   const int8_t* qs[T];
   for (int t = 0; t < T; ++t) qs[t] = a.q + (m0 + t) * kp;
+
+  // Decode streams weights from memory: the first token tile prefetches ahead (see
+  // kPrefetchTiles, kStreamTokens).
+  const bool prefetch_ahead =
+      !kDecoded && m0 == 0 && a.M <= kStreamTokens && n + (kPrefetchTiles + 1) * R <= a.N;
   for (std::size_t g = 0; g < kp / kGroupWeights; ++g) {
+    __m512i v[R];
+    if constexpr (!kDecoded)
+      for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(rows[r] + g * kGroupBytes);
+    if (prefetch_ahead)
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchTiles * R * row_bytes +
+                                                         g * kGroupBytes),
+                     R3MES_WEIGHT_PREFETCH_HINT);
+        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * row_bytes + g * kGroupBytes),
+                     _MM_HINT_T0);  // the next tile, from L2 into L1 (see ternary.h)
+      }
     typename Dot::Partial part[R][T];
     for (int p = 0; p < 4; ++p) {
       const std::size_t k = g * kGroupWeights + 64 * p;
       __m512i x[T];
       for (int t = 0; t < T; ++t) x[t] = _mm512_loadu_si512(qs[t] + k);
       for (int r = 0; r < R; ++r) {
-        const __m512i c = _mm512_loadu_si512(codes + r * kp + k);
+        __m512i c;
+        if constexpr (kDecoded)
+          c = _mm512_loadu_si512(codes + r * kp + k);
+        else
+          c = p == 0 ? _mm512_and_si512(v[r], mask)
+                     : _mm512_and_si512(_mm512_srli_epi16(v[r], 2 * p), mask);
         for (int t = 0; t < T; ++t) Dot::step(part[r][t], acc[r][t], c, x[t], p);
       }
     }
@@ -108,33 +89,32 @@ inline void tile_decoded(const GemmArgs& a, std::size_t n, std::size_t m0, const
 // Largest K whose decoded 4-row tile lives on the stack (32 KiB).
 constexpr std::size_t kDecodedMaxK = 8192;
 
+template <class Dot, int R, bool kDecoded>
+inline void token_tiles(const GemmArgs& a, std::size_t n, const uint8_t* codes) {
+  std::size_t m = 0;
+  if (!kDecoded && a.M <= kStreamTokens) {
+    // A decode batch: tiles of 3 tokens, whose 4 x 3 accumulators, 4 weight and 3
+    // activation registers fit the register file (4 x 4 spills).
+    for (; m + 3 <= a.M; m += 3) tile<Dot, R, 3, kDecoded>(a, n, m, codes);
+  }
+  for (; m + 4 <= a.M; m += 4) tile<Dot, R, 4, kDecoded>(a, n, m, codes);
+  switch (a.M - m) {
+    case 3: tile<Dot, R, 3, kDecoded>(a, n, m, codes); break;
+    case 2: tile<Dot, R, 2, kDecoded>(a, n, m, codes); break;
+    case 1: tile<Dot, R, 1, kDecoded>(a, n, m, codes); break;
+    default: break;
+  }
+}
+
 template <class Dot, int R>
 inline void row_tile(const GemmArgs& a, std::size_t n) {
-  std::size_t m = 0;
   const std::size_t kp = padded_k(a.K);
   if (a.M > kStreamTokens && kp <= kDecodedMaxK) {
     alignas(64) uint8_t codes[R * kDecodedMaxK];
-    decode_rows<Dot, R>(a, n, codes, kp);
-    for (; m + 4 <= a.M; m += 4) tile_decoded<Dot, R, 4>(a, n, m, codes, kp);
-    switch (a.M - m) {
-      case 3: tile_decoded<Dot, R, 3>(a, n, m, codes, kp); break;
-      case 2: tile_decoded<Dot, R, 2>(a, n, m, codes, kp); break;
-      case 1: tile_decoded<Dot, R, 1>(a, n, m, codes, kp); break;
-      default: break;
-    }
-    return;
-  }
-  if (a.M <= kStreamTokens) {
-    // A decode batch: tiles of 3 tokens, whose 4 x 3 accumulators, 4 weight and 3
-    // activation registers fit the register file (4 x 4 spills).
-    for (; m + 3 <= a.M; m += 3) tile<Dot, R, 3>(a, n, m);
-  }
-  for (; m + 4 <= a.M; m += 4) tile<Dot, R, 4>(a, n, m);
-  switch (a.M - m) {
-    case 3: tile<Dot, R, 3>(a, n, m); break;
-    case 2: tile<Dot, R, 2>(a, n, m); break;
-    case 1: tile<Dot, R, 1>(a, n, m); break;
-    default: break;
+    decode_rows<R>(a, n, codes, kp);
+    token_tiles<Dot, R, true>(a, n, codes);
+  } else {
+    token_tiles<Dot, R, false>(a, n, nullptr);
   }
 }
 
