@@ -12,8 +12,8 @@ PEFT's.
 
 Bars (issue 21): the default storage (int8) and fp16 within 1% with >= 99% of the top
 tokens equal, fp32 within 0.5%. Measured (``benchmarks/bench_dora_precision.py``, 3 seeds,
-7424 positions): fp32 0.04-0.06% / 99.99%, fp16 0.15-0.16% / 99.70-99.84%, int8
-0.27-0.28% / 99.50-99.64%; the torch reference itself 0.04-0.06% / 99.96-100% (float
+7424 positions): fp32 0.05% / 99.95-100%, fp16 0.15-0.16% / 99.76-99.97%, int8
+0.26-0.30% / 99.69-99.89%; the torch reference itself 0.04-0.05% / 99.92-100% (float
 rounding alone).
 
 Why this is checked on a trained model: the random checkpoints of
