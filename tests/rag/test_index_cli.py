@@ -193,7 +193,7 @@ def test_export_refuses_an_existing_path_and_an_index_without_snapshot(home, tmp
     assert "already exists" in capsys.readouterr().err
     assert main(["index", "export", str(tmp_path / "new"), "--index", "legal",
                  "--home", home]) == 2
-    assert "index 'legal' has no snapshot to export" in capsys.readouterr().err
+    assert "index 'legal' has no snapshot (add documents first)" in capsys.readouterr().err
 
 
 def test_bad_input_is_refused_clearly_and_the_existing_index_stays_intact(

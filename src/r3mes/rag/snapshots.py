@@ -180,7 +180,7 @@ class RagStore:
             cfg = self.configs.get(name) or IndexConfig.for_index(name)
             self._loaded[name] = NamedIndex(name, self.embedder, cfg, self.clock)
         else:
-            self._loaded[name] = self._load_snapshot(name, ref["current"])
+            self._loaded[name] = self.load_snapshot(name, ref["current"])
         return self._loaded[name]
 
     def existing(self) -> list[str]:
@@ -263,7 +263,7 @@ class RagStore:
         out = []
         for digest in [ref["current"], *ref.get("history", [])]:
             try:
-                out.append(_info(self._read_manifest(self.snapshots_dir / digest)))
+                out.append(_info(self.read_manifest(self.snapshots_dir / digest)))
             except IndexCorruptedError:
                 continue
         return out
@@ -272,18 +272,18 @@ class RagStore:
         """Verify snapshot ``digest`` (a unique prefix is enough) and make it current."""
         check_index_name(name)
         full = self._resolve_digest(digest)
-        loaded = self._load_snapshot(name, full)  # verifies every file before switching
+        loaded = self.load_snapshot(name, full)  # verifies every file before switching
         self._make_current(name, full)
         self._loaded[name] = loaded
-        return _info(self._read_manifest(self.snapshots_dir / full))
+        return _info(self.read_manifest(self.snapshots_dir / full))
 
     def verify(self, name: str) -> SnapshotInfo | None:
         """Load and verify the current snapshot of ``name`` (None when there is none)."""
         ref = self._read_ref(name)
         if ref is None:
             return None
-        self._load_snapshot(name, ref["current"])
-        return _info(self._read_manifest(self.snapshots_dir / ref["current"]))
+        self.load_snapshot(name, ref["current"])
+        return _info(self.read_manifest(self.snapshots_dir / ref["current"]))
 
     def stats(self, verify: bool = False) -> list[dict[str, Any]]:
         """One row per index that has a snapshot, read from the manifests (the model is not
@@ -301,10 +301,10 @@ class RagStore:
                 if ref is None:
                     continue
                 row["snapshot"] = ref["current"]
-                m = self._read_manifest(self.snapshots_dir / ref["current"])
+                m = self.read_manifest(self.snapshots_dir / ref["current"])
                 info = _info(m)
                 chain = m.get("chain", [])
-                base_files = m["files"] if info.kind == "full" else self._read_manifest(
+                base_files = m["files"] if info.kind == "full" else self.read_manifest(
                     self.snapshots_dir / str(m["base"]))["files"]
                 row.update(
                     snapshot_kind=info.kind, deltas=info.deltas, base=info.base,
@@ -314,13 +314,132 @@ class RagStore:
                     disk_bytes=sum(int(e["bytes"]) for e in base_files.values()) + sum(
                         int(e["bytes"]) for c in chain for e in c["files"].values()))
                 if verify:
-                    self._load_snapshot(name, ref["current"])
+                    self.load_snapshot(name, ref["current"])
             except RagError as exc:
                 row["error"] = str(exc)
             except (KeyError, TypeError, ValueError, AttributeError) as exc:
                 row["error"] = f"{name}: invalid manifest ({exc!r})"
             rows.append(row)
         return rows
+
+    # -- snapshot primitives (export / import and replicas build on these) ----------------
+
+    def resolve_snapshot(self, name: str, digest: str | None = None) -> str:
+        """The full digest of snapshot ``digest`` (a unique prefix of 6+ hex digits) or, when
+        None, of ``name``'s current snapshot; :class:`RagError` when it has none."""
+        check_index_name(name)
+        if digest is not None:
+            return self._resolve_digest(digest)
+        ref = self._read_ref(name)
+        if ref is None:
+            raise RagError(f"index '{name}' has no snapshot (add documents first)")
+        return ref["current"]
+
+    def read_manifest(self, directory: Path) -> dict[str, Any]:
+        """The checked ``manifest.json`` of the snapshot in ``directory`` (its fields, not its
+        files: :meth:`verify_snapshot` checks those); raises :class:`IndexCorruptedError`."""
+        path = directory / "manifest.json"
+        m = _read_json(path, "no such snapshot")
+        try:
+            if not isinstance(m, dict):
+                raise TypeError("not a JSON object")
+            for key in ("format", "digest", "index", "files", "config", "counts", "created"):
+                m[key]  # noqa: B018 - presence check
+            if not isinstance(m["files"], dict):
+                raise TypeError("'files' is not an object")
+            if m["format"] == SNAPSHOT_FORMAT:
+                if m.setdefault("kind", "full") != "full":
+                    raise ValueError(f"format 1 snapshot of kind {m['kind']!r}")
+            elif m["format"] == DELTA_FORMAT:
+                if m.get("kind") != "delta" or not isinstance(m.get("base"), str):
+                    raise ValueError("a delta needs kind 'delta' and a 'base' digest")
+                chain = m.get("chain")
+                if not isinstance(chain, list) or not chain or not all(
+                        isinstance(e, dict) and isinstance(e.get("digest"), str)
+                        and isinstance(e.get("files"), dict) for e in chain):
+                    raise ValueError("'chain' must list the deltas (digest, files)")
+            else:
+                raise ValueError(f"unsupported format {m['format']!r}")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexCorruptedError(f"{path}: invalid manifest ({exc})") from exc
+        return m
+
+    def verify_snapshot(
+        self, name: str, digest: str, snaps: Path | None = None
+    ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+        """Check snapshot ``digest`` of ``name`` under ``snaps``: every file's sha256 and
+        size, and every digest (base and each delta of the chain, from the files up).
+        ``snaps`` defaults to this store's snapshot directory (an import verifies a staging
+        copy). Returns ``(manifest, base manifest, chain)``; raises
+        :class:`IndexCorruptedError`."""
+        snaps = self.snapshots_dir if snaps is None else snaps
+        directory = snaps / digest
+        manifest = self.read_manifest(directory)
+        if manifest["index"] != name:
+            raise IndexCorruptedError(
+                f"{directory}: snapshot belongs to index '{manifest['index']}', not '{name}'")
+        if manifest["digest"] != digest:
+            raise IndexCorruptedError(f"{directory}: manifest digest does not match the snapshot")
+        if manifest["kind"] == "full":
+            _verify_files(directory, manifest["files"])
+            if _snapshot_digest(name, manifest["files"]) != digest:
+                raise IndexCorruptedError(
+                    f"{directory}: manifest digest does not match the snapshot")
+            return manifest, manifest, []
+        chain = manifest["chain"]
+        if chain[-1]["digest"] != digest or chain[-1]["files"] != manifest["files"]:
+            raise IndexCorruptedError(f"{directory}/manifest.json: the chain does not end at "
+                                      "this snapshot")
+        for d in [manifest["base"], *(e["digest"] for e in chain)]:
+            if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
+                raise IndexCorruptedError(f"{directory}/manifest.json: {d!r} is not a digest")
+        base, _, _ = self.verify_snapshot(name, manifest["base"], snaps)
+        if base["kind"] != "full":
+            raise IndexCorruptedError(f"{snaps / manifest['base']}: base is not a full snapshot")
+        parent = base["digest"]
+        for entry in chain:
+            d = snaps / entry["digest"]
+            _verify_files(d, entry["files"])
+            if _delta_digest(name, parent, entry["files"]) != entry["digest"]:
+                raise IndexCorruptedError(
+                    f"{d}: delta digest does not match its files and parent; the snapshot "
+                    "chain is corrupted")
+            parent = entry["digest"]
+        return manifest, base, chain
+
+    def load_snapshot(self, name: str, digest: str, snaps: Path | None = None) -> NamedIndex:
+        """Verify snapshot ``digest`` of ``name`` (under ``snaps``, default this store's) and
+        read it into a :class:`NamedIndex`; the store's current snapshot does not change."""
+        snaps = self.snapshots_dir if snaps is None else snaps
+        manifest, base, chain = self.verify_snapshot(name, digest, snaps)
+        directory = snaps / digest
+        if manifest.get("embedding_model") != self.fingerprint:
+            raise IndexCorruptedError(
+                f"{directory}: built with embedding model {manifest.get('embedding_model')}, "
+                f"the current model is {self.fingerprint}; re-index the documents")
+        try:
+            config = IndexConfig.from_dict(base["config"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise IndexCorruptedError(f"{snaps / base['digest']}/manifest.json: invalid config "
+                                      f"({exc})") from exc
+        index = NamedIndex.read_files(snaps / base["digest"], name, self.embedder, config,
+                                      int(base.get("next_id", 0)), self.clock)
+        for entry in chain:
+            index.apply_delta(snaps / entry["digest"])
+        index.next_id = max(index.next_id, int(manifest.get("next_id", 0)))
+        index.parent = digest
+        index.mark_saved()
+        return index
+
+    def install_snapshot(self, name: str, digest: str) -> str | None:
+        """Make snapshot ``digest`` (already under :attr:`snapshots_dir` and verified) the
+        current one of ``name``, drop the loaded copy and prune what no ref keeps. Returns
+        the digest it replaced (None when ``name`` had none)."""
+        old = self.current_digest(name)
+        self._make_current(name, digest)
+        self._loaded.pop(name, None)
+        self._prune()
+        return old
 
     # -- export / import (r3mes.rag.transfer) ----------------------------------------------
 
@@ -351,7 +470,7 @@ class RagStore:
         if index.parent is None:
             return None
         try:
-            m = self._read_manifest(self.snapshots_dir / index.parent)
+            m = self.read_manifest(self.snapshots_dir / index.parent)
         except IndexCorruptedError:
             return None
         return m if m["index"] == index.name and m["digest"] == index.parent else None
@@ -402,7 +521,7 @@ class RagStore:
             if final.exists():
                 # identical content is already stored; keep the stored copy (its own manifest)
                 shutil.rmtree(tmp)
-                manifest = self._read_manifest(final)
+                manifest = self.read_manifest(final)
             else:
                 os.replace(tmp, final)
                 fsync_dir(snaps)
@@ -442,95 +561,6 @@ class RagStore:
     def _write_ref(self, name: str, digest: str, history: Sequence[str]) -> None:
         atomic_write_json(self._ref_path(name), {"current": digest, "history": list(history)})
 
-    def _read_manifest(self, directory: Path) -> dict[str, Any]:
-        path = directory / "manifest.json"
-        m = _read_json(path, "no such snapshot")
-        try:
-            if not isinstance(m, dict):
-                raise TypeError("not a JSON object")
-            for key in ("format", "digest", "index", "files", "config", "counts", "created"):
-                m[key]  # noqa: B018 - presence check
-            if not isinstance(m["files"], dict):
-                raise TypeError("'files' is not an object")
-            if m["format"] == SNAPSHOT_FORMAT:
-                if m.setdefault("kind", "full") != "full":
-                    raise ValueError(f"format 1 snapshot of kind {m['kind']!r}")
-            elif m["format"] == DELTA_FORMAT:
-                if m.get("kind") != "delta" or not isinstance(m.get("base"), str):
-                    raise ValueError("a delta needs kind 'delta' and a 'base' digest")
-                chain = m.get("chain")
-                if not isinstance(chain, list) or not chain or not all(
-                        isinstance(e, dict) and isinstance(e.get("digest"), str)
-                        and isinstance(e.get("files"), dict) for e in chain):
-                    raise ValueError("'chain' must list the deltas (digest, files)")
-            else:
-                raise ValueError(f"unsupported format {m['format']!r}")
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IndexCorruptedError(f"{path}: invalid manifest ({exc})") from exc
-        return m
-
-    def _verify_snapshot(
-        self, name: str, digest: str, snaps: Path
-    ) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
-        """Check snapshot ``digest`` of ``name`` under ``snaps``: every file's sha256 and
-        size, and every digest (base and each delta of the chain, from the files up).
-        Returns ``(manifest, base manifest, chain)``; raises :class:`IndexCorruptedError`."""
-        directory = snaps / digest
-        manifest = self._read_manifest(directory)
-        if manifest["index"] != name:
-            raise IndexCorruptedError(
-                f"{directory}: snapshot belongs to index '{manifest['index']}', not '{name}'")
-        if manifest["digest"] != digest:
-            raise IndexCorruptedError(f"{directory}: manifest digest does not match the snapshot")
-        if manifest["kind"] == "full":
-            _verify_files(directory, manifest["files"])
-            if _snapshot_digest(name, manifest["files"]) != digest:
-                raise IndexCorruptedError(
-                    f"{directory}: manifest digest does not match the snapshot")
-            return manifest, manifest, []
-        chain = manifest["chain"]
-        if chain[-1]["digest"] != digest or chain[-1]["files"] != manifest["files"]:
-            raise IndexCorruptedError(f"{directory}/manifest.json: the chain does not end at "
-                                      "this snapshot")
-        for d in [manifest["base"], *(e["digest"] for e in chain)]:
-            if len(d) != 64 or any(c not in "0123456789abcdef" for c in d):
-                raise IndexCorruptedError(f"{directory}/manifest.json: {d!r} is not a digest")
-        base, _, _ = self._verify_snapshot(name, manifest["base"], snaps)
-        if base["kind"] != "full":
-            raise IndexCorruptedError(f"{snaps / manifest['base']}: base is not a full snapshot")
-        parent = base["digest"]
-        for entry in chain:
-            d = snaps / entry["digest"]
-            _verify_files(d, entry["files"])
-            if _delta_digest(name, parent, entry["files"]) != entry["digest"]:
-                raise IndexCorruptedError(
-                    f"{d}: delta digest does not match its files and parent; the snapshot "
-                    "chain is corrupted")
-            parent = entry["digest"]
-        return manifest, base, chain
-
-    def _load_snapshot(self, name: str, digest: str, snaps: Path | None = None) -> NamedIndex:
-        snaps = self.snapshots_dir if snaps is None else snaps
-        manifest, base, chain = self._verify_snapshot(name, digest, snaps)
-        directory = snaps / digest
-        if manifest.get("embedding_model") != self.fingerprint:
-            raise IndexCorruptedError(
-                f"{directory}: built with embedding model {manifest.get('embedding_model')}, "
-                f"the current model is {self.fingerprint}; re-index the documents")
-        try:
-            config = IndexConfig.from_dict(base["config"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise IndexCorruptedError(f"{snaps / base['digest']}/manifest.json: invalid config "
-                                      f"({exc})") from exc
-        index = NamedIndex.read_files(snaps / base["digest"], name, self.embedder, config,
-                                      int(base.get("next_id", 0)), self.clock)
-        for entry in chain:
-            index.apply_delta(snaps / entry["digest"])
-        index.next_id = max(index.next_id, int(manifest.get("next_id", 0)))
-        index.parent = digest
-        index.mark_saved()
-        return index
-
     def _resolve_digest(self, prefix: str) -> str:
         snaps = self.snapshots_dir
         if len(prefix) < 6 or not all(c in "0123456789abcdef" for c in prefix):
@@ -558,7 +588,7 @@ class RagStore:
             if not (snaps / digest).is_dir():
                 continue
             try:
-                m = self._read_manifest(snaps / digest)
+                m = self.read_manifest(snaps / digest)
             except IndexCorruptedError:
                 return  # what it builds on is unknown: keep everything
             if m["kind"] == "delta":

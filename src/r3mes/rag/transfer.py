@@ -8,7 +8,8 @@ An export holds one snapshot with every snapshot it builds on (a delta's base an
 as a directory or a tar archive (``.tar``, ``.tar.gz``, ``.tgz``). Both sides verify every
 digest; an import is checked and loaded from a staging copy before anything under ``<home>``
 changes. :meth:`RagStore.export` and :meth:`RagStore.import_snapshot` call these functions,
-which work through the store's snapshot primitives (read, verify, load, make current).
+which work through the store's public snapshot primitives (resolve, read, verify, load,
+install).
 """
 
 from __future__ import annotations
@@ -48,15 +49,8 @@ def export_index(
 
     Returns ``{"index", "digest", "snapshots", "path", "format", "bytes"}``.
     """
-    check_index_name(name)
-    if digest is None:
-        ref = store._read_ref(name)
-        if ref is None:
-            raise RagError(f"index '{name}' has no snapshot to export (add documents first)")
-        full = ref["current"]
-    else:
-        full = store._resolve_digest(digest)
-    _, base, chain = store._verify_snapshot(name, full, store.snapshots_dir)
+    full = store.resolve_snapshot(name, digest)
+    _, base, chain = store.verify_snapshot(name, full)
     digests = [base["digest"], *[e["digest"] for e in chain]]
     dest = Path(out)
     fmt = _archive_format(dest)
@@ -67,7 +61,7 @@ def export_index(
     header = {"format": EXPORT_FORMAT, "type": EXPORT_TYPE, "index": name, "digest": full,
               "snapshots": digests}
     members = [(f"snapshots/{d}/{f}", store.snapshots_dir / d / f) for d in digests
-               for f in ["manifest.json", *sorted(store._read_manifest(
+               for f in ["manifest.json", *sorted(store.read_manifest(
                    store.snapshots_dir / d)["files"])]]
     if fmt == "directory":
         stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -124,7 +118,7 @@ def import_index(store: RagStore, path: str | os.PathLike[str]) -> dict[str, Any
         clean = stage / "snapshots"
         for d in header["snapshots"]:
             from_dir = root / "snapshots" / d
-            m = store._read_manifest(from_dir)
+            m = store.read_manifest(from_dir)
             (clean / d).mkdir(parents=True)
             for f in ["manifest.json", *m["files"]]:
                 _check_file_name(f, from_dir)
@@ -132,8 +126,8 @@ def import_index(store: RagStore, path: str | os.PathLike[str]) -> dict[str, Any
                     raise IndexCorruptedError(f"{from_dir / f}: missing from the export")
                 shutil.copyfile(from_dir / f, clean / d / f)
         try:
-            manifest, base, chain = store._verify_snapshot(name, head, clean)
-            store._load_snapshot(name, head, clean)  # parses every file; checks the model
+            manifest, base, chain = store.verify_snapshot(name, head, clean)
+            store.load_snapshot(name, head, clean)  # parses every file; checks the model
         except IndexCorruptedError as exc:
             # name the file as the user knows it, not the staging copy
             shown = f"{src}:snapshots" if root != src else str(src / "snapshots")
@@ -143,19 +137,16 @@ def import_index(store: RagStore, path: str | os.PathLike[str]) -> dict[str, Any
         needed = [base["digest"], *[e["digest"] for e in chain]]
         for d in needed:
             if (snaps / d).is_dir():
-                if _files_match(snaps / d, store._read_manifest(clean / d)["files"]):
+                if _files_match(snaps / d, store.read_manifest(clean / d)["files"]):
                     continue
                 # a damaged local copy of the same snapshot: keep it aside, install ours
                 os.replace(snaps / d, snaps / f".damaged-{d}-{int(store.clock())}")
             os.replace(clean / d, snaps / d)
         fsync_dir(snaps)
-        old = store._read_ref(name, strict=False)
-        store._make_current(name, head)
-        store._loaded.pop(name, None)
-        store._prune()
+        old = store.install_snapshot(name, head)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
-    replaced = old["current"] if old is not None and old["current"] != head else None
+    replaced = old if old != head else None
     return {"imported": _info(manifest), "replaced": replaced, "snapshots": needed}
 
 
