@@ -540,11 +540,7 @@ class AdapterStore:
         crash between the two leaves a manifest entry whose files are gone, which
         ``verify`` reports and a second ``remove`` clears."""
         with self._locked():
-            data = self._read_manifest()
-            self._merge_pending_touch(data)
-            if adapter_id not in data["adapters"]:
-                raise AdapterNotFoundError(
-                    f"adapter {adapter_id!r} is not in the store {self.root}")
+            data = self._manifest_holding(adapter_id)
             record = AdapterRecord.from_json(adapter_id, data["adapters"].pop(adapter_id))
             try:
                 self._write_manifest(data)
@@ -560,15 +556,20 @@ class AdapterStore:
     def set_pinned(self, adapter_id: str, pinned: bool = True) -> AdapterRecord:
         """Pin (exempt from LRU eviction) or unpin an adapter."""
         with self._locked():
-            data = self._read_manifest()
-            self._merge_pending_touch(data)
-            if adapter_id not in data["adapters"]:
-                raise AdapterNotFoundError(
-                    f"adapter {adapter_id!r} is not in the store {self.root}")
+            data = self._manifest_holding(adapter_id)
             data["adapters"][adapter_id]["pinned"] = bool(pinned)
             self._write_manifest(data)
             return AdapterRecord.from_json(adapter_id, data["adapters"][adapter_id])
 
+
+    def _manifest_holding(self, adapter_id: str) -> dict[str, Any]:
+        """The manifest (pending LRU touches merged) of a store that holds ``adapter_id``;
+        call with the lock held."""
+        data = self._read_manifest()
+        self._merge_pending_touch(data)
+        if adapter_id not in data["adapters"]:
+            raise AdapterNotFoundError(f"adapter {adapter_id!r} is not in the store {self.root}")
+        return data
     def touch(self, adapter_id: str, when: float | None = None,
               flush_after_s: float = 30.0) -> None:
         """Record a use for LRU. Batched: the manifest is rewritten at most every
