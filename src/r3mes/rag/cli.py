@@ -70,6 +70,11 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", default="general", type=_index_name, help=_INDEX_HELP)
     p.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"),
                    help="vector index type for a new index (default flat)")
+    p.add_argument("--embedding-model", choices=("all-MiniLM-L6-v2", "multilingual-e5-small"),
+                   default=os.environ.get("R3MES_EMBED_MODEL"),
+                   help="embedding model of a new index (default $R3MES_EMBED_MODEL, else "
+                   "all-MiniLM-L6-v2; multilingual-e5-small ranks non-English text better "
+                   "and indexes slower); an existing index keeps the model it was built with")
     p.set_defaults(func=_cmd_add)
 
     p = common(sub.add_parser("search", help="search the indices"))
@@ -153,7 +158,8 @@ def _index_name(value: str) -> str:
 def _store(args: argparse.Namespace, configs: dict[str, Any] | None = None):
     from r3mes.rag.indices import RagStore
 
-    return RagStore(args.home, configs=configs)
+    return RagStore(args.home, configs=configs,
+                    embedding_model=getattr(args, "embedding_model", None))
 
 
 def _run(args: argparse.Namespace, body) -> int:

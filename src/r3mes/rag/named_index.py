@@ -121,7 +121,11 @@ class ChunkRecord:
 
 @dataclass
 class IndexConfig:
-    """Per-index settings, stored in every snapshot manifest."""
+    """Per-index settings, stored in every snapshot manifest.
+
+    ``dense_weight`` and ``rrf_k`` set how hybrid search fuses this index's dense and BM25
+    rankings (weighted Reciprocal Rank Fusion, :mod:`r3mes.rag.retriever`); ``None`` takes
+    the default fitted for the index's embedding model."""
 
     kind: str = "flat"
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -129,10 +133,16 @@ class IndexConfig:
     ttl_s: float | None = None
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     store_params: dict[str, Any] = field(default_factory=dict)
+    dense_weight: float | None = None
+    rrf_k: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown index kind '{self.kind}' (choose one of {KINDS})")
+        if self.dense_weight is not None and not 0.0 <= self.dense_weight <= 1.0:
+            raise ValueError(f"dense_weight must be in [0, 1], got {self.dense_weight}")
+        if self.rrf_k is not None and self.rrf_k < 0:
+            raise ValueError(f"rrf_k must be non-negative, got {self.rrf_k}")
 
     @classmethod
     def for_index(cls, name: str, **overrides: Any) -> IndexConfig:
@@ -142,13 +152,17 @@ class IndexConfig:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "max_tokens": self.max_tokens, "overlap": self.overlap,
                 "ttl_s": self.ttl_s, "tokenizer": self.tokenizer.to_dict(),
-                "store_params": self.store_params}
+                "store_params": self.store_params, "dense_weight": self.dense_weight,
+                "rrf_k": self.rrf_k}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> IndexConfig:
         return cls(kind=d["kind"], max_tokens=int(d["max_tokens"]), overlap=int(d["overlap"]),
                    ttl_s=d.get("ttl_s"), tokenizer=TokenizerConfig(**d["tokenizer"]),
-                   store_params=dict(d.get("store_params", {})))
+                   store_params=dict(d.get("store_params", {})),
+                   dense_weight=None if d.get("dense_weight") is None
+                   else float(d["dense_weight"]),
+                   rrf_k=None if d.get("rrf_k") is None else int(d["rrf_k"]))
 
 
 class NamedIndex:

@@ -1,11 +1,18 @@
-"""Search over the named indices: dense, sparse (BM25), or hybrid by Reciprocal Rank Fusion,
-optionally re-ranked by a local cross-encoder; and the prompt/citation helper.
+"""Search over the named indices: dense, sparse (BM25), or hybrid by weighted Reciprocal Rank
+Fusion, optionally re-ranked by a local cross-encoder; and the prompt/citation helper.
 
 Reciprocal Rank Fusion (Cormack et al., 2009): a chunk's fused score is
-``sum over lists of 1 / (k + rank)`` with 1-based ranks and ``k = 60``. It needs no score
-calibration, which is why it is used both to fuse dense with sparse and to merge several
-indices' BM25 lists (BM25 scores of different indices are not comparable: each has its own
-idf). Dense scores are cosines and are merged across indices by value.
+``sum over lists of w / (k + rank)`` with 1-based ranks. It needs no score calibration,
+which is why it is used both to fuse dense with sparse and to merge several indices' BM25
+lists (BM25 scores of different indices are not comparable: each has its own idf; those
+merge with ``w = 1, k = 60``). Hybrid search weights an index's dense list by
+``dense_weight`` and its BM25 list by ``1 - dense_weight``; how much the dense list deserves
+depends on the embedding model (the English MiniLM ranks Turkish poorly, e5 well), so the
+defaults, :data:`DEFAULT_FUSION`, are per model, fitted on the dev half of a Turkish
+known-item set and measured on the other half (BENCHMARKS.md, "BEIR-format corpus"). An
+index's config (:class:`~r3mes.rag.named_index.IndexConfig`) or the :class:`Retriever` can
+set them. Dense scores are cosines and are merged across indices by value when the indices
+share an embedding model, by RRF when they do not (two models' cosines are not comparable).
 
 Reranking is off by default. It needs a cross-encoder saved in a local directory
 (``sentence_transformers.CrossEncoder(path)``); nothing is downloaded, and asking for reranking
@@ -25,6 +32,24 @@ from r3mes.rag.indices import RagStore, check_index_name, route_domain
 
 MODES = ("dense", "sparse", "hybrid")
 DEFAULT_RRF_K = 60
+
+
+@dataclass(frozen=True)
+class Fusion:
+    """Weighted RRF of one index's dense and BM25 rankings: a chunk scores
+    ``dense_weight / (k + dense rank) + (1 - dense_weight) / (k + BM25 rank)``."""
+
+    dense_weight: float = 0.5
+    k: int = DEFAULT_RRF_K
+
+
+#: Hybrid fusion per embedding model, fitted on the dev split of the help-page BEIR set
+#: (``benchmarks/bench_rag_beir.py --fit``); a model not listed (a local directory) fuses
+#: with equal weights and k = 60, plain RRF.
+DEFAULT_FUSION: dict[str, Fusion] = {
+    "all-MiniLM-L6-v2": Fusion(dense_weight=0.3, k=10),
+    "multilingual-e5-small": Fusion(dense_weight=0.55, k=10),
+}
 MAX_QUERY_CHARS = 4096
 MAX_TOP_K = 1000
 
@@ -49,17 +74,23 @@ class Hit:
                 "metadata": self.metadata}
 
 
-def rrf_fuse(rankings: Sequence[Sequence[Hashable]], k: int = DEFAULT_RRF_K
-             ) -> list[tuple[Hashable, float]]:
-    """Fuse ranked lists by Reciprocal Rank Fusion; best first, ties by first appearance."""
-    if k < 0:
+def rrf_fuse(rankings: Sequence[Sequence[Hashable]], k: int | Sequence[int] = DEFAULT_RRF_K,
+             weights: Sequence[float] | None = None) -> list[tuple[Hashable, float]]:
+    """Fuse ranked lists by (weighted) Reciprocal Rank Fusion; best first, ties by first
+    appearance. ``k`` and ``weights`` are one value for all lists or one a list (weights
+    default to 1)."""
+    ks = [k] * len(rankings) if isinstance(k, int) else list(k)
+    ws = [1.0] * len(rankings) if weights is None else list(weights)
+    if len(ks) != len(rankings) or len(ws) != len(rankings):
+        raise ValueError("rrf_fuse needs one k and one weight a ranking")
+    if any(x < 0 for x in ks):
         raise ValueError(f"RRF k must be non-negative, got {k}")
     scores: dict[Hashable, float] = {}
     first: dict[Hashable, int] = {}
     n = 0
-    for ranking in rankings:
+    for ranking, k_list, w in zip(rankings, ks, ws, strict=True):
         for rank, key in enumerate(ranking, start=1):
-            scores[key] = scores.get(key, 0.0) + 1.0 / (k + rank)
+            scores[key] = scores.get(key, 0.0) + w / (k_list + rank)
             if key not in first:
                 first[key] = n
                 n += 1
@@ -97,23 +128,32 @@ class Retriever:
     """Search the named indices of a :class:`RagStore`.
 
     ``candidates`` is how deep each list is read before fusion or reranking. ``rerank=True``
-    needs ``reranker_model`` (a local directory) or a ready ``reranker``.
+    needs ``reranker_model`` (a local directory) or a ready ``reranker``. ``dense_weight``
+    and ``rrf_k``, when given, set the hybrid fusion of every index (see the module);
+    otherwise each index's config decides, else the default of its embedding model.
+    ``rrf_k`` also merges several indices' BM25 lists (default 60).
     """
 
     def __init__(
         self,
         store: RagStore,
         mode: str = "hybrid",
-        rrf_k: int = DEFAULT_RRF_K,
+        rrf_k: int | None = None,
         candidates: int = 50,
         rerank: bool = False,
         reranker_model: str | os.PathLike[str] | None = None,
         reranker: CrossEncoderReranker | None = None,
+        dense_weight: float | None = None,
     ) -> None:
         _check_mode(mode)
+        if dense_weight is not None and not 0.0 <= dense_weight <= 1.0:
+            raise ValueError(f"dense_weight must be in [0, 1], got {dense_weight}")
+        if rrf_k is not None and rrf_k < 0:
+            raise ValueError(f"RRF k must be non-negative, got {rrf_k}")
         self.store = store
         self.mode = mode
         self.rrf_k = rrf_k
+        self.dense_weight = dense_weight
         self.candidates = candidates
         self.reranker = reranker
         if rerank and self.reranker is None:
@@ -167,27 +207,41 @@ class Retriever:
         # One view per search: store.index() may load a newer snapshot between two calls.
         loaded = dict(per_index)
 
-        dense_lists: list[list[tuple[tuple[str, int], float]]] = []
+        # Each index is searched with queries of its own embedding model; a model's query
+        # vector is computed once per search.
+        dense_lists: list[tuple[str, list[tuple[tuple[str, int], float]]]] = []  # (model, list)
         sparse_lists: list[list[tuple[tuple[str, int], float]]] = []
-        qvec = self.store.embedder.embed_query(query) if mode != "sparse" else None
+        qvecs: dict[str, Any] = {}
         for name, ix in per_index:
             allowed = ix.allowed_ids(now, filters)
-            if qvec is not None:
-                dense_lists.append([((name, i), s) for i, s in ix.dense_search(qvec, depth,
-                                                                               allowed)])
+            if mode != "sparse":
+                model = str(ix.embedder.fingerprint)
+                if model not in qvecs:
+                    qvecs[model] = ix.embedder.embed_query(query)
+                dense_lists.append((model, [((name, i), s) for i, s in
+                                            ix.dense_search(qvecs[model], depth, allowed)]))
             if mode != "dense":
                 sparse_lists.append([((name, i), s) for i, s in ix.sparse_search(query, depth,
                                                                                  allowed)])
 
         if mode == "dense":
-            ranked = sorted((p for lst in dense_lists for p in lst), key=lambda p: -p[1])
+            groups: dict[str, list[tuple[tuple[str, int], float]]] = {}
+            for model, lst in dense_lists:
+                groups.setdefault(model, []).extend(lst)
+            by_model = [sorted(g, key=lambda p: -p[1]) for g in groups.values()]
+            ranked = by_model[0] if len(by_model) == 1 else rrf_fuse(
+                [[key for key, _ in lst] for lst in by_model], self._sparse_k)
         elif mode == "sparse" and len(sparse_lists) == 1:
             ranked = sparse_lists[0]
         elif mode == "sparse":
-            ranked = rrf_fuse([[key for key, _ in lst] for lst in sparse_lists], self.rrf_k)
+            ranked = rrf_fuse([[key for key, _ in lst] for lst in sparse_lists], self._sparse_k)
         else:
-            ranked = rrf_fuse([[key for key, _ in lst] for lst in dense_lists + sparse_lists],
-                              self.rrf_k)
+            # one dense and one BM25 list an index, both in the order of per_index
+            fusions = [self.fusion(ix) for _, ix in per_index]
+            ranked = rrf_fuse(
+                [[key for key, _ in lst] for lst in [d for _, d in dense_lists] + sparse_lists],
+                [f.k for f in fusions] * 2,
+                [f.dense_weight for f in fusions] + [1.0 - f.dense_weight for f in fusions])
         ranked = ranked[:depth]
         hits = [self._hit(loaded, key, score) for key, score in ranked]
         if self.reranker is not None and hits:
@@ -195,6 +249,19 @@ class Retriever:
             order = sorted(range(len(hits)), key=lambda j: -ce[j])
             hits = [_with_score(hits[j], ce[j]) for j in order]
         return hits[:top_k]
+
+    def fusion(self, index: Any) -> Fusion:
+        """How hybrid search fuses ``index``'s two rankings: this retriever's settings, else
+        the index's config, else :data:`DEFAULT_FUSION` for its embedding model."""
+        default = DEFAULT_FUSION.get(getattr(index.embedder, "name", ""), Fusion())
+        weight = next(w for w in (self.dense_weight, index.config.dense_weight,
+                                  default.dense_weight) if w is not None)
+        k = next(x for x in (self.rrf_k, index.config.rrf_k, default.k) if x is not None)
+        return Fusion(float(weight), int(k))
+
+    @property
+    def _sparse_k(self) -> int:
+        return DEFAULT_RRF_K if self.rrf_k is None else self.rrf_k
 
     def _targets(self, indices: Sequence[str] | str | None, domain: str | None) -> list[str]:
         if isinstance(indices, str):

