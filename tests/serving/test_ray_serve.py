@@ -216,11 +216,13 @@ def test_a_replica_refuses_an_adapter_whose_digest_does_not_match(cluster):
     assert _chat(cluster["url"], "coding_dora", CODING_EN).choices[0].finish_reason
 
 
-# In 1 of 3 local runs the replacement replica's start waited on the registry for over
-# 10 minutes (Serve kept it STARTING; start-up calls now have a deadline): until that is
-# understood this test runs with `pytest -m ray`, not in CI's time budget.
-@pytest.mark.skipif(os.environ.get("CI") == "true",
-                    reason="run by `pytest -m ray` (see the comment above)")
+def _engine_actors() -> dict[str, str]:
+    """{replica id: actor name} of the live engine replicas (a killed one's name is freed)."""
+    return {a["name"].rsplit("#", 1)[-1]: a["name"]
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if "R3mesEngine" in a["name"]}
+
+
 def test_killing_a_replica_mid_load_loses_no_request_silently(cluster):
     from openai import APIConnectionError, APIStatusError
     from ray import serve
@@ -240,12 +242,13 @@ def test_killing_a_replica_mid_load_loses_no_request_silently(cluster):
             return ("lost", repr(exc))
 
     lost_before = sum(n for _, n in _samples(_metrics(url), "r3mes_ingress_replica_lost_total"))
+    before = _engine_actors()
+    assert len(before) == 2, before
+    victim = sorted(before)[0]
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         futures = [pool.submit(one, i) for i in range(36)]  # about 4 s of work
         time.sleep(0.8)  # the requests are decoding on both replicas
-        victim = sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                        if "R3mesEngine" in a["name"])[0]
-        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        ray.kill(ray.get_actor(before[victim], namespace="serve"), no_restart=True)
         outcomes = [f.result(timeout=300) for f in futures]
     assert all(o[0] in ("ok", "error") for o in outcomes), outcomes
     for o in outcomes:
@@ -256,13 +259,34 @@ def test_killing_a_replica_mid_load_loses_no_request_silently(cluster):
     lost = sum(n for _, n in _samples(_metrics(url), "r3mes_ingress_replica_lost_total"))
     assert lost > lost_before  # the kill did hit requests in flight
 
-    def two_running() -> bool:
+    # Recovered: Serve noticed the death (its health check), started a new replica, and the
+    # new one finished starting (it reports to the registry as its constructor's last step)
+    # and is RUNNING. Counting RUNNING replicas alone can pass before Serve has noticed.
+    def replaced() -> str | None:
         app = serve.status().applications["r3mes"]
-        engine = app.deployments["R3mesEngine"]
-        return app.status == "RUNNING" and engine.replica_states.get("RUNNING", 0) == 2
-    _wait_for(two_running, 240, "Serve to replace the killed replica")
-    answer = _chat(url, "auto", CODING_EN)
+        running = app.deployments["R3mesEngine"].replica_states.get("RUNNING", 0)
+        new = set(_engine_actors()) - set(before)
+        reporting = {labels["replica"] for labels, _ in
+                     _samples(_metrics(url), "r3mes_replica_requests_total")}
+        if app.status == "RUNNING" and running == 2 and len(new) == 1 and new <= reporting:
+            return next(iter(new))
+        return None
+    replacement = _wait_for(replaced, 240, "Serve to replace the killed replica")
+    assert victim not in _engine_actors()
+    # An expert set no replica has served goes to the replica holding the fewest sets: the
+    # new one, which answers it with the adapters it fetched by digest.
+    def experts(key: str) -> list[str]:
+        return [part.split("@", 1)[0] for part in key.split("+")]
+    seen = [experts(k) for k in _served(url)]
+    fresh = next(e for e in ("turkish_dora", "general_dora", "finance_dora", "science_dora")
+                 if [e] not in seen)
+    answer = _chat(url, fresh, MEDICAL_TR)
     assert answer.choices[0].finish_reason in ("stop", "length")
+
+    def by_replica() -> dict[str, float]:
+        return next((r for k, r in _served(url).items() if experts(k) == [fresh]), {})
+    served = _wait_for(by_replica, 30, f"the {fresh} request in the replica metrics")
+    assert served == {replacement: 1}, served
 
 
 def test_the_readme_serve_deploy_config_is_valid_and_builds(tmp_path):

@@ -206,8 +206,10 @@ def install_rag_snapshot(rag_store: Any, index: str, digest: str,
 
 
 async def _within(response: Any, what: str, seconds: float = 120.0) -> Any:
-    """Await a handle call at start-up with a deadline: a replica whose start hangs raises,
-    and Serve starts it again, instead of staying STARTING forever."""
+    """Await a call to the registry with a deadline. A handle call to a deployment with no
+    live replica waits until one is back; a replica that cannot reach the registry for
+    ``seconds`` raises instead (at start-up Serve then starts it again rather than keeping
+    it STARTING; during a request the request fails cleanly)."""
     async def wait() -> Any:
         return await response
     try:
@@ -395,7 +397,8 @@ class R3mesEngine:
         store = self.pipe.rag_store
         if store is None:
             return
-        files = await self.registry.rag_snapshot.remote(index, digest)
+        files = await _within(self.registry.rag_snapshot.remote(index, digest),
+                              f"snapshot {digest[:12]} of index {index}")
 
         def install() -> None:
             with self.pipe.rag_lock:  # no retrieval reads the index while it changes
