@@ -151,3 +151,20 @@ def test_removed_keys_are_ignored_with_a_warning(tmp_path, caplog):
     path.write_text("dora_settings:\n  rank: 8\n")
     with pytest.raises(ConfigError, match="unknown key"):
         load_config(path, environ={})
+
+
+def test_rag_embedding_model_picks_the_model_of_new_indices(tmp_path):
+    import dataclasses
+
+    from r3mes.rag.embedder import E5_MODEL, embedding_fingerprint
+    from r3mes.serving import PipelineConfig
+    from r3mes.serving.startup import open_rag_store
+
+    path = tmp_path / "e5.yaml"
+    path.write_text(f"rag:\n  embedding_model: {E5_MODEL}\n")
+    config = PipelineConfig.from_settings(load_config(path, environ={}))
+    store = open_rag_store(dataclasses.replace(config, home=str(tmp_path / "home")))
+    assert store.embedding_model == E5_MODEL
+    assert store.fingerprint == embedding_fingerprint(E5_MODEL) != embedding_fingerprint()
+    # The bundled indices were built with MiniLM and keep it.
+    assert store.existing()

@@ -320,7 +320,8 @@ class InferencePipeline:
         if self.rag_store is None:
             from r3mes.rag import RagStore, Retriever
 
-            self.rag_store = RagStore(self.config.home)
+            self.rag_store = RagStore(self.config.home,
+                                      embedding_model=self.config.rag_embedding_model)
             self.retriever = Retriever(self.rag_store, mode=self.config.rag_mode)
         meta = dict(metadata or {})
         target = index or route_domain(meta.get("domain"))[0]

@@ -49,6 +49,7 @@ class PipelineConfig:
     rag_mode: str = _setting("rag.hybrid_search", _rag_mode)
     rag_indices: list[str] | None = _setting("rag.indices")
     rag_max_context_chars: int = _setting("rag.max_context_chars")
+    rag_embedding_model: str | None = _setting("rag.embedding_model")
     rerank: bool = _setting("rag.rerank")
     reranker_model: str | None = _setting("rag.reranker_model")
     # routing

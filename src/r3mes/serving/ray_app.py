@@ -258,7 +258,7 @@ class R3mesEngine:
         if config.enable_rag:
             from r3mes.rag import RagStore
 
-            rag_store = RagStore(self.home)
+            rag_store = RagStore(self.home, embedding_model=config.rag_embedding_model)
         self.config = dataclasses.replace(
             config, home=str(self.home), router_strategy="keyword", experts_dir=None,
             knowledge_dir=None, preload_experts=[])

@@ -321,7 +321,7 @@ def open_rag_store(config: PipelineConfig) -> RagStore:
     it holds no index."""
     from r3mes.rag import RagStore
 
-    store = RagStore(config.home)
+    store = RagStore(config.home, embedding_model=config.rag_embedding_model)
     import_knowledge(store, config.knowledge_dir)
     return store
 
