@@ -237,6 +237,10 @@ class SemanticRouter:
         self._matrix: np.ndarray | None = None
         self._offsets: np.ndarray | None = None
         self._centroids: np.ndarray | None = None
+        # [experts, most examples]: each expert's rows of _matrix, padded with the index of
+        # a -inf similarity appended per query (so features() needs no loop per expert).
+        self._example_rows: np.ndarray | None = None
+        self._example_counts: np.ndarray | None = None
 
     @property
     def loaded(self) -> bool:
@@ -257,6 +261,11 @@ class SemanticRouter:
         self._matrix = np.ascontiguousarray(np.concatenate([embeddings.matrix[s] for s in slices]))
         sizes = [s.stop - s.start for s in slices]
         self._offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.intp)
+        rows = np.full((len(sizes), max(sizes)), len(self._matrix), dtype=np.intp)
+        for i, (start, n) in enumerate(zip(self._offsets.tolist(), sizes, strict=True)):
+            rows[i, :n] = np.arange(start, start + n)
+        self._example_rows = rows
+        self._example_counts = np.asarray(sizes, dtype=np.float64)
         centroids = np.stack([embeddings.matrix[s].mean(axis=0) for s in slices])
         norms = np.linalg.norm(centroids, axis=1, keepdims=True)
         self._centroids = np.ascontiguousarray(centroids / np.where(norms > 0, norms, 1.0),
@@ -295,15 +304,17 @@ class SemanticRouter:
         lucky neighbour), and the similarity to the mean of the expert's examples."""
         vector = self.encode(query)
         assert self._matrix is not None and self._offsets is not None
-        assert self._centroids is not None
-        sims = self._matrix @ vector
-        ends = [*self._offsets[1:].tolist(), sims.shape[0]]
-        out = np.empty((len(ends), len(FEATURE_NAMES)), dtype=np.float64)
-        for i, (start, end) in enumerate(zip(self._offsets.tolist(), ends, strict=True)):
-            segment = np.sort(sims[start:end])[::-1]
-            out[i, 0] = segment[0]
-            out[i, 1] = segment[:3].mean()
-            out[i, 2] = segment[:8].mean()
+        assert self._centroids is not None and self._example_rows is not None
+        sims = np.append(self._matrix @ vector, -np.inf)[self._example_rows]
+        k = min(8, sims.shape[1])
+        best = np.sort(np.partition(sims, sims.shape[1] - k, axis=1)[:, -k:], axis=1)[:, ::-1]
+        # Means of the closest 3 and 8 over the examples an expert has (fewer: all of them).
+        summed = np.cumsum(np.where(np.isfinite(best), best, 0.0), axis=1)
+        counts = self._example_counts
+        out = np.empty((len(counts), len(FEATURE_NAMES)), dtype=np.float64)
+        out[:, 0] = best[:, 0]
+        out[:, 1] = summed[:, min(3, k) - 1] / np.minimum(3, counts)
+        out[:, 2] = summed[:, k - 1] / np.minimum(8, counts)
         out[:, 3] = self._centroids @ vector
         return out
 
