@@ -167,3 +167,18 @@ def test_e5_vectors_are_cached_on_disk_under_their_own_fingerprint(tmp_path):
     v2 = second.embed(texts)
     assert second.texts_encoded == 0 and second.cache_hits == 2
     np.testing.assert_array_equal(v1, v2)
+
+
+def test_the_onnx_session_takes_the_threads_it_is_given(monkeypatch, tmp_path):
+    # A Ray replica of 1 CPU gets OMP_NUM_THREADS=1; the encoder must not spread over the
+    # whole machine inside it.
+    import os
+
+    from r3mes.rag.onnx_encoder import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    one = Embedder(cache_dir=tmp_path, show_progress=False)
+    assert one._onnx.session.get_session_options().intra_op_num_threads == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert default_threads() == len(os.sched_getaffinity(0))

@@ -123,6 +123,18 @@ def export_int8(model_dir: Path, out_dir: Path, fingerprint: str) -> Path:
     return out_dir / MODEL_FILE
 
 
+def default_threads() -> int:
+    """Threads for the encoder's session: ``$OMP_NUM_THREADS`` when set (Ray sets it to a
+    worker's CPUs), else the CPUs this process may run on (its affinity: a container's or
+    ``taskset``'s share, not the whole machine)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 def _copy_export(source: Path, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     for name in (MODEL_FILE, META_FILE):  # the metadata, the commit marker, last
@@ -164,7 +176,7 @@ class OnnxInt8Encoder:
         meta = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
         self.max_length = int(meta["max_length"])
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or os.cpu_count() or 1)
+        options.intra_op_num_threads = int(threads or default_threads())
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = ort.InferenceSession(str(out_dir / MODEL_FILE), options,
