@@ -38,6 +38,7 @@ import os
 import sys
 from typing import Any
 
+from r3mes.rag.embedder import BUNDLED_MODELS
 from r3mes.rag.errors import RagError
 from r3mes.rag.indices import INDEX_NAMES, check_index_name
 
@@ -70,8 +71,7 @@ def _add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--index", default="general", type=_index_name, help=_INDEX_HELP)
     p.add_argument("--kind", choices=("flat", "hnsw", "ivfpq"),
                    help="vector index type for a new index (default flat)")
-    p.add_argument("--embedding-model", choices=("all-MiniLM-L6-v2", "multilingual-e5-small"),
-                   default=os.environ.get("R3MES_EMBED_MODEL"),
+    p.add_argument("--embedding-model", choices=BUNDLED_MODELS,
                    help="embedding model of a new index (default $R3MES_EMBED_MODEL, else "
                    "all-MiniLM-L6-v2; multilingual-e5-small ranks non-English text better "
                    "and indexes slower); an existing index keeps the model it was built with")

@@ -119,6 +119,14 @@ class ChunkRecord:
         return self.expires_at is not None and self.expires_at <= now
 
 
+def check_fusion(dense_weight: float | None, rrf_k: int | None) -> None:
+    """The hybrid-fusion settings an index or a retriever may set (None: not set)."""
+    if dense_weight is not None and not 0.0 <= dense_weight <= 1.0:
+        raise ValueError(f"dense_weight must be in [0, 1], got {dense_weight}")
+    if rrf_k is not None and rrf_k < 0:
+        raise ValueError(f"RRF k must be non-negative, got {rrf_k}")
+
+
 @dataclass
 class IndexConfig:
     """Per-index settings, stored in every snapshot manifest.
@@ -139,10 +147,7 @@ class IndexConfig:
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"unknown index kind '{self.kind}' (choose one of {KINDS})")
-        if self.dense_weight is not None and not 0.0 <= self.dense_weight <= 1.0:
-            raise ValueError(f"dense_weight must be in [0, 1], got {self.dense_weight}")
-        if self.rrf_k is not None and self.rrf_k < 0:
-            raise ValueError(f"rrf_k must be non-negative, got {self.rrf_k}")
+        check_fusion(self.dense_weight, self.rrf_k)
 
     @classmethod
     def for_index(cls, name: str, **overrides: Any) -> IndexConfig:

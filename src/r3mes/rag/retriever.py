@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from r3mes.rag.embedder import E5_MODEL, MINILM_MODEL
 from r3mes.rag.errors import QueryError, RagError, RerankerUnavailableError, UnknownIndexError
 from r3mes.rag.indices import RagStore, check_index_name, route_domain
+from r3mes.rag.named_index import check_fusion
 
 MODES = ("dense", "sparse", "hybrid")
 DEFAULT_RRF_K = 60
@@ -47,8 +49,8 @@ class Fusion:
 #: (``benchmarks/bench_rag_beir.py --fit``); a model not listed (a local directory) fuses
 #: with equal weights and k = 60, plain RRF.
 DEFAULT_FUSION: dict[str, Fusion] = {
-    "all-MiniLM-L6-v2": Fusion(dense_weight=0.3, k=10),
-    "multilingual-e5-small": Fusion(dense_weight=0.55, k=10),
+    MINILM_MODEL: Fusion(dense_weight=0.3, k=10),
+    E5_MODEL: Fusion(dense_weight=0.55, k=10),
 }
 MAX_QUERY_CHARS = 4096
 MAX_TOP_K = 1000
@@ -146,10 +148,7 @@ class Retriever:
         dense_weight: float | None = None,
     ) -> None:
         _check_mode(mode)
-        if dense_weight is not None and not 0.0 <= dense_weight <= 1.0:
-            raise ValueError(f"dense_weight must be in [0, 1], got {dense_weight}")
-        if rrf_k is not None and rrf_k < 0:
-            raise ValueError(f"RRF k must be non-negative, got {rrf_k}")
+        check_fusion(dense_weight, rrf_k)
         self.store = store
         self.mode = mode
         self.rrf_k = rrf_k
@@ -230,11 +229,11 @@ class Retriever:
                 groups.setdefault(model, []).extend(lst)
             by_model = [sorted(g, key=lambda p: -p[1]) for g in groups.values()]
             ranked = by_model[0] if len(by_model) == 1 else rrf_fuse(
-                [[key for key, _ in lst] for lst in by_model], self._sparse_k)
+                [[key for key, _ in lst] for lst in by_model], self._merge_k)
         elif mode == "sparse" and len(sparse_lists) == 1:
             ranked = sparse_lists[0]
         elif mode == "sparse":
-            ranked = rrf_fuse([[key for key, _ in lst] for lst in sparse_lists], self._sparse_k)
+            ranked = rrf_fuse([[key for key, _ in lst] for lst in sparse_lists], self._merge_k)
         else:
             # one dense and one BM25 list an index, both in the order of per_index
             fusions = [self.fusion(ix) for _, ix in per_index]
@@ -260,7 +259,9 @@ class Retriever:
         return Fusion(float(weight), int(k))
 
     @property
-    def _sparse_k(self) -> int:
+    def _merge_k(self) -> int:
+        """RRF k of the merges that are not a hybrid fusion: several indices' BM25 lists,
+        dense lists of indices built with different models."""
         return DEFAULT_RRF_K if self.rrf_k is None else self.rrf_k
 
     def _targets(self, indices: Sequence[str] | str | None, domain: str | None) -> list[str]:
