@@ -34,12 +34,10 @@ import torch
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "dora"))
 
-import peft  # noqa: E402
 import test_peft_bitnet_parity as random_case  # noqa: E402
 import test_peft_trained_parity as trained_case  # noqa: E402
 
 from r3mes.core.backends import BitNetCppBackend, PyTorchBackend  # noqa: E402
-from r3mes.core.tokenizer import Tokenizer  # noqa: E402
 
 STORAGES = ("fp32", "fp16", "int8")
 
@@ -77,20 +75,9 @@ def _measure(pm, base_dir: Path, ids: torch.Tensor, root: Path) -> dict[str, tup
 
 
 def trained(seed: int) -> dict[str, tuple]:
-    tok = Tokenizer(trained_case.DEMO)
-    docs = trained_case.ASSETS / "knowledge" / "docs"
-    import json
-
-    text = " ".join(json.loads(line)["text"] for name in ("general", "medical", "legal", "code")
-                    for line in (docs / f"{name}.jsonl").read_text().splitlines())
-    ids = tok.encode(text)
-    ids = torch.tensor(ids[:len(ids) // 256 * 256]).view(-1, 256)
-    twin = trained_case.transformers_twin()
-    torch.manual_seed(seed)  # PEFT draws A from the global generator
-    pm = peft.get_peft_model(twin, peft.LoraConfig(
-        r=8, lora_alpha=16, use_dora=True, lora_dropout=0.0, target_modules=trained_case.TARGETS))
-    trained_case.randomise_adapter(pm, seed)
-    return _measure(pm, trained_case.DEMO, ids, Path(tempfile.mkdtemp()))
+    pm = trained_case.strong_adapter_model(trained_case.transformers_twin(), seed)
+    return _measure(pm, trained_case.DEMO, trained_case.real_text_ids(None),
+                    Path(tempfile.mkdtemp()))
 
 
 def random_model(seed: int, hidden: int) -> dict[str, tuple]:

@@ -70,3 +70,14 @@ def linear_like(bitnet: TinyStack) -> TinyStack:
                 m.weight.copy_(weights[key])
     return twin
 
+
+# The seven projections of a BitNet decoder layer, PEFT's target_modules for "all of them".
+PEFT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class QLinear(nn.Linear):
+    """BitNet's projection as an nn.Linear (so PEFT wraps it): y = W0 . actquant(x)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=1e-5)
+        return nn.functional.linear((x * s).round().clamp(-128, 127) / s, self.weight)

@@ -30,7 +30,7 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
+from dora_testmodels import PEFT_TARGETS, QLinear
 
 from r3mes.core.backends import BitNetCppBackend, PyTorchBackend
 from r3mes.core.dora import dora_modules
@@ -40,18 +40,9 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEEDS = (0, 1, 2)
 # Measured (seeds 0-3, 48 positions): fp32 <= 0.55%, fp16 <= 1.0%, int8 <= 1.5%.
 LOGIT_BOUND = {"fp32": 0.01, "fp16": 0.02, "int8": 0.03}
-
-
-class QLinear(torch.nn.Linear):
-    """BitNet's projection as an nn.Linear (so PEFT wraps it): y = W0 . actquant(x)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=1e-5)
-        return F.linear((x * s).round().clamp(-128, 127) / s, self.weight)
 
 
 def _build(seed: int, root):
@@ -94,7 +85,7 @@ def _build(seed: int, root):
     (root / "packed" / "config.json").write_text(json.dumps(config))
 
     pm = peft.get_peft_model(model, peft.LoraConfig(
-        r=8, lora_alpha=16, use_dora=True, lora_dropout=0.0, target_modules=TARGETS))
+        r=8, lora_alpha=16, use_dora=True, lora_dropout=0.0, target_modules=PEFT_TARGETS))
     g = torch.Generator().manual_seed(1000 + seed)
     with torch.no_grad():
         for n, p in pm.named_parameters():
@@ -119,7 +110,7 @@ def case(request, tmp_path_factory):
         return hook
 
     handles = [mod.register_forward_hook(capture(path.removeprefix("base_model.model.")))
-               for path, mod in pm.named_modules() if path.endswith(tuple(TARGETS))
+               for path, mod in pm.named_modules() if path.endswith(tuple(PEFT_TARGETS))
                and hasattr(mod, "lora_A")]
     with torch.no_grad():
         logits = pm(ids).logits[0].float()

@@ -34,7 +34,7 @@ from importlib.resources import files
 
 import pytest
 import torch
-import torch.nn.functional as F
+from dora_testmodels import PEFT_TARGETS, QLinear
 
 from r3mes.core.backends import BitNetCppBackend, PyTorchBackend
 from r3mes.core.checkpoint import load_model
@@ -46,7 +46,6 @@ os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 ASSETS = files("r3mes") / "assets"
 DEMO = ASSETS / "demo_model"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SEEDS = (0, 1, 2)
 WINDOWS, WINDOW = 8, 256  # 2048 positions
 LOGIT_BOUND = {"fp32": 0.005, "fp16": 0.01, "int8": 0.01}
@@ -56,14 +55,6 @@ TOP1_AGREEMENT = 0.99
 # models are chaotic, see above; at 0.4 (~50%) even fp16 storage and the torch reference
 # drop to 98.6-99.9% of PEFT's top tokens, float rounding alone).
 B_STD = 0.2
-
-
-class QLinear(torch.nn.Linear):
-    """BitNet's projection as an nn.Linear (so PEFT wraps it): y = W0 . actquant(x)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = 127.0 / x.abs().amax(-1, keepdim=True).clamp(min=1e-5)
-        return F.linear((x * s).round().clamp(-128, 127) / s, self.weight)
 
 
 def transformers_twin() -> torch.nn.Module:
@@ -92,15 +83,17 @@ def transformers_twin() -> torch.nn.Module:
     return model
 
 
-def real_text_ids() -> torch.Tensor:
-    """[WINDOWS, 256] token ids of the bundled knowledge documents (EN and TR prose, code)."""
+def real_text_ids(windows: int | None = WINDOWS) -> torch.Tensor:
+    """[windows, 256] token ids of the bundled knowledge documents (EN and TR prose, code);
+    ``None``: every whole window they hold."""
     tok = Tokenizer(DEMO)
     text = " ".join(json.loads(line)["text"] for name in ("general", "medical", "legal", "code")
                     for line in (ASSETS / "knowledge" / "docs" / f"{name}.jsonl")
                     .read_text().splitlines())
     ids = tok.encode(text)
-    assert len(ids) >= WINDOWS * WINDOW
-    return torch.tensor(ids[:WINDOWS * WINDOW]).view(WINDOWS, WINDOW)
+    windows = len(ids) // WINDOW if windows is None else windows
+    assert len(ids) >= windows * WINDOW
+    return torch.tensor(ids[:windows * WINDOW]).view(windows, WINDOW)
 
 
 def randomise_adapter(pm, seed: int, b_std: float = B_STD) -> None:
@@ -114,6 +107,17 @@ def randomise_adapter(pm, seed: int, b_std: float = B_STD) -> None:
                 p.mul_(1 + 0.2 * (2 * torch.rand(p.shape, generator=g) - 1))
 
 
+def strong_adapter_model(twin: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """PEFT's DoRA model on a copy of ``twin`` with the strong random adapter of ``seed``."""
+    import copy
+
+    torch.manual_seed(seed)  # PEFT draws A from the global generator
+    pm = peft.get_peft_model(copy.deepcopy(twin), peft.LoraConfig(
+        r=8, lora_alpha=16, use_dora=True, lora_dropout=0.0, target_modules=PEFT_TARGETS))
+    randomise_adapter(pm, seed)
+    return pm
+
+
 @pytest.fixture(scope="module")
 def twin():
     return transformers_twin()
@@ -121,13 +125,8 @@ def twin():
 
 @pytest.fixture(scope="module", params=SEEDS)
 def case(request, twin, tmp_path_factory):
-    import copy
-
     root = tmp_path_factory.mktemp(f"peft_trained_{request.param}")
-    torch.manual_seed(request.param)  # PEFT draws A from the global generator
-    pm = peft.get_peft_model(copy.deepcopy(twin), peft.LoraConfig(
-        r=8, lora_alpha=16, use_dora=True, lora_dropout=0.0, target_modules=TARGETS))
-    randomise_adapter(pm, request.param)
+    pm = strong_adapter_model(twin, request.param)
     pm.save_pretrained(root / "adapter")
     ids = real_text_ids()
     with torch.no_grad():
