@@ -73,6 +73,7 @@
 #include <string>
 #include <vector>
 
+#include "common/aligned_vector.h"
 #include "common/cpu_features.h"
 #include "ternary/ternary.h"
 
@@ -300,7 +301,7 @@ class DoraCall {
   std::vector<float> x16_inv_;    // [M]: 1 / sx (0 for a token below kX16Floor)
   void (*quant_x16_)(const float*, std::size_t, float, int16_t*) = nullptr;
   std::vector<const DoraAdapter*> adapters_;
-  std::vector<int8_t> q_;
+  AlignedVector<int8_t> q_;  // read 64 bytes at a time by the GEMM (common/aligned_vector.h)
   std::vector<float> x_scale_;
   std::vector<int32_t> qsum_;
 };

@@ -132,7 +132,7 @@ void int4_gemm(const Int4GemmArgs& args, SimdLevel level) {
   Int4GemmArgs a = args;
   // The SIMD kernels multiply unsigned activations (vpmaddubsw): u = q + 128, undone with
   // the row offsets.
-  std::vector<uint8_t> u;
+  AlignedVector<uint8_t> u;
   auto fn = int4_gemm_rows_scalar;
   if (level != SimdLevel::Scalar) {
     u = unsigned_activations(a.q, a.M * int4_padded_k(a.K));

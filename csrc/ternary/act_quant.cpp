@@ -73,8 +73,8 @@ QuantizedActs quantize_rows(const float* x, std::size_t m, std::size_t k, std::s
   return a;
 }
 
-std::vector<uint8_t> unsigned_activations(const int8_t* q, std::size_t n) {
-  std::vector<uint8_t> u(n);
+AlignedVector<uint8_t> unsigned_activations(const int8_t* q, std::size_t n) {
+  AlignedVector<uint8_t> u(n);
   for (std::size_t i = 0; i < n; ++i) u[i] = static_cast<uint8_t>(q[i]) ^ 0x80u;
   return u;
 }

@@ -51,7 +51,7 @@ void int8_gemm_rows_scalar(const Int8GemmArgs& a, std::size_t n0, std::size_t n1
 void int8_gemm(const Int8GemmArgs& args, SimdLevel level) {
   if (args.M == 0 || args.N == 0) return;
   Int8GemmArgs a = args;
-  std::vector<uint8_t> u;  // the VNNI kernel reads u = q + 128 (vpdpbusd: unsigned x signed)
+  AlignedVector<uint8_t> u;  // the VNNI kernel reads u = q + 128 (vpdpbusd: unsigned x signed)
   auto fn = int8_gemm_rows_scalar;
   if (level == SimdLevel::Avx512Vnni) {
     u = unsigned_activations(a.q, a.M * int8_padded_k(a.K));

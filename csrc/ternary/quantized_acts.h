@@ -5,10 +5,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/aligned_vector.h"
+
 namespace r3mes {
 
 struct QuantizedActs {
-  std::vector<int8_t> q;        // [m, row_stride], zero padded
+  AlignedVector<int8_t> q;      // [m, row_stride], zero padded
   std::vector<float> scale;     // [m]
   std::vector<int32_t> qsum;    // [m]
 };
@@ -19,6 +21,6 @@ QuantizedActs quantize_rows(const float* x, std::size_t m, std::size_t k, std::s
 
 // u = q + 128 as unsigned bytes (q XOR 0x80), for kernels that multiply unsigned by signed
 // bytes (vpdpbusd, vpmaddubsw) and undo the offset with their weights' row sums.
-std::vector<uint8_t> unsigned_activations(const int8_t* q, std::size_t n);
+AlignedVector<uint8_t> unsigned_activations(const int8_t* q, std::size_t n);
 
 }  // namespace r3mes

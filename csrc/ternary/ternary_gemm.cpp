@@ -8,6 +8,7 @@
 #include <immintrin.h>
 #endif
 
+#include "common/aligned_vector.h"
 #include "common/thread_pool.h"
 #include "ternary/amx.h"
 #include "ternary/ternary.h"
@@ -16,6 +17,8 @@ namespace r3mes {
 
 // Work below this (packed weight bytes x tokens) runs on the calling thread.
 constexpr std::size_t kInlineBytes = 64 * 1024;
+// Row chunks a thread for products of several tokens (see ternary_gemm_multi).
+constexpr std::size_t kBatchChunksPerThread = 4;
 
 void ternary_gemm_rows_scalar(const GemmArgs& a, std::size_t n0, std::size_t n1) {
   const std::size_t kp = padded_k(a.K);
@@ -62,7 +65,7 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
   // AVX-512 decodes a whole 256-group per register; reorder the (small) activations
   // once instead of shuffling every weight register. Products that share their
   // activations (q, k and v of one token) share the reordered copy.
-  std::vector<std::vector<int8_t>> permuted;
+  std::vector<AlignedVector<int8_t>> permuted;
   if (level >= SimdLevel::Avx512) {
     std::vector<const int8_t*> originals;
     permuted.reserve(count);
@@ -119,10 +122,14 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
     const GemmArgs& g = a[i];
     if (g.M == 0 || g.N == 0) continue;
     total_bytes += g.N * packed_row_bytes(g.K) * g.M;
-    // One chunk a worker: every chunk start costs a stream start-up (and, fused, an
-    // epilogue call and an A-pass hand-over). Measured at 2560x6912, 2 threads, against two
-    // chunks a worker: the bare GEMV 3-4% faster, the fused 3-expert int8 layer 3% faster.
-    std::size_t grain = (g.N + threads - 1) / threads;
+    // One chunk a worker for one token: every chunk start costs a stream start-up (and,
+    // fused, an epilogue call and an A-pass hand-over). Measured at 2560x6912, 2 threads,
+    // against two chunks a worker: the bare GEMV 3-4% faster, the fused 3-expert int8 layer
+    // 3% faster. A decode batch is compute-bound and long enough per row that a worker
+    // slowed by a neighbour on a shared machine would hold the other one waiting: several
+    // chunks a worker, claimed dynamically, balance it.
+    const std::size_t chunks = threads * (g.M > 1 ? kBatchChunksPerThread : 1);
+    std::size_t grain = (g.N + chunks - 1) / chunks;
     grain = std::max<std::size_t>(16, (grain + 15) / 16 * 16);
     for (std::size_t n0 = 0; n0 < g.N; n0 += grain)
       tasks.push_back({i, n0, std::min(g.N, n0 + grain)});
