@@ -2,7 +2,7 @@
 // activations are offset by +128 once per call (u = q + 128, made by int8_gemm) and the offset is
 // removed with the weight row sums: sum(q*w) = sum(u*w) - 128*sum(w).
 // A tile of four weight rows is read from memory once for all M tokens: the tokens are
-// walked two at a time inside the tile, the rows staying in L1 (4 x 2560 bytes for the
+// walked four at a time inside the tile, the rows staying in L1 (4 x 2560 bytes for the
 // 2B-4T head). Walking the tokens outside the rows instead streamed the whole head once
 // per token, which made a decode batch of B rows read the 329 MB head B times.
 #include <immintrin.h>
@@ -48,7 +48,12 @@ inline void tile(const Int8GemmArgs& a, const uint8_t* u, std::size_t kp, std::s
 
 template <int R>
 inline void row_tile(const Int8GemmArgs& a, const uint8_t* u, std::size_t kp, std::size_t n) {
+  // Four tokens a tile (16 accumulators, 4 weight and 4 activation registers): a decode
+  // batch of 8 rows reads each weight tile from L1 twice instead of four times. Measured on
+  // the 2B-4T head's 16384 x 2560 slice, 8 tokens, one Zen 4 core: 4.5-5.2 ms with 2-token
+  // tiles, 3.7-4.1 ms with 4.
   std::size_t m = 0;
+  for (; m + 4 <= a.M; m += 4) tile<R, 4>(a, u, kp, n, m);
   for (; m + 2 <= a.M; m += 2) tile<R, 2>(a, u, kp, n, m);
   if (m < a.M) tile<R, 1>(a, u, kp, n, m);
 }
