@@ -1,6 +1,9 @@
 #include "model/decode_layer.h"
 
 #include <cmath>
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "attention/decode_attention.h"
 #include "ternary/ternary.h"
@@ -50,6 +53,31 @@ void apply_rope(float* x, std::size_t rows, std::size_t heads, std::size_t head_
       }
       for (std::size_t i = 0; i < head_dim; ++i) v[i] = tmp[i];
     }
+  }
+}
+
+// gate[i] = act(gate[i]) * up[i]. The ReLU^2 loop is written with vector max/multiply:
+// compiled as a scalar loop with a branch on the sign of the gate (GCC does not if-convert a
+// float select without -ffinite-math-only), mispredicted half the time, it took 3-4 ms of a
+// decode step of 8 rows of the 2B-4T shape. max(g, 0) returns 0 for g = -0 or NaN, as the
+// scalar select below.
+void gated_activation(DecodeActivation activation, float* __restrict gate,
+                      const float* __restrict up, std::size_t n) {
+  if (activation == DecodeActivation::Relu2) {
+    std::size_t i = 0;
+#if defined(__SSE2__)
+    const __m128 zero = _mm_setzero_ps();
+    for (; i + 4 <= n; i += 4) {
+      const __m128 r = _mm_max_ps(_mm_loadu_ps(gate + i), zero);
+      _mm_storeu_ps(gate + i, _mm_mul_ps(_mm_mul_ps(r, r), _mm_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; ++i) {
+      const float r = gate[i] > 0.0f ? gate[i] : 0.0f;
+      gate[i] = r * r * up[i];
+    }
+  } else {
+    for (std::size_t i = 0; i < n; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
   }
 }
 
@@ -131,17 +159,7 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, con
     if (!project(spec, which, 2, s.x.data(), B, outs, s, level)) return false;
   }
   float* a = s.gate.data();
-  for (std::size_t i = 0; i < B * I; ++i) {
-    const float g = a[i];
-    float act;
-    if (spec.activation == DecodeActivation::Relu2) {
-      const float r = g > 0.0f ? g : 0.0f;
-      act = r * r;
-    } else {
-      act = g / (1.0f + std::exp(-g));
-    }
-    a[i] = act * s.up[i];
-  }
+  gated_activation(spec.activation, a, s.up.data(), B * I);
   const float* mlp_in = a;
   if (spec.ffn_sub_norm != nullptr) {
     rms_norm(a, spec.ffn_sub_norm, B, I, spec.eps, s.up.data());
