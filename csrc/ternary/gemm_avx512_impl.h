@@ -94,8 +94,12 @@ inline void token_tiles(const GemmArgs& a, std::size_t n, const uint8_t* codes) 
   std::size_t m = 0;
   if (!kDecoded && a.M <= kStreamTokens) {
     // A decode batch: tiles of 3 tokens, whose 4 x 3 accumulators, 4 weight and 3
-    // activation registers fit the register file (4 x 4 spills).
-    for (; m + 3 <= a.M; m += 3) tile<Dot, R, 3, kDecoded>(a, n, m, codes);
+    // activation registers fit the register file (4 x 4 spills). A last tile of one token
+    // would decode the weights again for a third of the work: 3 + 1 tokens go as 2 + 2.
+    std::size_t triples = a.M / 3;
+    if (a.M % 3 == 1 && triples > 0) --triples;
+    for (; m < 3 * triples; m += 3) tile<Dot, R, 3, kDecoded>(a, n, m, codes);
+    for (; m + 2 <= a.M; m += 2) tile<Dot, R, 2, kDecoded>(a, n, m, codes);
   }
   for (; m + 4 <= a.M; m += 4) tile<Dot, R, 4, kDecoded>(a, n, m, codes);
   switch (a.M - m) {
