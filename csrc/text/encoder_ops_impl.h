@@ -13,6 +13,19 @@ namespace {
 
 typedef float Ymm __attribute__((vector_size(32)));
 typedef float Zmm __attribute__((vector_size(64)));
+typedef int YmmInt __attribute__((vector_size(32)));
+typedef int ZmmInt __attribute__((vector_size(64)));
+
+template <class V>
+struct IntVector;
+template <>
+struct IntVector<Ymm> {
+  using type = YmmInt;
+};
+template <>
+struct IntVector<Zmm> {
+  using type = ZmmInt;
+};
 
 template <class V>
 constexpr std::size_t kLanes = sizeof(V) / sizeof(float);  // divides kOpLanes
@@ -37,22 +50,55 @@ inline float hsum(V v) {
   for (std::size_t l = 0; l < kLanes<V>; ++l) s += v[l];
   return s;
 }
+template <class V>
+inline float hmax(V v) {
+  float m = v[0];
+  for (std::size_t l = 1; l < kLanes<V>; ++l) m = std::max(m, v[l]);
+  return m;
+}
 
-// The scalar spec's sums, a vector of keys (or of features) at a time: each score sums its
-// products over the features in the same order, keys transposed into
-// [head_dim][round_up(len, 16)]. Four queries go together, four independent chains of
-// FMAs (one would wait on each FMA's latency); a last partial group repeats its last query.
+// exp(x) for x <= 0 (softmax's shifted scores; below -87.3 it flushes to 0): Cephes' expf,
+// x = n ln 2 + r with |r| <= ln 2 / 2, a degree-6 polynomial of r times 2^n; within 2 ulp
+// of expf.
+template <class V>
+inline V exp_nonpositive(V x) {
+  using I = typename IntVector<V>::type;
+  const V zero{};
+  const auto underflow = x < -87.33654f;
+  x = vmax(x, splat<V>(-87.33654f));
+  const V shifter = splat<V>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const V n = (x * 1.44269504088896341f + shifter) - shifter;
+  const V r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  V p = splat<V>(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                        1.6666665459e-1f, 5.0000001201e-1f})
+    p = p * r + c;
+  const V y = p * r * r + r + 1.0f;
+  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
+  const V e = y * (V)bits;  // a cast between vectors of one size keeps the bits
+  return underflow ? zero : e;
+}
+
+// A vector of keys (or of features) at a time: each score sums its products over the
+// features in the spec's order, keys transposed into [head_dim][round_up(len, 16)]; the
+// softmax's max and sum go by vectors (padding scores are -1e30, whose exp is 0). Four
+// queries go together, four independent chains of FMAs (one would wait on each FMA's
+// latency); a last partial group repeats its last query.
 template <class V>
 inline void attention_head_lanes(const AttentionHead& a) {
   constexpr std::size_t L = kLanes<V>, Q = kAttentionQueries;
-  const std::size_t stride = 3 * a.h, hd = a.head_dim, lp = (a.len + kOpLanes - 1) / kOpLanes * kOpLanes;
+  const std::size_t stride = 3 * a.h, hd = a.head_dim;
+  const std::size_t lp = (a.len + kOpLanes - 1) / kOpLanes * kOpLanes;
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const float* keys = a.qkv + a.s0 * stride + a.h + a.head * hd;
   const float* values = a.qkv + a.s0 * stride + 2 * a.h + a.head * hd;
   float* kt = a.scratch;            // [hd][lp]
   float* p = a.scratch + hd * lp;   // [Q][lp]
-  for (std::size_t j = 0; j < lp; ++j)
-    for (std::size_t e = 0; e < hd; ++e) kt[e * lp + j] = j < a.len ? keys[j * stride + e] : 0.0f;
+  // 16 keys at a time: the key rows read and the lines written stay in L1.
+  for (std::size_t j0 = 0; j0 < lp; j0 += kOpLanes)
+    for (std::size_t e = 0; e < hd; ++e)
+      for (std::size_t j = j0; j < j0 + kOpLanes; ++j)
+        kt[e * lp + j] = j < a.len ? keys[j * stride + e] : 0.0f;
   for (std::size_t i0 = 0; i0 < a.len; i0 += Q) {
     const float* q[Q];
     for (std::size_t r = 0; r < Q; ++r)
@@ -65,19 +111,25 @@ inline void attention_head_lanes(const AttentionHead& a) {
       }
       for (std::size_t r = 0; r < Q; ++r) store(p + r * lp + jb, s[r] * scale);
     }
-    float inv[Q];
     for (std::size_t r = 0; r < Q; ++r) {
       float* pr = p + r * lp;
-      float top = -1e30f, sum = 0.0f;
-      for (std::size_t j = 0; j < a.len; ++j) top = std::max(top, pr[j]);
-      for (std::size_t j = 0; j < a.len; ++j) sum += pr[j] = std::exp(pr[j] - top);
-      inv[r] = 1.0f / sum;
+      for (std::size_t j = a.len; j < lp; ++j) pr[j] = -1e30f;
+      V top = splat<V>(-1e30f), sum{};
+      for (std::size_t j = 0; j < lp; j += L) top = vmax(top, load<V>(pr + j));
+      const float m = hmax(top);
+      for (std::size_t j = 0; j < lp; j += L) {
+        const V e = exp_nonpositive(load<V>(pr + j) - m);
+        store(pr + j, e);
+        sum += e;
+      }
+      const float inv = 1.0f / hsum(sum);
+      for (std::size_t j = 0; j < lp; j += L) store(pr + j, load<V>(pr + j) * inv);
     }
     for (std::size_t eb = 0; eb < hd; eb += L) {
       V acc[Q] = {};
       for (std::size_t j = 0; j < a.len; ++j) {
         const V v = load<V>(values + j * stride + eb);
-        for (std::size_t r = 0; r < Q; ++r) acc[r] += p[r * lp + j] * inv[r] * v;
+        for (std::size_t r = 0; r < Q; ++r) acc[r] += p[r * lp + j] * v;
       }
       for (std::size_t r = 0; r < Q && i0 + r < a.len; ++r)
         store(a.ctx + (a.s0 + i0 + r) * a.h + a.head * hd + eb, acc[r]);
