@@ -1,10 +1,28 @@
-"""Shared test fixtures: an isolated data directory for every test session."""
+"""Shared test fixtures: an isolated data directory for every test session, every SIMD level
+the CPU runs, PEFT adapters on disk."""
 
 from __future__ import annotations
 
 import os
 
 import pytest
+
+
+def _supported_simd_levels() -> list[str]:
+    from r3mes import kernels
+
+    return list(kernels.info()["supported_simd_levels"]) if kernels.available() else []
+
+
+@pytest.fixture(params=_supported_simd_levels())
+def simd_level(request: pytest.FixtureRequest):
+    """Each SIMD level this CPU runs, forced for the test (the kernels' level restored after)."""
+    from r3mes import kernels
+
+    before = kernels.simd_level()
+    kernels.set_simd_level(request.param)
+    yield request.param
+    kernels.set_simd_level(before)
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -40,14 +40,6 @@ SHAPES = [
 ]
 
 
-@pytest.fixture(params=LEVELS)
-def simd_level(request: pytest.FixtureRequest):
-    before = kernels.simd_level()
-    kernels.set_simd_level(request.param)
-    yield request.param
-    kernels.set_simd_level(before)
-
-
 @pytest.fixture(params=[1, 2])
 def threads(request: pytest.FixtureRequest):
     before = kernels.get_num_threads()

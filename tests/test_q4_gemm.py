@@ -13,8 +13,6 @@ import pytest
 
 from r3mes import _native
 
-LEVELS = _native.info()["supported_simd_levels"]
-
 # (tokens T, out N, in K): N off the 16-row group and K at e5's two widths (384, 1536) and
 # others; T from one token to past the kernels' token tiles (4, 16) and uneven splits.
 SHAPES = [
@@ -29,14 +27,6 @@ SHAPES = [
     (23, 384, 1536),
     (40, 1536, 384),
 ]
-
-
-@pytest.fixture(params=LEVELS)
-def simd_level(request: pytest.FixtureRequest):
-    before = _native.get_simd_level()
-    _native.set_simd_level(request.param)
-    yield request.param
-    _native.set_simd_level(before)
 
 
 def _blocks(rng: np.random.Generator, n: int, k: int,

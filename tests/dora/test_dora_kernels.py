@@ -13,14 +13,6 @@ pytestmark = pytest.mark.skipif(not kernels.available(), reason="native module n
 LEVELS = list(kernels.info()["supported_simd_levels"]) if kernels.available() else []
 
 
-@pytest.fixture(params=LEVELS)
-def simd(request):
-    before = kernels.simd_level()
-    kernels.set_simd_level(request.param)
-    yield request.param
-    kernels.set_simd_level(before)
-
-
 def _weight(out: int, inp: int, seed: int = 0) -> kernels.TernaryWeight:
     g = torch.Generator().manual_seed(seed)
     return kernels.quantize_weight(torch.randn(out, inp, generator=g))
@@ -48,7 +40,7 @@ def test_fp16_conversion_matches_ieee_round_to_nearest_even():
 
 
 @pytest.mark.parametrize("out,inp,rank", [(33, 300, 4), (64, 256, 16), (7, 513, 64), (100, 40, 8)])
-def test_factored_row_norms_match_dense_float64(simd, out, inp, rank):
+def test_factored_row_norms_match_dense_float64(simd_level, out, inp, rank):
     w = _weight(out, inp, seed=rank)
     g = torch.Generator().manual_seed(7)
     a = torch.randn(rank, inp, generator=g)
@@ -58,7 +50,7 @@ def test_factored_row_norms_match_dense_float64(simd, out, inp, rank):
     torch.testing.assert_close(kernels.dora_row_norms(w, a, b, s), dense, rtol=2e-6, atol=0)
 
 
-def test_ternary_float_matmul_matches_dense(simd):
+def test_ternary_float_matmul_matches_dense(simd_level):
     w = _weight(77, 300)
     a = torch.randn(5, 300)
     torch.testing.assert_close(kernels.ternary_float_matmul(w, a),
@@ -81,7 +73,7 @@ def _unfused(x, w, raw, mix, bias=None):
 
 @pytest.mark.parametrize("n_experts", [1, 2, 3])
 @pytest.mark.parametrize("rank", [4, 8, 16, 64])
-def test_fused_kernel_matches_unfused_reference(simd, n_experts, rank):
+def test_fused_kernel_matches_unfused_reference(simd_level, n_experts, rank):
     w = _weight(70, 300, seed=rank)  # odd sizes: 70 rows (not a tile multiple), K=300
     made = [_adapter(w, rank, 10 * rank + e, "fp32") for e in range(n_experts)]
     x = torch.randn(3, 300)
@@ -91,7 +83,7 @@ def test_fused_kernel_matches_unfused_reference(simd, n_experts, rank):
 
 
 @pytest.mark.parametrize("storage", ["fp32", "fp16", "int8"])
-def test_prepared_mix_gives_the_one_shot_result(simd, storage):
+def test_prepared_mix_gives_the_one_shot_result(simd_level, storage):
     # A mix prepared once (gains summed into one factor a row) against dora_linear, which
     # sums them as it goes: per-token mixes with an expert-free row and a base weight, and
     # one mix for every token; 131 rows leave a partial 16-row tile.
@@ -116,7 +108,7 @@ def test_prepared_mix_gives_the_one_shot_result(simd, storage):
 
 
 @pytest.mark.parametrize("storage", ["fp32", "int8"])
-def test_threaded_fused_layer_is_the_same_at_every_thread_count_and_batch_size(simd, storage):
+def test_threaded_fused_layer_is_the_same_at_every_thread_count_and_batch_size(simd_level, storage):
     # Big enough for the worker threads (the small cases above run inline): the A pass is
     # split into one task a worker, claimed inside the row chunks, its tasks cutting across
     # adapters (ranks 16, 4, 12 with 1-4 threads); one token quantises x once per task.
@@ -165,7 +157,7 @@ def test_prepared_mix_rejects_what_does_not_fit():
         kernels.dora_mix_linear(torch.randn(3, 128), _weight(40, 128), prepared)
 
 
-def test_fused_kernel_heterogeneous_batch_with_bias(simd):
+def test_fused_kernel_heterogeneous_batch_with_bias(simd_level):
     w = _weight(129, 520, seed=3)
     made = [_adapter(w, r, 40 + r, "fp32") for r in (4, 16, 8)]
     x = torch.randn(6, 520)
@@ -179,7 +171,7 @@ def test_fused_kernel_heterogeneous_batch_with_bias(simd):
     torch.testing.assert_close(y[1], kernels.ternary_linear(x[1:2], w, bias)[0], rtol=0, atol=0)
 
 
-def test_fused_kernel_fp16_storage_matches_its_reference_and_stays_close_to_fp32(simd):
+def test_fused_kernel_fp16_storage_matches_its_reference_and_stays_close_to_fp32(simd_level):
     w = _weight(200, 256, seed=5)
     made16 = [_adapter(w, 16, 90 + e, "fp16") for e in range(3)]
     made32 = [_adapter(w, 16, 90 + e, "fp32") for e in range(3)]
@@ -193,7 +185,7 @@ def test_fused_kernel_fp16_storage_matches_its_reference_and_stays_close_to_fp32
     assert (y16 - y32).abs().max() < 2e-3 * adapter_part + 1e-6
 
 
-def test_fused_kernel_int8_storage_matches_its_reference_and_stays_close_to_fp32(simd):
+def test_fused_kernel_int8_storage_matches_its_reference_and_stays_close_to_fp32(simd_level):
     # Odd sizes: tails in the A-pass dot product (K = 301) and partial 16-row B tiles.
     w = _weight(203, 301, seed=6)
     made8 = [_adapter(w, r, 70 + e, "int8") for e, r in enumerate((16, 4, 8))]
@@ -212,7 +204,7 @@ def test_fused_kernel_int8_storage_matches_its_reference_and_stays_close_to_fp32
     assert (y8 - y32).abs().max() > 0  # it is not secretly the fp32 path
 
 
-def test_int8_storage_follows_its_reference_with_an_outlier_activation(simd):
+def test_int8_storage_follows_its_reference_with_an_outlier_activation(simd_level):
     # One activation 10^4 times the others coarsens x's int16 grid (step max|x| / 32767)
     # to a third of a typical entry; the A pass must still follow the reference, which
     # spells the grids out (x per token, then z per token and adapter).
@@ -226,7 +218,7 @@ def test_int8_storage_follows_its_reference_with_an_outlier_activation(simd):
     torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_int8_storage_with_vanishing_activations_stays_finite(simd):
+def test_int8_storage_with_vanishing_activations_stays_finite(simd_level):
     # max|x| = 1e-35: 32767 / max|x| would overflow float, so the A pass must see x as 0
     # (the kernel and the reference agree) instead of turning it into NaN.
     w = _weight(40, 300, seed=12)
@@ -240,7 +232,7 @@ def test_int8_storage_with_vanishing_activations_stays_finite(simd):
 
 
 @pytest.mark.parametrize("rank", [2, 8])
-def test_int8_a_pass_sums_exactly_past_int32_range(simd, rank):
+def test_int8_a_pass_sums_exactly_past_int32_range(simd_level, rank):
     # K = 9000 (past the 4096 / 2048 blocks) with every |A8| = 127 and |x16| = 32767:
     # sums of 3.7e10 overflow int32 unless each block is widened to int64. Rank 8 runs the
     # four-rows-at-once A pass, rank 2 the one-row kernel.
