@@ -89,18 +89,15 @@ class E5Encoder:
         to be searched by :meth:`encode_query` (RAG's use; the asymmetric task)."""
         return self._rows(texts, is_query=False)
 
+    # Both engines return float32 unit rows (a list gives [n, dim], an empty one [0, dim]).
     def _rows(self, texts: list[str], is_query: bool) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, 384), dtype=np.float32)
         with self._lock:
-            matrix = self._model.encode(list(texts), is_query)
-        return _unit_rows(np.asarray(matrix, dtype=np.float32).reshape(len(texts), -1))
+            return np.ascontiguousarray(self._model.encode(list(texts), is_query),
+                                        dtype=np.float32)
 
     def encode_query(self, text: str) -> np.ndarray:
         with self._lock:
-            vector = np.asarray(self._model.query(text), dtype=np.float32)
-        norm = float(np.linalg.norm(vector))
-        return vector / norm if norm > 0 else vector
+            return np.asarray(self._model.query(text), dtype=np.float32)
 
 
 class SentenceTransformerEncoder:
@@ -131,11 +128,6 @@ class SentenceTransformerEncoder:
         from r3mes.core.text_encoder import encode_query
 
         return encode_query(text, self.model_name)
-
-
-def _unit_rows(matrix: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
-    return np.ascontiguousarray(matrix / np.where(norms > 0, norms, 1.0), dtype=np.float32)
 
 
 def e5_fingerprint() -> str:
