@@ -22,6 +22,43 @@ def test_decode_attention_matches_reference(bsz, heads, kv, dim, max_len, length
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+# Contexts past one chunk of positions (128): the chunks' softmax sums are merged.
+@pytest.mark.parametrize(("heads", "kv", "dim", "length"),
+                         [(20, 5, 128, 300), (6, 2, 20, 257), (4, 4, 16, 129), (10, 5, 64, 1100)])
+def test_long_contexts_match_reference(heads, kv, dim, length) -> None:
+    g = torch.Generator().manual_seed(length)
+    bsz = 3
+    q = torch.randn(bsz, heads, dim, generator=g) * 3  # peaked weights: chunks far below the max
+    k = torch.randn(bsz, kv, length + 5, dim, generator=g)
+    v = torch.randn(bsz, kv, length + 5, dim, generator=g)
+    pad = torch.tensor([0, 7, 140], dtype=torch.long)
+    got = kernels.decode_attention(q, k, v, pad, length, dim**-0.5)
+    want = reference.decode_attention(q, k, v, pad, length, dim**-0.5)
+    # float32 sums over hundreds of unit-size values: 2-4e-6 from float64, as the kernel
+    # was before chunking (the reference's own float32 path sums in float64).
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_row_is_the_same_alone_and_in_a_batch() -> None:
+    # Chunks start at each row's first position, and tasks go to whichever thread is free:
+    # a row's result must not depend on its neighbours or on the thread count.
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(4, 20, 128, generator=g)
+    k = torch.randn(4, 5, 600, 128, generator=g)
+    v = torch.randn(4, 5, 600, 128, generator=g)
+    pad = torch.tensor([0, 3, 130, 300], dtype=torch.long)
+    threads = kernels.get_num_threads()
+    try:
+        batch = kernels.decode_attention(q, k, v, pad, 600, 0.088)
+        kernels.set_num_threads(1)
+        for b in range(4):
+            alone = kernels.decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], pad[b:b + 1],
+                                             600, 0.088)
+            assert torch.equal(alone[0], batch[b])
+    finally:
+        kernels.set_num_threads(threads)
+
+
 def test_decode_attention_ignores_cache_rows_beyond_length_and_before_pad() -> None:
     q = torch.randn(1, 2, 4)
     k = torch.randn(1, 1, 8, 4)

@@ -27,9 +27,9 @@ struct KvBlocks {
 // padding, 0 for a sequence of its own). Query head h uses kv head h / (H / KV), as HF's
 // repeat_kv. out [B, H, D]:
 //   out = softmax((q . k_s) * scaling) . v_s
-// Each (b, h) is computed by one thread in a fixed order (positions ascending), so results
-// depend neither on the thread count nor on which other rows share the call or on how the
-// positions are laid out in blocks.
+// Each row's kv head is computed in fixed chunks of its positions, merged in chunk order, so
+// results depend neither on the thread count nor on which other rows share the call or on
+// how the positions are laid out in blocks.
 void decode_attention(const float* q, const KvBlocks& kv, const int64_t* start,
                       const int64_t* length, std::size_t batch, std::size_t heads,
                       std::size_t kv_heads, std::size_t head_dim, float scaling, float* out);

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "common/vector_math.h"  // splat, vmin, vmax, exp_nonpositive
 #include "text/encoder_ops.h"
 
 namespace r3mes {
@@ -13,19 +14,6 @@ namespace {
 
 typedef float Ymm __attribute__((vector_size(32)));
 typedef float Zmm __attribute__((vector_size(64)));
-typedef int YmmInt __attribute__((vector_size(32)));
-typedef int ZmmInt __attribute__((vector_size(64)));
-
-template <class V>
-struct IntVector;
-template <>
-struct IntVector<Ymm> {
-  using type = YmmInt;
-};
-template <>
-struct IntVector<Zmm> {
-  using type = ZmmInt;
-};
 
 template <class V>
 constexpr std::size_t kLanes = sizeof(V) / sizeof(float);  // divides kOpLanes
@@ -39,12 +27,6 @@ inline V load(const float* p) {
 template <class V>
 inline void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
 template <class V>
-inline V splat(float x) { return V{} + x; }
-template <class V>
-inline V vmin(V a, V b) { return a < b ? a : b; }
-template <class V>
-inline V vmax(V a, V b) { return a > b ? a : b; }
-template <class V>
 inline float hsum(V v) {
   float s = 0.0f;
   for (std::size_t l = 0; l < kLanes<V>; ++l) s += v[l];
@@ -55,28 +37,6 @@ inline float hmax(V v) {
   float m = v[0];
   for (std::size_t l = 1; l < kLanes<V>; ++l) m = std::max(m, v[l]);
   return m;
-}
-
-// exp(x) for x <= 0 (softmax's shifted scores; below -87.3 it flushes to 0): Cephes' expf,
-// x = n ln 2 + r with |r| <= ln 2 / 2, a degree-6 polynomial of r times 2^n; within 2 ulp
-// of expf.
-template <class V>
-inline V exp_nonpositive(V x) {
-  using I = typename IntVector<V>::type;
-  const V zero{};
-  const auto underflow = x < -87.33654f;
-  x = vmax(x, splat<V>(-87.33654f));
-  const V shifter = splat<V>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const V n = (x * 1.44269504088896341f + shifter) - shifter;
-  const V r = x - n * 0.693359375f - n * -2.12194440e-4f;
-  V p = splat<V>(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
-                        1.6666665459e-1f, 5.0000001201e-1f})
-    p = p * r + c;
-  const V y = p * r * r + r + 1.0f;
-  const I bits = (__builtin_convertvector(n, I) + 127) << 23;
-  const V e = y * (V)bits;  // a cast between vectors of one size keeps the bits
-  return underflow ? zero : e;
 }
 
 // A vector of keys (or of features) at a time: each score sums its products over the
