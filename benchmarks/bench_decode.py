@@ -133,18 +133,21 @@ def row_mix(names: list[str], row: int) -> list[tuple[str, float]]:
     return [(names[(row * 3 + j) % len(names)], 1.0 / k) for j in range(k)]
 
 
-def batch_step(model: BitNetForCausalLM, batch: int, with_experts: bool):
-    """A decode step of ``batch`` sequences at different positions of a block pool (each
-    row with its own expert mix when ``with_experts``), as the serving engine runs it."""
+def batch_step(model: BitNetForCausalLM, batch: int, with_experts: bool,
+               position: int = PROMPT):
+    """A decode step of ``batch`` sequences at different positions of a block pool (row b
+    at ``position + 7 b``, each with its own expert mix when ``with_experts``), as the
+    serving engine runs it."""
     from r3mes.core.kv_blocks import KVBlockPool
 
     names = add_batch_experts(model) if with_experts else []
     mixes = [row_mix(names, b) if names else [] for b in range(batch)]
     set_adapter_mix(model, mixes if batch > 1 else (mixes[0] or None))
-    pool = KVBlockPool(model.config, num_blocks=batch * 16, block_size=16)
-    blocks = [pool.allocate(16) for _ in range(batch)]
+    per_row = (position + 7 * batch) // 16 + 1
+    pool = KVBlockPool(model.config, num_blocks=batch * per_row, block_size=16)
+    blocks = [pool.allocate(per_row) for _ in range(batch)]
     table = KVBlockPool.table(blocks)
-    positions = torch.tensor([PROMPT + 7 * b for b in range(batch)])
+    positions = torch.tensor([position + 7 * b for b in range(batch)])
     tokens = torch.arange(batch) + 17
     return lambda: model.decode_paged(tokens, pool, table, positions)
 
@@ -172,6 +175,9 @@ def batched_main() -> None:
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--experts", choices=("none", "mixed", "both"), default="both")
+    ap.add_argument("--position", type=int, default=PROMPT,
+                    help="the cache position of row 0 (row b: + 7 b); longer contexts read "
+                         "more of the KV cache a step")
     args = ap.parse_args()
     kernels.set_num_threads(2)
     torch.set_num_threads(1)
@@ -184,7 +190,7 @@ def batched_main() -> None:
     for _ in range(args.rounds):
         for with_experts in kinds:
             for batch in sizes:
-                step = batch_step(model, batch, with_experts)
+                step = batch_step(model, batch, with_experts, args.position)
                 warm_up(step, max_calls=WARM_UP_STEPS)
                 t0 = time.perf_counter()
                 for _ in range(8):

@@ -27,6 +27,10 @@
 #include <vector>
 
 #include "common/thread_pool.h"
+// 64-byte vectors are returned from inline helpers only (always inlined into the clones),
+// so the ABI note GCC gives for them when AVX-512 is off does not apply (here and in
+// vector_math.h's helpers, hence before it).
+#pragma GCC diagnostic ignored "-Wpsabi"
 #include "common/vector_math.h"
 
 namespace r3mes {
@@ -51,9 +55,6 @@ constexpr std::size_t kPrefetch = 8;
 // slower): a peaked softmax over a long context made every later value sum one.
 constexpr float kWeightFloor = -69.0f;
 
-// 64-byte vectors are returned from inline helpers only (always inlined into the clones),
-// so the ABI note GCC gives for them when AVX-512 is off does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
 #define R3MES_INLINE inline __attribute__((always_inline))
 using v16 = float __attribute__((vector_size(64)));
 using v16i = int __attribute__((vector_size(64)));

@@ -47,10 +47,12 @@ inline __attribute__((always_inline)) V exp_nonpositive(V x) {
   const V shifter = splat<V>(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   const V n = (x * 1.44269504088896341f + shifter) - shifter;
   const V r = x - n * 0.693359375f - n * -2.12194440e-4f;
+  // A plain array, not a braced list: std::initializer_list's members would be weak
+  // symbols compiled for this ISA (scripts/check_isa_symbols.py).
+  constexpr float kCoefficients[] = {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
+                                     1.6666665459e-1f, 5.0000001201e-1f};
   V p = splat<V>(1.9875691500e-4f);
-  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f,
-                        1.6666665459e-1f, 5.0000001201e-1f})
-    p = p * r + c;
+  for (const float c : kCoefficients) p = p * r + c;
   const V y = p * r * r + r + 1.0f;
   const I bits = (__builtin_convertvector(n, I) + 127) << 23;
   const V e = y * (V)bits;  // a cast between vectors of one size keeps the bits

@@ -40,11 +40,15 @@ inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0, const uint8_t
   const std::size_t row_bytes = packed_row_bytes(a.K);
   const __m512i mask = _mm512_set1_epi8(3);
   __m512i acc[R][T];
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
   const uint8_t* rows[R];
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) rows[r] = a.packed + (n + r) * row_bytes;
   const int8_t* qs[T];
+  #pragma GCC unroll 16
   for (int t = 0; t < T; ++t) qs[t] = a.q + (m0 + t) * kp;
 
   // Decode streams weights from memory: the first token tile prefetches ahead (see
@@ -54,8 +58,10 @@ inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0, const uint8_t
   for (std::size_t g = 0; g < kp / kGroupWeights; ++g) {
     __m512i v[R];
     if constexpr (!kDecoded)
+      #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) v[r] = _mm512_loadu_si512(rows[r] + g * kGroupBytes);
     if (prefetch_ahead)
+      #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchTiles * R * row_bytes +
                                                          g * kGroupBytes),
@@ -64,10 +70,13 @@ inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0, const uint8_t
                      _MM_HINT_T0);  // the next tile, from L2 into L1 (see ternary.h)
       }
     typename Dot::Partial part[R][T];
+    #pragma GCC unroll 16
     for (int p = 0; p < 4; ++p) {
       const std::size_t k = g * kGroupWeights + 64 * p;
       __m512i x[T];
+      #pragma GCC unroll 16
       for (int t = 0; t < T; ++t) x[t] = _mm512_loadu_si512(qs[t] + k);
+      #pragma GCC unroll 16
       for (int r = 0; r < R; ++r) {
         __m512i c;
         if constexpr (kDecoded)
@@ -75,13 +84,18 @@ inline void tile(const GemmArgs& a, std::size_t n, std::size_t m0, const uint8_t
         else
           c = p == 0 ? _mm512_and_si512(v[r], mask)
                      : _mm512_and_si512(_mm512_srli_epi16(v[r], 2 * p), mask);
+        #pragma GCC unroll 16
         for (int t = 0; t < T; ++t) Dot::step(part[r][t], acc[r][t], c, x[t], p);
       }
     }
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r)
+      #pragma GCC unroll 16
       for (int t = 0; t < T; ++t) Dot::finish_group(part[r][t], acc[r][t]);
   }
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
     for (int t = 0; t < T; ++t)
       store_output(a, m0 + t, n + r, _mm512_reduce_add_epi32(acc[r][t]) - a.qsum[m0 + t]);
 }

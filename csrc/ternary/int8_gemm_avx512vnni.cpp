@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include "ternary/int8_gemm.h"
+#include "ternary/vnni_asm.h"
 
 namespace r3mes {
 namespace isa_avx512vnni {
@@ -23,7 +24,9 @@ template <int R, int T>
 inline void tile(const Int8GemmArgs& a, const uint8_t* u, std::size_t kp, std::size_t n,
                  std::size_t m) {
   __m512i acc[R][T];
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) acc[r][t] = _mm512_setzero_si512();
   const int8_t* w = a.w + n * kp;
   const uint8_t* x = u + m * kp;
@@ -31,16 +34,22 @@ inline void tile(const Int8GemmArgs& a, const uint8_t* u, std::size_t kp, std::s
   const int8_t* ahead = w + kPrefetchRowTiles * R * kp;
   for (std::size_t k = 0; k < kp; k += 64) {
     if (prefetch)
+      #pragma GCC unroll 16
       for (int r = 0; r < R; ++r)
         _mm_prefetch(reinterpret_cast<const char*>(ahead + r * kp + k), _MM_HINT_T1);
     __m512i xv[T];
+    #pragma GCC unroll 16
     for (int t = 0; t < T; ++t) xv[t] = _mm512_loadu_si512(x + t * kp + k);
+    #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       const __m512i wv = _mm512_loadu_si512(w + r * kp + k);
-      for (int t = 0; t < T; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], xv[t], wv);
+      #pragma GCC unroll 16
+      for (int t = 0; t < T; ++t) dpbusd_in_place(acc[r][t], xv[t], wv);
     }
   }
+  #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
+    #pragma GCC unroll 16
     for (int t = 0; t < T; ++t)
       store_int8_output(a, m + t, n + r,
                         _mm512_reduce_add_epi32(acc[r][t]) - 128 * a.w_rowsum[n + r]);

@@ -9,6 +9,7 @@
 // narrow cores. Bounds: c * 4^3 <= 128 fits u8; |sum| <= 128 * 128 * K < 2^31
 // for K < 131072.
 #include "ternary/gemm_avx512_impl.h"
+#include "ternary/vnni_asm.h"
 
 namespace r3mes {
 namespace isa_avx512vnni {
@@ -17,50 +18,81 @@ namespace {
 struct VnniDot {
   struct Partial {};
   static inline void step(Partial&, __m512i& acc, __m512i codes, __m512i x, int) {
-    acc = _mm512_dpbusd_epi32(acc, codes, x);
+    dpbusd_in_place(acc, codes, x);
   }
   static inline void finish_group(Partial&, __m512i&) {}
 };
 
-template <int R>
-inline void gemv_tile(const GemmArgs& a, std::size_t n) {
+// One row's four slice accumulators. Named variables, not an array: GCC 12 kept a
+// __m512i acc[4][4] partly on the stack and copied every accumulator between registers
+// around each vpdpbusd (32 moves and 4 stores a group of 4 rows).
+struct SliceAcc {
+  __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512(),
+          s2 = _mm512_setzero_si512(), s3 = _mm512_setzero_si512();
+  // The slices hold codes * 4^p (masked in place, not shifted): rescaled exactly here.
+  int32_t total() const {
+    return _mm512_reduce_add_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(s0, _mm512_srai_epi32(s1, 2)),
+                         _mm512_add_epi32(_mm512_srai_epi32(s2, 4), _mm512_srai_epi32(s3, 6))));
+  }
+};
+
+// Rows [n, n + R) for one token, R = 1 or 4. The prefetches are a template parameter, not a
+// branch in the loop.
+template <int R, bool kPrefetch>
+inline void gemv_tile_loop(const GemmArgs& a, std::size_t n) {
+  static_assert(R == 1 || R == 4);
   const std::size_t kp = padded_k(a.K);
   const std::size_t row_bytes = packed_row_bytes(a.K);
   const __m512i m0 = _mm512_set1_epi8(0x03), m1 = _mm512_set1_epi8(0x0C),
                 m2 = _mm512_set1_epi8(0x30), m3 = _mm512_set1_epi8(static_cast<char>(0xC0));
-  __m512i acc[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int p = 0; p < 4; ++p) acc[r][p] = _mm512_setzero_si512();
-  const uint8_t* rows[R];
-  for (int r = 0; r < R; ++r) rows[r] = a.packed + (n + r) * row_bytes;
+  SliceAcc r0, r1, r2, r3;
+  const uint8_t* row0 = a.packed + n * row_bytes;
   const int8_t* q = a.q;
-  const bool prefetch_ahead = n + (kPrefetchTiles + 1) * R <= a.N;
-  for (std::size_t g = 0; g < kp / kGroupWeights; ++g) {
-    const __m512i x0 = _mm512_loadu_si512(q + g * kGroupWeights);
-    const __m512i x1 = _mm512_loadu_si512(q + g * kGroupWeights + 64);
-    const __m512i x2 = _mm512_loadu_si512(q + g * kGroupWeights + 128);
-    const __m512i x3 = _mm512_loadu_si512(q + g * kGroupWeights + 192);
-    for (int r = 0; r < R; ++r) {
-      const __m512i v = _mm512_loadu_si512(rows[r] + g * kGroupBytes);
-      if (prefetch_ahead) {
-        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + kPrefetchTiles * R * row_bytes +
-                                                         g * kGroupBytes),
-                     R3MES_WEIGHT_PREFETCH_HINT);
-        _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * row_bytes + g * kGroupBytes),
-                     _MM_HINT_T0);  // the next tile, from L2 into L1 (see ternary.h)
+  const std::size_t groups = kp / kGroupWeights;
+  // A tile's R rows are one contiguous run of R * row_bytes: the tiles ahead are fetched as
+  // runs too, R lines a group, from one pointer each.
+  const char* ahead = reinterpret_cast<const char*>(row0) + kPrefetchTiles * R * row_bytes;
+  const char* next = reinterpret_cast<const char*>(row0) + R * row_bytes;
+  for (std::size_t g = 0; g < groups; ++g) {
+    const int8_t* xg = q + g * kGroupWeights;
+    const uint8_t* wg = row0 + g * kGroupBytes;
+    if constexpr (kPrefetch) {
+      for (int r = 0; r < R; ++r) {
+        _mm_prefetch(ahead + (g * R + r) * 64, R3MES_WEIGHT_PREFETCH_HINT);
+        _mm_prefetch(next + (g * R + r) * 64, _MM_HINT_T0);  // from L2 into L1 (ternary.h)
       }
-      acc[r][0] = _mm512_dpbusd_epi32(acc[r][0], _mm512_and_si512(v, m0), x0);
-      acc[r][1] = _mm512_dpbusd_epi32(acc[r][1], _mm512_and_si512(v, m1), x1);
-      acc[r][2] = _mm512_dpbusd_epi32(acc[r][2], _mm512_and_si512(v, m2), x2);
-      acc[r][3] = _mm512_dpbusd_epi32(acc[r][3], _mm512_and_si512(v, m3), x3);
+    }
+    const __m512i x0 = _mm512_loadu_si512(xg), x1 = _mm512_loadu_si512(xg + 64),
+                  x2 = _mm512_loadu_si512(xg + 128), x3 = _mm512_loadu_si512(xg + 192);
+    auto row = [&](const uint8_t* w, SliceAcc& acc) {
+      const __m512i v = _mm512_loadu_si512(w);
+      dpbusd_in_place(acc.s0, _mm512_and_si512(v, m0), x0);
+      dpbusd_in_place(acc.s1, _mm512_and_si512(v, m1), x1);
+      dpbusd_in_place(acc.s2, _mm512_and_si512(v, m2), x2);
+      dpbusd_in_place(acc.s3, _mm512_and_si512(v, m3), x3);
+    };
+    row(wg, r0);
+    if constexpr (R == 4) {
+      row(wg + row_bytes, r1);
+      row(wg + 2 * row_bytes, r2);
+      row(wg + 3 * row_bytes, r3);
     }
   }
-  for (int r = 0; r < R; ++r) {
-    __m512i sum = _mm512_add_epi32(
-        _mm512_add_epi32(acc[r][0], _mm512_srai_epi32(acc[r][1], 2)),
-        _mm512_add_epi32(_mm512_srai_epi32(acc[r][2], 4), _mm512_srai_epi32(acc[r][3], 6)));
-    store_output(a, 0, n + r, _mm512_reduce_add_epi32(sum) - a.qsum[0]);
+  store_output(a, 0, n, r0.total() - a.qsum[0]);
+  if constexpr (R == 4) {
+    store_output(a, 0, n + 1, r1.total() - a.qsum[0]);
+    store_output(a, 0, n + 2, r2.total() - a.qsum[0]);
+    store_output(a, 0, n + 3, r3.total() - a.qsum[0]);
   }
+}
+
+template <int R>
+inline void gemv_tile(const GemmArgs& a, std::size_t n) {
+  if (n + (kPrefetchTiles + 1) * R <= a.N)
+    gemv_tile_loop<R, true>(a, n);
+  else
+    gemv_tile_loop<R, false>(a, n);
 }
 
 }  // namespace

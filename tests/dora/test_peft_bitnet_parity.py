@@ -32,6 +32,7 @@ import pytest
 import torch
 from dora_testmodels import PEFT_TARGETS, QLinear
 
+from r3mes import kernels
 from r3mes.core.backends import BitNetCppBackend, PyTorchBackend
 from r3mes.core.dora import dora_modules
 from r3mes.kernels import reference
@@ -128,8 +129,13 @@ def _backend(kind: str, root):
 
 
 def test_the_reference_backend_equals_peft(case):
-    be = _backend("torch", case["root"])
-    got = be.inference(case["ids"].tolist(), ["x"], [1.0])[0]
+    # Every op on its torch reference, loading included: PEFT's formula op for op. Native
+    # ops sum in other orders (the adapter's norms at load, the fused kernel), and one float
+    # rounding can move an int8 activation step: the chaos the module docstring describes
+    # (seed 0 on a Sapphire Rapids moves the logits by 0.03). The storage tests bound those.
+    with kernels.use_reference():
+        be = _backend("torch", case["root"])
+        got = be.inference(case["ids"].tolist(), ["x"], [1.0])[0]
     torch.testing.assert_close(got, case["logits"], rtol=1e-5, atol=1e-5)
 
 
