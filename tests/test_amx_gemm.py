@@ -1,4 +1,5 @@
-"""The AMX prefill GEMM (csrc/ternary/amx.h) against the reference and the VNNI kernel."""
+"""The AMX GEMMs (csrc/ternary/amx.h: decode batches and prefill) against the reference
+and the VNNI kernel."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ pytestmark = pytest.mark.skipif(
     reason="needs a CPU with AMX-INT8 and an OS that grants the tile state",
 )
 
-# (tokens M >= 16, out N, in K): tails in every direction (N not a multiple of the 32-row
-# block, M not a multiple of the 32-token block, K not a multiple of the 256-group).
-SHAPES = [(16, 1, 1), (17, 33, 257), (40, 130, 300), (100, 260, 777), (33, 64, 2560),
-          (128, 48, 6912)]
+# (tokens M, out N, in K): tails in every direction (N not a multiple of the 16- or 32-row
+# block, M not a multiple of the token block, K not a multiple of the 256-group). Up to 16
+# tokens: the decode-batch kernel (4, 8 or 16 tokens a B tile); past it, prefill's.
+SHAPES = [(3, 1, 1), (4, 17, 300), (5, 40, 2560), (8, 33, 257), (8, 130, 777), (12, 16, 513),
+          (16, 1, 1), (16, 48, 6912), (17, 33, 257), (40, 130, 300), (100, 260, 777),
+          (33, 64, 2560), (128, 48, 6912)]
 
 
 @pytest.fixture(params=["amx", "vnni"])
@@ -65,10 +68,21 @@ def test_float_outputs_match_the_reference_bit_for_bit(amx, threads, shape) -> N
     assert torch.equal(kernels.ternary_linear(x, w), plain)
 
 
-def test_fused_dora_prefill_is_identical_with_and_without_amx(threads) -> None:
-    # Prefill of a heterogeneous batch through the fused DoRA call: the AMX rows feed the
-    # same epilogue, so the outputs must not change by a bit.
-    w, x = _case(24, 203, 301, seed=5)
+def test_integer_extremes_do_not_overflow(amx) -> None:
+    # Every product at its extreme over the largest BitNet K, for both AMX kernels.
+    k = 13824
+    for m in (8, 20):
+        q = torch.full((m, k), -128, dtype=torch.int8)
+        w = kernels.TernaryWeight.from_ternary(torch.full((19, k), -1, dtype=torch.int8), 1.0)
+        assert torch.equal(kernels.ternary_matmul_int(q, w),
+                           torch.full((m, 19), 128 * k, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("tokens", [8, 24])
+def test_fused_dora_is_identical_with_and_without_amx(threads, tokens) -> None:
+    # A decode batch (8 rows) and a prefill through the fused DoRA call, each row with its
+    # own mix: the AMX rows feed the same epilogue, so the outputs must not change by a bit.
+    w, x = _case(tokens, 203, 301, seed=5)
     adapters = []
     for e, rank in enumerate((16, 4)):
         g = torch.Generator().manual_seed(40 + e)
@@ -77,7 +91,7 @@ def test_fused_dora_prefill_is_identical_with_and_without_amx(threads) -> None:
         gain = kernels.dora_gain(torch.rand(203, generator=g) + 0.5,
                                  kernels.dora_row_norms(w, a, b, 2.0 / rank))
         adapters.append(kernels.prepare_dora_adapter(a, b, gain, 2.0 / rank, "int8"))
-    mix = torch.rand(24, 2)
+    mix = torch.rand(tokens, 2)
     mix[3] = 0
     mix = mix / mix.sum(dim=1, keepdim=True).clamp_min(1e-6)
     before = kernels.simd_level()

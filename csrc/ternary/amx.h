@@ -1,17 +1,22 @@
 #pragma once
-// AMX (Advanced Matrix Extensions) prefill GEMM: the ternary GEMM for many tokens on the
-// tile unit, where one TDPBSSD multiplies a 16 x 64 int8 tile by a 64 x 16 one (16K
-// multiply-adds) in the time vpdpbusd does 256. Used when the CPU has AMX-INT8, Linux has
-// granted this process the tile state (arch_prctl), and a product has at least
-// kAmxMinTokens tokens; decode (one token) stays on the streaming VNNI kernel. The integer
-// results are exact, so they equal every other kernel's bit for bit.
+// AMX (Advanced Matrix Extensions) ternary GEMM for several tokens on the tile unit, where
+// one TDPBUSD multiplies a 16 x 64 int8 tile by a 64 x 16 one (16K multiply-adds) in about
+// the time vpdpbusd does 256. Used when the CPU has AMX-INT8, Linux has granted this
+// process the tile state (arch_prctl), and a product has at least kAmxMinTokens tokens;
+// one token stays on the streaming VNNI kernel. The integer results are exact, so they
+// equal every other kernel's bit for bit.
 //
-// Operands: the weights are the A tiles: 16 rows x 64 weights as signed bytes in {-1,0,1},
-// decoded from the packed codes of each 256-group in the same order the AVX-512 kernels use
-// (so the activations are the g256-permuted ones). The activations are the B tiles, in the
-// tile unit's "VNNI" layout: 4 consecutive k of one token in a dword, tokens side by side,
-//   q_quads[(k / 4) * m_pad + m] = q_perm[m, k .. k + 3]     (dwords; m_pad = M rounded up
-// to 32, padding tokens zero). C tiles are 16 weight rows x 16 tokens of int32.
+// The activations are the B tiles, in the tile unit's "VNNI" layout: 4 consecutive k of
+// one token in a dword, tokens side by side,
+//   q_quads[(k / 4) * m_pad + m] = q_perm[m, k .. k + 3]     (dwords, padding tokens zero)
+// with q_perm the g256-permuted activations the AVX-512 kernels use. The weights are the A
+// tiles, 16 rows x 64 weights, decoded from the packed codes of each 256-group:
+// - a decode batch (M <= kAmxFewTokens, m_pad 4, 8 or 16): one B tile holds every token;
+//   a 256-group of 16 rows is decoded to its codes (0, 1, 2, TDPBUSD, the activation sums
+//   subtracted at the end) just ahead of the tile unit, in L1, and used once. At 8 tokens
+//   the product costs about 1.6x one token's GEMV instead of 3.7x on VNNI.
+// - prefill (more tokens, m_pad a multiple of kAmxTokenBlock): 32 rows decoded whole to
+//   signed bytes (TDPBSSD), reused by every 32-token block.
 #include <cstddef>
 #include <cstdint>
 
@@ -19,7 +24,10 @@
 
 namespace r3mes {
 
-constexpr std::size_t kAmxMinTokens = 16;
+// From 3 tokens the decode-batch kernel beats VNNI (2 tokens: 1.1x slower, 4: 0.7x the
+// time, 8: 0.5x; 6912 x 2560, Sapphire Rapids, 2 threads).
+constexpr std::size_t kAmxMinTokens = 3;
+constexpr std::size_t kAmxFewTokens = 16;
 constexpr std::size_t kAmxTokenBlock = 32;
 
 // Whether the AMX kernel can run here (compiled, CPU, OS permission; R3MES_AMX=0 and

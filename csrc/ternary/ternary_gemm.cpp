@@ -85,7 +85,7 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
     }
   }
 #if defined(R3MES_HAVE_AMX)
-  // Prefill: products with enough tokens go to the tile unit (ternary/amx.h).
+  // Products of several tokens go to the tile unit (ternary/amx.h); m_pad picks the kernel.
   std::vector<std::vector<int32_t>> quads;
   if (level == SimdLevel::Avx512Vnni && amx_usable()) {
     quads.reserve(count);
@@ -93,7 +93,10 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
       GemmArgs& g = a[i];
       if (g.M < kAmxMinTokens || g.N == 0) continue;
       const std::size_t kp = padded_k(g.K);
-      g.m_pad = (g.M + kAmxTokenBlock - 1) / kAmxTokenBlock * kAmxTokenBlock;
+      g.m_pad = g.M <= 4    ? 4
+                : g.M <= 8  ? 8
+                : g.M <= 16 ? 16
+                            : (g.M + kAmxTokenBlock - 1) / kAmxTokenBlock * kAmxTokenBlock;
       quads.emplace_back(kp / 4 * g.m_pad);
       isa_amx::amx_pack_activations(g.q, g.M, kp, quads.back().data(), g.m_pad);
       g.q_quads = quads.back().data();  // which also routes this product to the AMX rows
