@@ -114,3 +114,25 @@ def test_info_reports_amx_and_it_can_be_switched_off() -> None:
         assert kernels.info()["amx"] is False
     finally:
         _native.set_amx_enabled(True)
+
+
+@pytest.mark.parametrize("shape", [(8, 130, 300), (9, 48, 2560), (16, 33, 777), (40, 47, 1000)])
+def test_int8_head_is_identical_with_and_without_amx(threads, shape) -> None:
+    # The LM head's int8 GEMM: weights straight into the A tiles, a last partial block of
+    # rows (N not a multiple of 16) on VNNI.
+    m, n, k = shape
+    g = torch.Generator().manual_seed(m + n + k)
+    w = kernels.quantize_int8_weight(torch.randn(n, k, generator=g))
+    x = torch.randn(m, k, generator=g) * 3
+    before = kernels.simd_level()
+    kernels.set_simd_level("avx512vnni")
+    try:
+        out = {}
+        for flag in (True, False):
+            _native.set_amx_enabled(flag)
+            out[flag] = kernels.int8_linear(x, w)
+    finally:
+        _native.set_amx_enabled(True)
+        kernels.set_simd_level(before)
+    assert torch.equal(out[True], out[False])
+    assert torch.equal(out[True], reference.int8_linear(x, w.data[:, :k], w.scale))

@@ -30,6 +30,15 @@ constexpr std::size_t kAmxMinTokens = 3;
 constexpr std::size_t kAmxFewTokens = 16;
 constexpr std::size_t kAmxTokenBlock = 32;
 
+// The ternary kernels' token padding: 4, 8 or 16 tokens in one B tile (a decode batch),
+// else a multiple of kAmxTokenBlock.
+inline std::size_t amx_token_pad(std::size_t tokens) {
+  if (tokens <= 4) return 4;
+  if (tokens <= 8) return 8;
+  if (tokens <= kAmxFewTokens) return 16;
+  return (tokens + kAmxTokenBlock - 1) / kAmxTokenBlock * kAmxTokenBlock;
+}
+
 // Whether the AMX kernel can run here (compiled, CPU, OS permission; R3MES_AMX=0 and
 // set_amx_enabled(false) turn it off).
 bool amx_usable();

@@ -22,6 +22,9 @@ struct Int8GemmArgs {
   std::size_t M, N, K;
   float* out;               // [M, N]
   const uint8_t* u = nullptr;  // q + 128 (filled by int8_gemm for the VNNI kernel)
+  // The AMX kernel's activations (filled by int8_gemm; layout in ternary/amx.h).
+  const int32_t* q_quads = nullptr;
+  std::size_t m_pad = 0;
 };
 
 // Quantises one row per call; returns false on NaN/Inf.
@@ -38,6 +41,10 @@ void int8_gemm_rows_avx512(const Int8GemmArgs& a, std::size_t n0, std::size_t n1
 }
 namespace isa_avx512vnni {
 void int8_gemm_rows_avx512vnni(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
+}
+// Several tokens on the tile unit (q_quads, m_pad set; u too, for a last partial block).
+namespace isa_amx {
+void int8_gemm_rows_amx(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
 }
 
 static inline void store_int8_output(const Int8GemmArgs& a, std::size_t m, std::size_t n, int32_t acc) {

@@ -93,10 +93,7 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
       GemmArgs& g = a[i];
       if (g.M < kAmxMinTokens || g.N == 0) continue;
       const std::size_t kp = padded_k(g.K);
-      g.m_pad = g.M <= 4    ? 4
-                : g.M <= 8  ? 8
-                : g.M <= 16 ? 16
-                            : (g.M + kAmxTokenBlock - 1) / kAmxTokenBlock * kAmxTokenBlock;
+      g.m_pad = amx_token_pad(g.M);
       quads.emplace_back(kp / 4 * g.m_pad);
       isa_amx::amx_pack_activations(g.q, g.M, kp, quads.back().data(), g.m_pad);
       g.q_quads = quads.back().data();  // which also routes this product to the AMX rows
