@@ -134,6 +134,33 @@ def test_threaded_fused_layer_is_the_same_at_every_thread_count_and_batch_size(s
     assert (outs[0] - kernels.ternary_linear(x, w)).abs().max() > 1e-3  # the adapters act
 
 
+@pytest.mark.parametrize("storage", ["int8", "fp16"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_batch_of_own_mixes_equals_each_row_alone(simd_level, storage, threads):
+    # A decode batch where every row has its own mix (some share adapters, one has none):
+    # the SIMD epilogues go adapter by adapter over the batch's rows, each adapter's B tile
+    # widened once for all the rows using it. Every row must come out as it does alone.
+    w = _weight(203, 600, seed=8)
+    made = [_adapter(w, r, 90 + e, storage)[0] for e, r in enumerate((16, 16, 8, 4, 16))]
+    x = torch.randn(9, 600, generator=torch.Generator().manual_seed(9))
+    mix = torch.tensor([[0.5, 0.5, 0, 0, 0], [0, 1.0, 0, 0, 0], [0, 0, 0, 0, 0],
+                        [0.2, 0.3, 0.5, 0, 0], [0, 0, 0.4, 0.6, 0], [1.0, 0, 0, 0, 0],
+                        [0, 0.3, 0, 0.3, 0.4], [0, 0, 0, 0, 1.0], [0.1, 0.1, 0.1, 0.1, 0.6]])
+    bias = torch.randn(203)
+    base_w = torch.rand(9)
+    kernels.set_num_threads(threads)
+    try:
+        batch = kernels.dora_linear(x, w, made, mix, bias, base_w)
+        alone = torch.cat([kernels.dora_linear(x[i:i + 1], w, made, mix[i:i + 1], bias,
+                                               base_w[i:i + 1]) for i in range(9)])
+    finally:
+        kernels.set_num_threads(0)
+    assert torch.equal(batch, alone)
+    torch.testing.assert_close(batch, kernels.dora_linear_reference(x, w, made, mix, bias,
+                                                                    base_w),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_prepared_mix_rejects_what_does_not_fit():
     w = _weight(40, 64, seed=22)
     made = [_adapter(w, 4, 120 + e, "int8")[0] for e in range(2)]
