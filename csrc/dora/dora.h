@@ -180,9 +180,6 @@ struct DoraMix {
     float scale = 0.0f;
   };
   std::vector<Entry> entries;        // [entries]
-  // Entry indices by adapter, then token (made with entries), and each entry's token: the
-  // SIMD epilogues widen one adapter's B tile once for every token that uses it.
-  std::vector<uint32_t> by_adapter, entry_token;
   void finish_a_pass();
   // Token m's row of base_factor, or nullptr when the epilogue sums c from the gains.
   const float* factor_row(std::size_t m) const {

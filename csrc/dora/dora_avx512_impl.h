@@ -62,22 +62,6 @@ inline __m512i low_rank_i8(const int8_t* b, const int16_t* z16, std::size_t pair
   return _mm512_add_epi32(_mm512_add_epi32(u[0], u[1]), _mm512_add_epi32(u[2], u[3]));
 }
 
-// One mix entry's low-rank update of a tile's 16 outputs (before its scale), b pointing at
-// the entry's B tile.
-template <class Pair>
-inline __m512 low_rank_update(const DoraMix::Entry& e, const uint8_t* b) {
-  if (e.storage == DoraStorage::I8) {
-    const auto* b8 = reinterpret_cast<const int8_t*>(b);
-    const auto* z16 = static_cast<const int16_t*>(e.z);
-    return _mm512_cvtepi32_ps(e.rank == 16 ? low_rank_i8<Pair, 8>(b8, z16)
-                                           : low_rank_i8<Pair>(b8, z16, e.rank / 2));
-  }
-  if (e.storage == DoraStorage::F16)
-    return low_rank(reinterpret_cast<const uint16_t*>(b), static_cast<const float*>(e.z),
-                    e.rank);
-  return low_rank(reinterpret_cast<const float*>(b), static_cast<const float*>(e.z), e.rank);
-}
-
 // The epilogue reads each adapter's B (and gain) tiles in order, one short run per tile:
 // fetching them this many tiles ahead keeps its reads in flight while it multiplies
 // (measured at 2560x6912, 3 int8 experts: 1.5 points of the fused layer's cost).
@@ -121,8 +105,21 @@ void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
       }
       for (uint32_t a = a0; a < a1; ++a) {
         const DoraMix::Entry& e = entries[a];
-        acc = _mm512_fmadd_ps(low_rank_update<Pair>(e, e.bt + t * e.tile_bytes),
-                              _mm512_set1_ps(e.scale), acc);
+        const uint8_t* b = e.bt + t * e.tile_bytes;
+        __m512 u;
+        if (e.storage == DoraStorage::I8) {
+          const auto* b8 = reinterpret_cast<const int8_t*>(b);
+          const auto* z16 = static_cast<const int16_t*>(e.z);
+          u = _mm512_cvtepi32_ps(e.rank == 16 ? low_rank_i8<Pair, 8>(b8, z16)
+                                              : low_rank_i8<Pair>(b8, z16, e.rank / 2));
+        } else if (e.storage == DoraStorage::F16) {
+          u = low_rank(reinterpret_cast<const uint16_t*>(b), static_cast<const float*>(e.z),
+                       e.rank);
+        } else {
+          u = low_rank(reinterpret_cast<const float*>(b), static_cast<const float*>(e.z),
+                       e.rank);
+        }
+        acc = _mm512_fmadd_ps(u, _mm512_set1_ps(e.scale), acc);
       }
       if (p.bias != nullptr) acc = _mm512_add_ps(acc, _mm512_loadu_ps(p.bias + nb));
       _mm512_storeu_ps(y + nb, acc);
@@ -130,105 +127,10 @@ void tiles(const DoraMix& p, std::size_t v0, std::size_t v1) {
   }
 }
 
-// A decode batch: up to this many tokens, their accumulators stay on the stack for a tile
-// while the adapters go by.
-constexpr std::size_t kBatchTokens = 16;
-
-// tiles() for a batch of tokens, adapter by adapter: each int8 rank-16 adapter's B tile is
-// widened to int16 once for every token that uses it (once a token in tiles(): 8 loads and
-// 8 widenings of the 10 instructions a token and adapter spend on a tile). Each output
-// takes the same operations in the same order as in tiles(): c * base, then the adapters'
-// updates in adapter order (a token's entries are in adapter order), then the bias.
-template <class Pair>
-void tiles_by_adapter(const DoraMix& p, std::size_t v0, std::size_t v1) {
-  const DoraMix::Entry* entries = p.entries.data();
-  const std::size_t count = p.by_adapter.size();
-  for (std::size_t nb = v0; nb < v1; nb += kDoraTile) {
-    const std::size_t t = nb / kDoraTile, ahead = t + kEpiloguePrefetchTiles;
-    for (std::size_t i = 0; i < count; ++i) {
-      const uint32_t a = p.by_adapter[i];
-      if (i > 0 && p.act_e[p.by_adapter[i - 1]] == p.act_e[a]) continue;  // fetched
-      const DoraMix::Entry& e = entries[a];
-      const uint8_t* next = e.bt + ahead * e.tile_bytes;
-      if (next >= e.bt_end) continue;
-      for (std::size_t o = 0; o < e.tile_bytes; o += 64)
-        _mm_prefetch(reinterpret_cast<const char*>(next + o), _MM_HINT_T0);
-      if (p.base_factor == nullptr)
-        _mm_prefetch(reinterpret_cast<const char*>(p.adapters[p.act_e[a]]->g.data() +
-                                                   ahead * kDoraTile),
-                     _MM_HINT_T0);
-    }
-    __m512 acc[kBatchTokens];
-    for (std::size_t m = 0; m < p.M; ++m) {
-      acc[m] = _mm512_loadu_ps(p.out + m * p.N + nb);
-      const uint32_t a0 = p.act_start[m], a1 = p.act_start[m + 1];
-      if (a0 == a1) continue;
-      __m512 c;
-      if (const float* factor = p.factor_row(m)) {
-        c = _mm512_loadu_ps(factor + nb);
-      } else {
-        c = _mm512_set1_ps(p.base_w[m]);
-        for (uint32_t a = a0; a < a1; ++a)
-          c = _mm512_fmadd_ps(_mm512_set1_ps(p.act_w[a]),
-                              _mm512_loadu_ps(p.adapters[p.act_e[a]]->g.data() + nb), c);
-      }
-      acc[m] = _mm512_mul_ps(c, acc[m]);
-    }
-    for (std::size_t i = 0; i < count;) {
-      const uint32_t first = p.by_adapter[i];
-      std::size_t end = i + 1;
-      while (end < count && p.act_e[p.by_adapter[end]] == p.act_e[first]) ++end;
-      const DoraMix::Entry& head = entries[first];
-      const uint8_t* b = head.bt + t * head.tile_bytes;
-      if (head.storage == DoraStorage::I8 && head.rank == 16) {
-        __m512i b16[8];
-        for (int q = 0; q < 8; ++q)
-          b16[q] = _mm512_cvtepi8_epi16(
-              _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + q * 2 * kDoraTile)));
-        for (std::size_t j = i; j < end; ++j) {
-          const uint32_t a = p.by_adapter[j];
-          const auto* z16 = static_cast<const int16_t*>(entries[a].z);
-          __m512i u[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(),
-                          _mm512_setzero_si512(), _mm512_setzero_si512()};
-          for (int q = 0; q < 8; ++q) {
-            int32_t zp;
-            std::memcpy(&zp, z16 + 2 * q, 4);
-            u[q % 4] = Pair::dot(u[q % 4], b16[q], _mm512_set1_epi32(zp));
-          }
-          const __m512i s =
-              _mm512_add_epi32(_mm512_add_epi32(u[0], u[1]), _mm512_add_epi32(u[2], u[3]));
-          const std::size_t m = p.entry_token[a];
-          acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(entries[a].scale),
-                                   acc[m]);
-        }
-      } else {
-        for (std::size_t j = i; j < end; ++j) {
-          const uint32_t a = p.by_adapter[j];
-          const DoraMix::Entry& e = entries[a];
-          const std::size_t m = p.entry_token[a];
-          acc[m] = _mm512_fmadd_ps(low_rank_update<Pair>(e, b), _mm512_set1_ps(e.scale),
-                                   acc[m]);
-        }
-      }
-      i = end;
-    }
-    for (std::size_t m = 0; m < p.M; ++m) {
-      if (p.act_start[m] == p.act_start[m + 1] && p.bias == nullptr) continue;
-      __m512 y = acc[m];
-      if (p.bias != nullptr) y = _mm512_add_ps(y, _mm512_loadu_ps(p.bias + nb));
-      _mm512_storeu_ps(p.out + m * p.N + nb, y);
-    }
-  }
-}
-
 template <class Pair>
 void epilogue_rows(const DoraMix& p, std::size_t n0, std::size_t n1) {
-  dora_epilogue_by_tiles(p, n0, n1, [&](std::size_t v0, std::size_t v1) {
-    if (p.M > 1 && p.M <= kBatchTokens)
-      tiles_by_adapter<Pair>(p, v0, v1);
-    else
-      tiles<Pair>(p, v0, v1);
-  });
+  dora_epilogue_by_tiles(p, n0, n1,
+                         [&](std::size_t v0, std::size_t v1) { tiles<Pair>(p, v0, v1); });
 }
 
 // Exact sum_k a[k] x16[k]. Each int32 lane takes at most 2 * 4096 / 32 products of

@@ -200,13 +200,6 @@ void DoraMix::finish_a_pass() {
       }
       e.bt_end = e.bt + ad.out_padded / kDoraTile * e.tile_bytes;
     }
-  entry_token.resize(act_e.size());
-  for (std::size_t m = 0; m < M; ++m)
-    for (uint32_t a = act_start[m]; a < act_start[m + 1]; ++a) entry_token[a] = static_cast<uint32_t>(m);
-  by_adapter.resize(act_e.size());
-  for (uint32_t a = 0; a < by_adapter.size(); ++a) by_adapter[a] = a;
-  std::stable_sort(by_adapter.begin(), by_adapter.end(),
-                   [&](uint32_t x, uint32_t y) { return act_e[x] < act_e[y]; });
 }
 
 float DoraMix::factor(std::size_t m, std::size_t n) const {
