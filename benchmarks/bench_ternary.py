@@ -100,6 +100,50 @@ def test_ternary_linear(benchmark, record_row, bandwidth_probe, tokens, label, i
          weight_bytes=weight_bytes, rounds=60 if tokens == 1 else 10)
 
 
+def _amx_switch(kernel: str):
+    """Turns the AMX kernels on for "amx", off for "vnni"; skips where AMX is not there."""
+    if kernel == "amx" and not (kernels.available() and kernels.info()["amx"]):
+        pytest.skip("no AMX-INT8 on this CPU (or the OS withholds the tile state)")
+    kernels._native.set_amx_enabled(kernel == "amx")
+
+
+@pytest.mark.parametrize("kernel", ["vnni", "amx"])
+@pytest.mark.parametrize("label", ["6912x2560", "2560x6912"])
+@pytest.mark.parametrize("tokens", [1, 4, 8, 16])
+def test_decode_batch_gemm(benchmark, record_row, bandwidth_probe, tokens, label, kernel):
+    """A decode step of a batch: one ternary product for 1-16 rows, on VNNI or on the tile
+    unit (AMX: from 3 tokens; see csrc/ternary/amx.h), 2 threads, weights from memory."""
+    _amx_switch(kernel)
+    try:
+        out_f, in_f = SHAPES[label]
+        weights = _ternary_weights(out_f, in_f)
+        x = torch.randn(tokens, in_f, generator=torch.Generator().manual_seed(0))
+        _run(benchmark, record_row, bandwidth_probe, op=f"GEMM ({kernel})", label=label,
+             impl="r3mes", tokens=tokens, threads=2, weights=weights,
+             call=lambda w: kernels.ternary_linear(x, w), weight_bytes=weights[0].packed.numel(),
+             rounds=40)
+    finally:
+        kernels._native.set_amx_enabled(True)
+
+
+@pytest.mark.parametrize("kernel", ["vnni", "amx"])
+@pytest.mark.parametrize("tokens", [1, 8, 16])
+def test_lm_head_decode_batch(benchmark, record_row, bandwidth_probe, tokens, kernel):
+    """The int8 LM head for a decode batch (AMX from 8 tokens), 2 threads, from memory."""
+    _amx_switch(kernel)
+    try:
+        iw = kernels.quantize_int8_weight(torch.randn(*HEAD))
+        weights = [iw, kernels.Int8Weight(kernels.weight_copy(iw.data), iw.scale, iw.row_sums,
+                                          *HEAD)]
+        x = torch.randn(tokens, HEAD[1])
+        _run(benchmark, record_row, bandwidth_probe, op=f"LM head ({kernel})",
+             label="128256x2560", impl="r3mes-int8", tokens=tokens, threads=2,
+             weights=weights, call=lambda w: kernels.int8_linear(x, w),
+             weight_bytes=iw.data.numel(), rounds=10)
+    finally:
+        kernels._native.set_amx_enabled(True)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("impl", ["r3mes-int8", "torch-fp16", "torch-bf16", "torch-fp32"])
 def test_lm_head(benchmark, record_row, bandwidth_probe, impl, threads):
