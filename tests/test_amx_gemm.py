@@ -40,6 +40,21 @@ def threads(request):
     kernels.set_num_threads(before)
 
 
+def _with_and_without_amx(run):
+    """run() at the VNNI level with the AMX kernels on, then off."""
+    before = kernels.simd_level()
+    kernels.set_simd_level("avx512vnni")
+    try:
+        out = []
+        for flag in (True, False):
+            _native.set_amx_enabled(flag)
+            out.append(run())
+    finally:
+        _native.set_amx_enabled(True)
+        kernels.set_simd_level(before)
+    return out
+
+
 def _case(m: int, n: int, k: int, seed: int):
     g = torch.Generator().manual_seed(seed)
     w = kernels.quantize_weight(torch.randn(n, k, generator=g))
@@ -94,17 +109,8 @@ def test_fused_dora_is_identical_with_and_without_amx(threads, tokens) -> None:
     mix = torch.rand(tokens, 2)
     mix[3] = 0
     mix = mix / mix.sum(dim=1, keepdim=True).clamp_min(1e-6)
-    before = kernels.simd_level()
-    kernels.set_simd_level("avx512vnni")
-    try:
-        out = {}
-        for flag in (True, False):
-            _native.set_amx_enabled(flag)
-            out[flag] = kernels.dora_linear(x, w, adapters, mix)
-    finally:
-        _native.set_amx_enabled(True)
-        kernels.set_simd_level(before)
-    assert torch.equal(out[True], out[False])
+    with_amx, without = _with_and_without_amx(lambda: kernels.dora_linear(x, w, adapters, mix))
+    assert torch.equal(with_amx, without)
 
 
 def test_info_reports_amx_and_it_can_be_switched_off() -> None:
@@ -124,15 +130,6 @@ def test_int8_head_is_identical_with_and_without_amx(threads, shape) -> None:
     g = torch.Generator().manual_seed(m + n + k)
     w = kernels.quantize_int8_weight(torch.randn(n, k, generator=g))
     x = torch.randn(m, k, generator=g) * 3
-    before = kernels.simd_level()
-    kernels.set_simd_level("avx512vnni")
-    try:
-        out = {}
-        for flag in (True, False):
-            _native.set_amx_enabled(flag)
-            out[flag] = kernels.int8_linear(x, w)
-    finally:
-        _native.set_amx_enabled(True)
-        kernels.set_simd_level(before)
-    assert torch.equal(out[True], out[False])
-    assert torch.equal(out[True], reference.int8_linear(x, w.data[:, :k], w.scale))
+    with_amx, without = _with_and_without_amx(lambda: kernels.int8_linear(x, w))
+    assert torch.equal(with_amx, without)
+    assert torch.equal(with_amx, reference.int8_linear(x, w.data[:, :k], w.scale))
