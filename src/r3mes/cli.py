@@ -35,7 +35,8 @@ def _cmd_info(args: argparse.Namespace) -> int:
         print(f"  CPU features:     {', '.join(feats) or 'none'}")
         print(f"  threads:          {data['num_threads']}")
         print(f"  weight layout:    {data['weight_layout']}")
-        print(f"  AMX prefill:      {'yes' if data.get('amx') else 'no'}")
+        amx = "yes (prefill, decode batches of 3+ rows)" if data.get("amx") else "no"
+        print(f"  AMX tiles:        {amx}")
     cuda = data["cuda"]
     print(f"  CUDA module:      {'built' if cuda['compiled'] else 'not built'}, "
           f"{cuda['device_count']} device(s)")
