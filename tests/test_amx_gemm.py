@@ -15,11 +15,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 # (tokens M, out N, in K): tails in every direction (N not a multiple of the 16- or 32-row
-# block, M not a multiple of the token block, K not a multiple of the 256-group). Up to 16
-# tokens: the decode-batch kernel (4, 8 or 16 tokens a B tile); past it, prefill's.
+# block, M not a multiple of the token block, K not a multiple of the 256-group). Up to 64
+# tokens: the decode-batch kernel (4, 8 or 16 tokens a B tile, 16 a pass); past it, the
+# 32-token blocks against 32 decoded rows.
 SHAPES = [(3, 1, 1), (4, 17, 300), (5, 40, 2560), (8, 33, 257), (8, 130, 777), (12, 16, 513),
-          (16, 1, 1), (16, 48, 6912), (17, 33, 257), (40, 130, 300), (100, 260, 777),
-          (33, 64, 2560), (128, 48, 6912)]
+          (16, 1, 1), (16, 48, 6912), (17, 33, 257), (40, 130, 300), (33, 64, 2560),
+          (64, 40, 700), (65, 17, 513), (100, 260, 777), (128, 48, 6912)]
 
 
 @pytest.fixture(params=["amx", "vnni"])

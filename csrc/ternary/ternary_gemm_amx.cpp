@@ -62,8 +62,9 @@ void store_tile(const GemmArgs& a, const int32_t* c, std::size_t cols, std::size
   }
 }
 
-// A decode batch: M <= kAmxFewTokens tokens, all in one B tile (16 k-quads x m_pad tokens),
-// against 16 weight rows at a time over all of K. The A tiles are the weights' codes (0, 1,
+// A decode batch: up to kAmxFewTokens tokens in one B tile (16 k-quads x `cols` tokens;
+// more tokens take a pass each, the block's rows read back from L1/L2), against 16 weight
+// rows at a time over all of K. The A tiles are the weights' codes (0, 1,
 // 2) as unsigned bytes (TDPBUSD; the activation sums come off at the end), decoded one
 // 256-group ahead of the tile unit into one of two L1 buffers, so no row is decoded whole
 // and each decoded byte is used once, from L1. C tile p sums slice p (64 weights) of every
@@ -89,8 +90,8 @@ void decode_few_group(const uint8_t* const* rows, std::size_t g, int8_t* chunk) 
 
 // Rows [n, n + 16): past n_end the last row is read again (valid memory) and its outputs
 // are not stored. next_block: the following block's rows, prefetched into L2 meanwhile.
-void few_tokens_block(const GemmArgs& a, std::size_t n, std::size_t n_end,
-                      const uint8_t* next_block, int8_t* buf, int32_t* c) {
+void few_tokens_block(const GemmArgs& a, std::size_t n, std::size_t n_end, std::size_t m0,
+                      std::size_t cols, const uint8_t* next_block, int8_t* buf, int32_t* c) {
   const std::size_t kp = padded_k(a.K), row_bytes = packed_row_bytes(a.K);
   const uint8_t* rows[kFewRows];
   for (std::size_t r = 0; r < kFewRows; ++r)
@@ -111,7 +112,7 @@ void few_tokens_block(const GemmArgs& a, std::size_t n, std::size_t n_end,
                      _MM_HINT_T1);
     if (g + 1 < groups) decode_few_group(rows, g + 1, buf + ((g + 1) & 1) * kFewChunk);
     const int8_t* chunk = buf + (g & 1) * kFewChunk;
-    const int32_t* b = a.q_quads + g * (kGroupWeights / 4) * a.m_pad;
+    const int32_t* b = a.q_quads + g * (kGroupWeights / 4) * a.m_pad + m0;
     tile_load<4>(chunk, 64);
     tile_load<6>(b, b_stride);
     tile_dpbusd<0, 4, 6>();
@@ -125,19 +126,21 @@ void few_tokens_block(const GemmArgs& a, std::size_t n, std::size_t n_end,
     tile_load<7>(b + 48 * a.m_pad, b_stride);
     tile_dpbusd<3, 5, 7>();
   }
-  store_and_sum_c(c, a.m_pad);
-  store_tile<true>(a, c, a.m_pad, n, n_end, 0);
+  store_and_sum_c(c, cols);
+  store_tile<true>(a, c, cols, n, n_end, m0);
 }
 
 void few_tokens_rows(const GemmArgs& a, std::size_t n0, std::size_t n1) {
   alignas(64) int8_t buf[2 * kFewChunk];
   alignas(64) int32_t c[4 * 16 * kAmxFewTokens];
-  configure_tiles(a.m_pad);
+  const std::size_t cols = std::min(a.m_pad, kAmxFewTokens);
+  configure_tiles(cols);
   const std::size_t row_bytes = packed_row_bytes(a.K);
   for (std::size_t n = n0; n < n1; n += kFewRows) {
     const uint8_t* next =
         n + 2 * kFewRows <= n1 ? a.packed + (n + kFewRows) * row_bytes : nullptr;
-    few_tokens_block(a, n, n1, next, buf, c);
+    for (std::size_t m0 = 0; m0 < a.M; m0 += cols)
+      few_tokens_block(a, n, n1, m0, cols, m0 == 0 ? next : nullptr, buf, c);
   }
   _tile_release();
 }
@@ -163,7 +166,7 @@ void amx_pack_activations(const int8_t* q_perm, std::size_t M, std::size_t kp, i
 
 void ternary_gemm_rows_amx(const GemmArgs& a, std::size_t n0, std::size_t n1) {
   const std::size_t kp = padded_k(a.K), m_pad = a.m_pad;
-  if (m_pad <= kAmxFewTokens) {
+  if (m_pad <= kAmxFewTokenPasses * kAmxFewTokens) {
     few_tokens_rows(a, n0, n1);
     return;
   }
