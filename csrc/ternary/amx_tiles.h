@@ -7,6 +7,7 @@
 // B 6-7 (activations: 16 k-quads x the block's tokens, 4 bytes a token).
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -57,6 +58,21 @@ inline void store_and_sum_c(int32_t* c, std::size_t tokens) {
   _tile_stored(3, c + 3 * tile, stride);
   for (std::size_t i = 0; i < tile; ++i) c[i] += c[tile + i] + c[2 * tile + i] + c[3 * tile + i];
 }
+
+// Reads a stored C tile (16 rows x `cols` int32, row-major) a token at a time: column j,
+// gathered, is 16 consecutive outputs of token j; keep masks the rows that exist.
+struct TileColumns {
+  __m512i index;
+  __mmask16 keep;
+  TileColumns(std::size_t cols, std::size_t rows)
+      : index(_mm512_mullo_epi32(
+            _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+            _mm512_set1_epi32(static_cast<int>(cols)))),
+        keep(static_cast<__mmask16>((1u << std::min<std::size_t>(rows, 16)) - 1)) {}
+  __m512i operator()(const int32_t* c, std::size_t j) const {
+    return _mm512_i32gather_epi32(index, c + j, 4);
+  }
+};
 
 inline void zero_c() {
   _tile_zero(0);

@@ -25,17 +25,13 @@ namespace {
 // M, as store_int8_output: float(acc) / (x_scale[m] * w_scale[n]).
 void store_block(const Int8GemmArgs& a, const int32_t* c, std::size_t cols, std::size_t n,
                  std::size_t n_end, std::size_t m0) {
-  const std::size_t rows = std::min<std::size_t>(16, n_end - n);
-  const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
-  const __m512i column = _mm512_mullo_epi32(
-      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-      _mm512_set1_epi32(static_cast<int>(cols)));
-  const __m512 w_scale = _mm512_maskz_loadu_ps(keep, a.w_scale + n);
+  const TileColumns column(cols, n_end - n);
+  const __m512 w_scale = _mm512_maskz_loadu_ps(column.keep, a.w_scale + n);
   for (std::size_t j = 0; j < cols && m0 + j < a.M; ++j) {
     const std::size_t m = m0 + j;
-    const __m512 acc = _mm512_cvtepi32_ps(_mm512_i32gather_epi32(column, c + j, 4));
+    const __m512 acc = _mm512_cvtepi32_ps(column(c, j));
     const __m512 y = _mm512_div_ps(acc, _mm512_mul_ps(_mm512_set1_ps(a.x_scale[m]), w_scale));
-    _mm512_mask_storeu_ps(a.out + m * a.N + n, keep, y);
+    _mm512_mask_storeu_ps(a.out + m * a.N + n, column.keep, y);
   }
 }
 

@@ -86,6 +86,7 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
   }
 #if defined(R3MES_HAVE_AMX)
   // Products of several tokens go to the tile unit (ternary/amx.h); m_pad picks the kernel.
+  // Products that share their (permuted) activations share one packed copy too.
   std::vector<std::vector<int32_t>> quads;
   if (level == SimdLevel::Avx512Vnni && amx_usable()) {
     quads.reserve(count);
@@ -94,6 +95,10 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
       if (g.M < kAmxMinTokens || g.N == 0) continue;
       const std::size_t kp = padded_k(g.K);
       g.m_pad = amx_token_pad(g.M);
+      for (std::size_t j = 0; j < i && g.q_quads == nullptr; ++j)
+        if (a[j].q_quads != nullptr && a[j].q == g.q && a[j].K == g.K && a[j].M == g.M)
+          g.q_quads = a[j].q_quads;
+      if (g.q_quads != nullptr) continue;
       quads.emplace_back(kp / 4 * g.m_pad);
       isa_amx::amx_pack_activations(g.q, g.M, kp, quads.back().data(), g.m_pad);
       g.q_quads = quads.back().data();  // which also routes this product to the AMX rows

@@ -42,14 +42,11 @@ template <bool kCodes = false>
 void store_tile(const GemmArgs& a, const int32_t* c, std::size_t cols, std::size_t n,
                 std::size_t n_end, std::size_t m) {
   if (n >= n_end) return;
-  const std::size_t rows = std::min<std::size_t>(16, n_end - n);
-  const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1);
-  const __m512i column = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6,
-                                                             5, 4, 3, 2, 1, 0),
-                                            _mm512_set1_epi32(static_cast<int>(cols)));
-  for (std::size_t j = 0; j < 16 && m + j < a.M; ++j) {
+  const TileColumns column(cols, n_end - n);
+  const __mmask16 keep = column.keep;
+  for (std::size_t j = 0; j < cols && m + j < a.M; ++j) {
     const std::size_t token = m + j;
-    __m512i acc = _mm512_i32gather_epi32(column, c + j, 4);
+    __m512i acc = column(c, j);
     if constexpr (kCodes) acc = _mm512_sub_epi32(acc, _mm512_set1_epi32(a.qsum[token]));
     if (a.out_f32 == nullptr) {
       _mm512_mask_storeu_epi32(a.out_i32 + token * a.N + n, keep, acc);
