@@ -26,6 +26,7 @@
 #include <memory>
 #include <vector>
 
+#include "common/target_clones.h"
 #include "common/thread_pool.h"
 // 64-byte vectors are returned from inline helpers only (always inlined into the clones),
 // so the ABI note GCC gives for them when AVX-512 is off does not apply (here and in
@@ -35,13 +36,6 @@
 
 namespace r3mes {
 namespace {
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define R3MES_CLONES \
-  __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define R3MES_CLONES
-#endif
 
 // Positions a task. Fixed (not derived from the thread count) so that results are too.
 constexpr std::size_t kChunk = 128;

@@ -269,12 +269,21 @@ class DoraCall {
   DoraCall() = default;
   DoraCall(const DoraCall&) = delete;
   DoraCall& operator=(const DoraCall&) = delete;
-  // Arguments as dora_linear's. Returns false if x holds NaN/Inf.
+  // Arguments as dora_linear's. Returns false if x holds NaN/Inf. same_input: a call
+  // prepared before this one on the same x (M, K), to run in the same GEMM (q, k and v of
+  // a layer): its quantised activations (int8, and the int16 grid with its scales) are
+  // used instead of made again, and the GEMM then also shares their packed copies.
+  // rows_later: x is not read here (it may not hold its values yet); the caller runs
+  // quantize_rows over all M rows, in any split, before the GEMM.
   bool prepare(const float* x, std::size_t M, std::size_t K, const uint8_t* packed,
                std::size_t N, float w_scale, const float* bias,
                const std::vector<const DoraAdapter*>& adapters, const float* mix,
                const float* base_weight, std::size_t mix_rows, float* out, SimdLevel level,
-               const float* base_factor = nullptr);
+               const float* base_factor = nullptr, const DoraCall* same_input = nullptr,
+               bool rows_later = false);
+  // Rows [r0, r1) of x quantised for this call (what it shares with same_input is left to
+  // that call); calls on disjoint rows may run at once. Returns false if they hold NaN/Inf.
+  bool quantize_rows(std::size_t r0, std::size_t r1);
   GemmArgs args{};
 
  private:
@@ -296,6 +305,19 @@ class DoraCall {
   std::vector<int16_t> x16_;
   std::vector<float> x16_scale_;  // [M]: sx
   std::vector<float> x16_inv_;    // [M]: 1 / sx (0 for a token below kX16Floor)
+  // What the A pass and the GEMM read: this call's buffers, or same_input's. x16_grid_ is
+  // null for one token (each A-pass task then makes its own copy in x16_).
+  const int16_t* x16_grid_ = nullptr;
+  const float* x16_scale_of_ = nullptr;
+  const float* x16_inv_of_ = nullptr;
+  const float* input_ = nullptr;  // the x the activations below are made from
+  std::size_t input_m_ = 0, input_k_ = 0;
+  bool owns_q_ = false, owns_x16_ = false;  // made by this call's quantize_rows
+  SimdLevel level_ = SimdLevel::Scalar;
+  float (*absmax_)(const float*, std::size_t, bool*) = nullptr;
+  const int8_t* q_of_ = nullptr;
+  const float* x_scale_of_ = nullptr;
+  const int32_t* qsum_of_ = nullptr;
   void (*quant_x16_)(const float*, std::size_t, float, int16_t*) = nullptr;
   std::vector<const DoraAdapter*> adapters_;
   AlignedVector<int8_t> q_;  // read 64 bytes at a time by the GEMM (common/aligned_vector.h)

@@ -341,10 +341,14 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
                        std::size_t N, float w_scale, const float* bias,
                        const std::vector<const DoraAdapter*>& adapters, const float* mix,
                        const float* base_weight, std::size_t mix_rows, float* out,
-                       SimdLevel level, const float* base_factor) {
+                       SimdLevel level, const float* base_factor,
+                       const DoraCall* same_input, bool rows_later) {
   const std::size_t E = adapters.size();
   const Isa isa = isa_for(level);
   args = GemmArgs{};
+  input_ = nullptr;  // until this call's activations are made
+  x16_scale_of_ = x16_inv_of_ = nullptr;
+  x16_grid_ = nullptr;
   args.M = M;
   args.N = N;
   args.K = K;
@@ -383,13 +387,26 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
   p.act_start[M] = static_cast<uint32_t>(p.act_e.size());
   const bool any_adapter = !p.act_e.empty();
 
-  // Activations for the base path (per-token absmax int8, padded rows).
-  const std::size_t kp = padded_k(K);
-  q_.resize(M * kp);
-  x_scale_.resize(M);
-  qsum_.resize(M);
-  if (!quantize_activations(x, M, K, q_.data(), kp, x_scale_.data(), qsum_.data(), level))
-    return false;
+  // Activations for the base path (per-token absmax int8, padded rows): made by
+  // quantize_rows, here or by the caller.
+  const bool shared = same_input != nullptr && same_input->input_ == x &&
+                      same_input->input_m_ == M && same_input->input_k_ == K;
+  owns_q_ = !shared;
+  if (shared) {
+    q_of_ = same_input->q_of_;
+    x_scale_of_ = same_input->x_scale_of_;
+    qsum_of_ = same_input->qsum_of_;
+  } else {
+    q_.resize(M * padded_k(K));
+    x_scale_.resize(M);
+    qsum_.resize(M);
+    q_of_ = q_.data();
+    x_scale_of_ = x_scale_.data();
+    qsum_of_ = qsum_.data();
+  }
+  level_ = level;
+  absmax_ = isa.absmax;
+  owns_x16_ = false;
 
   if (any_adapter) {
     // The A pass, z[m, off_e + j] = A_e[j] . x_m for the (token, adapter) pairs in use,
@@ -419,19 +436,21 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
     bool any_int8 = false;
     for (const DoraAdapter* ad : adapters) any_int8 |= ad->storage == DoraStorage::I8;
     if (any_int8) {
-      x16_.resize((M == 1 ? a_tasks_ : M) * K);
-      x16_scale_.resize(M);
-      x16_inv_.resize(M);
       quant_x16_ = isa.quant_x16;
-      for (std::size_t m = 0; m < M; ++m) {
-        bool finite = true;
-        float mx = isa.absmax(x + m * K, K, &finite);
-        // Below kX16Floor, 32767 / max|x| would overflow: such a token's adapter path is 0.
-        if (mx < kX16Floor) mx = 0.0f;
-        x16_inv_[m] = mx > 0.0f ? 32767.0f / mx : 0.0f;
-        x16_scale_[m] = mx / 32767.0f;
-        if (M > 1) isa.quant_x16(x + m * K, K, x16_inv_[m], x16_.data() + m * K);
+      if (shared && same_input->x16_scale_of_ != nullptr) {
+        x16_scale_of_ = same_input->x16_scale_of_;
+        x16_inv_of_ = same_input->x16_inv_of_;
+        x16_grid_ = same_input->x16_grid_;
+      } else {
+        owns_x16_ = true;
+        x16_scale_.resize(M);
+        x16_inv_.resize(M);
+        if (M > 1) x16_.resize(M * K);
+        x16_scale_of_ = x16_scale_.data();
+        x16_inv_of_ = x16_inv_.data();
+        x16_grid_ = M > 1 ? x16_.data() : nullptr;
       }
+      if (M == 1) x16_.resize(a_tasks_ * K);
     }
     p.z16_off.resize(p.act_e.size());
     std::size_t z16_size = 0;
@@ -446,8 +465,15 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
     a_rows_ = 0;
   }
 
-  args = GemmArgs{packed, q_.data(), qsum_.data(), M, N, K,
-                  nullptr, out, x_scale_.data(), w_scale, any_adapter ? nullptr : bias};
+  input_ = x;
+  input_m_ = M;
+  input_k_ = K;
+  if (!rows_later && !quantize_rows(0, M)) {
+    input_ = nullptr;
+    return false;
+  }
+  args = GemmArgs{packed, q_of_, qsum_of_, M, N, K,
+                  nullptr, out, x_scale_of_, w_scale, any_adapter ? nullptr : bias};
   if (any_adapter) {
     args.epilogue = hook_for(isa.epilogue);
     args.epilogue_ctx = &mix_;
@@ -457,6 +483,24 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
     args.prologue_finish = &DoraCall::a_pass_finish;
   }
   return true;
+}
+
+bool DoraCall::quantize_rows(std::size_t r0, std::size_t r1) {
+  const std::size_t M = input_m_, K = input_k_, kp = padded_k(K);
+  bool finite = true;
+  if (owns_q_ && r1 > r0)
+    finite = quantize_activations(input_ + r0 * K, r1 - r0, K, q_.data() + r0 * kp, kp,
+                                  x_scale_.data() + r0, qsum_.data() + r0, level_);
+  for (std::size_t m = r0; owns_x16_ && m < r1; ++m) {
+    bool row_finite = true;
+    float mx = absmax_(input_ + m * K, K, &row_finite);
+    // Below kX16Floor, 32767 / max|x| would overflow: such a token's adapter path is 0.
+    if (mx < kX16Floor) mx = 0.0f;
+    x16_inv_[m] = mx > 0.0f ? 32767.0f / mx : 0.0f;
+    x16_scale_[m] = mx / 32767.0f;
+    if (M > 1) quant_x16_(input_ + m * K, K, x16_inv_[m], x16_.data() + m * K);
+  }
+  return finite;
 }
 
 void DoraCall::a_pass_finish(void* ctx) { static_cast<DoraCall*>(ctx)->mix_.finish_a_pass(); }
@@ -485,8 +529,8 @@ void DoraCall::a_pass_task(void* ctx, std::size_t task) {
       continue;
     }
     if (x16 == nullptr) {
-      if (M == 1) c.quant_x16_(c.x_, K, c.x16_inv_[0], c.x16_.data() + task * K);
-      x16 = c.x16_.data() + (M == 1 ? task * K : 0);
+      if (M == 1) c.quant_x16_(c.x_, K, c.x16_inv_of_[0], c.x16_.data() + task * K);
+      x16 = M == 1 ? c.x16_.data() + task * K : c.x16_grid_;
     }
     // This token's rows of this adapter in the task, in one call.
     const std::size_t rows = std::min(r1, adapter_end) - t;
@@ -496,7 +540,7 @@ void DoraCall::a_pass_task(void* ctx, std::size_t task) {
       c.dot8_(ad.a8.data() + (j + r0) * K, K, n, x16 + m * K, K, dots);
       for (std::size_t r = 0; r < n; ++r)
         p.z[m * p.z_cols + i + r0 + r] =
-            static_cast<float>(dots[r]) * (ad.z_scale[j + r0 + r] * c.x16_scale_[m]);
+            static_cast<float>(dots[r]) * (ad.z_scale[j + r0 + r] * c.x16_scale_of_[m]);
     }
     t += rows;
   }

@@ -1,11 +1,15 @@
 #include "model/decode_layer.h"
 
+#include <atomic>
 #include <cmath>
+#include <functional>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
 #include "attention/decode_attention.h"
+#include "common/target_clones.h"
+#include "common/thread_pool.h"
 #include "ternary/ternary.h"
 
 namespace r3mes {
@@ -15,9 +19,10 @@ namespace {
 // The mean of squares is accumulated in float64, in 8 interleaved partial sums added as a
 // tree (a fixed order, so deterministic, and at least as accurate as torch's float32
 // reduction); one running sum was a chain of dependent adds, 4-5 ms of a decode step of 8
-// rows of the 2B-4T shape.
-void rms_norm(const float* x, const float* w, std::size_t rows, std::size_t n, float eps,
-              float* y) {
+// rows of the 2B-4T shape. Cloned (common/target_clones.h): a float squared is exact in
+// double, so an FMA leaves the sums as they are.
+R3MES_CLONES void rms_norm(const float* x, const float* w, std::size_t rows, std::size_t n,
+                           float eps, float* y) {
   constexpr std::size_t kLanes = 8;
   for (std::size_t r = 0; r < rows; ++r) {
     const float* xr = x + r * n;
@@ -61,7 +66,7 @@ void apply_rope(float* x, std::size_t rows, std::size_t heads, std::size_t head_
 // float select without -ffinite-math-only), mispredicted half the time, it took 3-4 ms of a
 // decode step of 8 rows of the 2B-4T shape. max(g, 0) returns 0 for g = -0 or NaN, as the
 // scalar select below.
-void gated_activation(DecodeActivation activation, float* __restrict gate,
+R3MES_CLONES void gated_activation(DecodeActivation activation, float* __restrict gate,
                       const float* __restrict up, std::size_t n) {
   if (activation == DecodeActivation::Relu2) {
     std::size_t i = 0;
@@ -81,21 +86,49 @@ void gated_activation(DecodeActivation activation, float* __restrict gate,
   }
 }
 
-// Runs `count` projections of the same input x [B, in] in one pool hand-off.
-bool project(const DecodeLayerSpec& spec, const int* which, std::size_t count, const float* x,
-             std::size_t B, float* const* outs, DecodeScratch& scratch, SimdLevel level) {
-  GemmArgs args[kNumProjections];
+// h += y, the residual connection.
+R3MES_CLONES void add_into(float* __restrict h, const float* __restrict y, std::size_t n) {
+  for (std::size_t i = 0; i < n; ++i) h[i] += y[i];
+}
+
+// Prepares `count` projections of the same input x [B, in], to run in one pool hand-off on
+// one quantised copy of x: the first call's, made by quantize_rows (each call's
+// quantize_rows makes only what it does not share).
+void prepare_projections(const DecodeLayerSpec& spec, const int* which, std::size_t count,
+                         const float* x, std::size_t B, float* const* outs,
+                         DecodeScratch& scratch, SimdLevel level) {
   for (std::size_t i = 0; i < count; ++i) {
     const DecodeProjection& p = spec.proj[which[i]];
-    DoraCall& call = scratch.calls[which[i]];
-    if (!call.prepare(x, B, p.in, p.packed, p.out, p.w_scale, nullptr, p.adapters,
-                      p.mix.data(), p.base_w.empty() ? nullptr : p.base_w.data(), p.mix_rows,
-                      outs[i], level, p.base_factor.empty() ? nullptr : p.base_factor.data()))
-      return false;
-    args[i] = call.args;
+    scratch.calls[which[i]].prepare(
+        x, B, p.in, p.packed, p.out, p.w_scale, nullptr, p.adapters, p.mix.data(),
+        p.base_w.empty() ? nullptr : p.base_w.data(), p.mix_rows, outs[i], level,
+        p.base_factor.empty() ? nullptr : p.base_factor.data(),
+        i == 0 ? nullptr : &scratch.calls[which[0]], /*rows_later=*/true);
   }
+}
+
+bool quantize_rows(const int* which, std::size_t count, DecodeScratch& scratch,
+                   std::size_t r0, std::size_t r1) {
+  bool finite = true;
+  for (std::size_t i = 0; i < count; ++i)
+    finite &= scratch.calls[which[i]].quantize_rows(r0, r1);
+  return finite;
+}
+
+void run_projections(const int* which, std::size_t count, DecodeScratch& scratch,
+                     SimdLevel level) {
+  GemmArgs args[kNumProjections];
+  for (std::size_t i = 0; i < count; ++i) args[i] = scratch.calls[which[i]].args;
   ternary_gemm_multi(args, count, level);
-  return true;
+}
+
+// The batch's rows split evenly over the pool's threads, for the work between products
+// that goes row by row (norms, RoPE, quantising the next product's input): on one thread
+// it was a tenth of a decode step of 8 rows, with the other threads waiting (2B-4T shape,
+// 2 threads). One row runs inline.
+void over_rows(std::size_t B, const std::function<void(std::size_t, std::size_t)>& fn) {
+  const std::size_t threads = static_cast<std::size_t>(get_num_threads());
+  parallel_for(B, (B + threads - 1) / threads, fn);
 }
 
 }  // namespace
@@ -113,64 +146,80 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, con
   s.gate.resize(B * I);
   s.up.resize(B * I);
   s.y.resize(B * H);
-  s.rope.resize(D);
+  s.rope.resize(B * D);
   s.lengths.resize(B);
 
   // ---- attention
-  rms_norm(h, spec.input_norm, B, H, spec.eps, s.x.data());
-  {
-    const int which[3] = {kQ, kK, kV};
-    float* outs[3] = {s.q.data(), s.k.data(), s.v.data()};
-    if (!project(spec, which, 3, s.x.data(), B, outs, s, level)) return false;
-  }
-  apply_rope(s.q.data(), B, spec.heads, D, cos, sin, s.rope.data());
-  apply_rope(s.k.data(), B, spec.kv_heads, D, cos, sin, s.rope.data());
-  for (std::size_t b = 0; b < B; ++b) {
-    const std::size_t p = static_cast<std::size_t>(pos[b]);
-    s.lengths[b] = pos[b] + 1;
-    for (std::size_t g = 0; g < spec.kv_heads; ++g) {
-      const std::size_t dst = kv.offset(b, spec.kv_heads, g, p, D);
-      const std::size_t src = (b * spec.kv_heads + g) * D;
-      for (std::size_t d = 0; d < D; ++d) {
-        kv.k[dst + d] = s.k[src + d];
-        kv.v[dst + d] = s.v[src + d];
+  std::atomic<bool> finite{true};
+  const int qkv[3] = {kQ, kK, kV};
+  float* qkv_out[3] = {s.q.data(), s.k.data(), s.v.data()};
+  prepare_projections(spec, qkv, 3, s.x.data(), B, qkv_out, s, level);
+  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+    rms_norm(h + r0 * H, spec.input_norm, r1 - r0, H, spec.eps, s.x.data() + r0 * H);
+    if (!quantize_rows(qkv, 3, s, r0, r1)) finite = false;
+  });
+  if (!finite) return false;
+  run_projections(qkv, 3, s, level);
+  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+    const std::size_t rows = r1 - r0;
+    float* tmp = s.rope.data() + r0 * D;
+    apply_rope(s.q.data() + r0 * qn, rows, spec.heads, D, cos + r0 * D, sin + r0 * D, tmp);
+    apply_rope(s.k.data() + r0 * kvn, rows, spec.kv_heads, D, cos + r0 * D, sin + r0 * D, tmp);
+    for (std::size_t b = r0; b < r1; ++b) {
+      const std::size_t p = static_cast<std::size_t>(pos[b]);
+      s.lengths[b] = pos[b] + 1;
+      for (std::size_t g = 0; g < spec.kv_heads; ++g) {
+        const std::size_t dst = kv.offset(b, spec.kv_heads, g, p, D);
+        const std::size_t src = (b * spec.kv_heads + g) * D;
+        for (std::size_t d = 0; d < D; ++d) {
+          kv.k[dst + d] = s.k[src + d];
+          kv.v[dst + d] = s.v[src + d];
+        }
       }
     }
-  }
+  });
   decode_attention(s.q.data(), kv, start, s.lengths.data(), B, spec.heads, spec.kv_heads, D,
                    spec.attn_scaling, s.o.data());
-  const float* o = s.o.data();
-  if (spec.attn_sub_norm != nullptr) {
-    rms_norm(s.o.data(), spec.attn_sub_norm, B, qn, spec.eps, s.q.data());
-    o = s.q.data();
-  }
-  {
-    const int which[1] = {kO};
-    float* outs[1] = {s.y.data()};
-    if (!project(spec, which, 1, o, B, outs, s, level)) return false;
-  }
-  for (std::size_t i = 0; i < B * H; ++i) h[i] = h[i] + s.y[i];
+  const int o_proj[1] = {kO};
+  float* o_out[1] = {s.y.data()};
+  const bool attn_norm = spec.attn_sub_norm != nullptr;
+  prepare_projections(spec, o_proj, 1, attn_norm ? s.q.data() : s.o.data(), B, o_out, s, level);
+  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+    if (attn_norm)
+      rms_norm(s.o.data() + r0 * qn, spec.attn_sub_norm, r1 - r0, qn, spec.eps,
+               s.q.data() + r0 * qn);
+    if (!quantize_rows(o_proj, 1, s, r0, r1)) finite = false;
+  });
+  if (!finite) return false;
+  run_projections(o_proj, 1, s, level);
 
   // ---- MLP
-  rms_norm(h, spec.post_norm, B, H, spec.eps, s.x.data());
-  {
-    const int which[2] = {kGate, kUp};
-    float* outs[2] = {s.gate.data(), s.up.data()};
-    if (!project(spec, which, 2, s.x.data(), B, outs, s, level)) return false;
-  }
-  float* a = s.gate.data();
-  gated_activation(spec.activation, a, s.up.data(), B * I);
-  const float* mlp_in = a;
-  if (spec.ffn_sub_norm != nullptr) {
-    rms_norm(a, spec.ffn_sub_norm, B, I, spec.eps, s.up.data());
-    mlp_in = s.up.data();
-  }
-  {
-    const int which[1] = {kDown};
-    float* outs[1] = {s.y.data()};
-    if (!project(spec, which, 1, mlp_in, B, outs, s, level)) return false;
-  }
-  for (std::size_t i = 0; i < B * H; ++i) h[i] = h[i] + s.y[i];
+  const int gate_up[2] = {kGate, kUp};
+  float* gate_up_out[2] = {s.gate.data(), s.up.data()};
+  prepare_projections(spec, gate_up, 2, s.x.data(), B, gate_up_out, s, level);
+  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+    add_into(h + r0 * H, s.y.data() + r0 * H, (r1 - r0) * H);
+    rms_norm(h + r0 * H, spec.post_norm, r1 - r0, H, spec.eps, s.x.data() + r0 * H);
+    if (!quantize_rows(gate_up, 2, s, r0, r1)) finite = false;
+  });
+  if (!finite) return false;
+  run_projections(gate_up, 2, s, level);
+  const int down[1] = {kDown};
+  float* down_out[1] = {s.y.data()};
+  const bool ffn_norm = spec.ffn_sub_norm != nullptr;
+  prepare_projections(spec, down, 1, ffn_norm ? s.up.data() : s.gate.data(), B, down_out, s,
+                      level);
+  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+    float* a = s.gate.data() + r0 * I;
+    gated_activation(spec.activation, a, s.up.data() + r0 * I, (r1 - r0) * I);
+    if (ffn_norm) rms_norm(a, spec.ffn_sub_norm, r1 - r0, I, spec.eps, s.up.data() + r0 * I);
+    if (!quantize_rows(down, 1, s, r0, r1)) finite = false;
+  });
+  if (!finite) return false;
+  run_projections(down, 1, s, level);
+  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+    add_into(h + r0 * H, s.y.data() + r0 * H, (r1 - r0) * H);
+  });
   return true;
 }
 
