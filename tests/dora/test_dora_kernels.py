@@ -161,6 +161,29 @@ def test_a_batch_of_own_mixes_equals_each_row_alone(simd_level, storage, threads
                                rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_many_rows_sharing_adapters_each_equal_the_row_alone(simd_level, threads):
+    # 37 rows sharing int8 adapters of ranks 6 and 13 (the A pass's four-row blocks with
+    # tails, its tasks cutting across tokens and adapters): each row comes out exactly as it
+    # does alone.
+    w = _weight(150, 700, seed=12)
+    made = [_adapter(w, r, 70 + r, "int8")[0] for r in (6, 13)]
+    x = torch.randn(37, 700, generator=torch.Generator().manual_seed(13))
+    mix = torch.stack([torch.tensor([1.0, 0.0]) if i % 5 == 0 else
+                       torch.tensor([0.0, 1.0]) if i % 5 == 1 else
+                       torch.tensor([0.4, 0.6]) for i in range(37)])
+    kernels.set_num_threads(threads)
+    try:
+        batch = kernels.dora_linear(x, w, made, mix)
+        alone = torch.cat([kernels.dora_linear(x[i:i + 1], w, made, mix[i:i + 1])
+                           for i in range(37)])
+    finally:
+        kernels.set_num_threads(0)
+    assert torch.equal(batch, alone)
+    torch.testing.assert_close(batch, kernels.dora_linear_reference(x, w, made, mix),
+                               rtol=1e-5, atol=1e-5)
+
+
 def test_prepared_mix_rejects_what_does_not_fit():
     w = _weight(40, 64, seed=22)
     made = [_adapter(w, 4, 120 + e, "int8")[0] for e in range(2)]
