@@ -87,7 +87,7 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
 #if defined(R3MES_HAVE_AMX)
   // Products of several tokens go to the tile unit (ternary/amx.h); m_pad picks the kernel.
   // Products that share their (permuted) activations share one packed copy too.
-  std::vector<std::vector<int32_t>> quads;
+  std::vector<std::unique_ptr<int32_t[]>> quads;  // not cleared: the packing writes it all
   if (level == SimdLevel::Avx512Vnni && amx_usable()) {
     quads.reserve(count);
     for (std::size_t i = 0; i < count; ++i) {
@@ -99,9 +99,9 @@ void ternary_gemm_multi(const GemmArgs* products, std::size_t count, SimdLevel l
         if (a[j].q_quads != nullptr && a[j].q == g.q && a[j].K == g.K && a[j].M == g.M)
           g.q_quads = a[j].q_quads;
       if (g.q_quads != nullptr) continue;
-      quads.emplace_back(kp / 4 * g.m_pad);
-      isa_amx::amx_pack_activations(g.q, g.M, kp, quads.back().data(), g.m_pad);
-      g.q_quads = quads.back().data();  // which also routes this product to the AMX rows
+      quads.emplace_back(new int32_t[kp / 4 * g.m_pad]);
+      isa_amx::amx_pack_activations(g.q, g.M, kp, quads.back().get(), g.m_pad);
+      g.q_quads = quads.back().get();  // which also routes this product to the AMX rows
     }
   }
 #endif

@@ -146,19 +146,22 @@ void few_tokens_rows(const GemmArgs& a, std::size_t n0, std::size_t n1) {
 
 void amx_pack_activations(const int8_t* q_perm, std::size_t M, std::size_t kp, int32_t* q_quads,
                           std::size_t m_pad) {
-  // A transpose of dwords, [M][kp / 4] -> [kp / 4][m_pad], in blocks that stay in L1.
-  std::memset(q_quads, 0, kp / 4 * m_pad * sizeof(int32_t));
+  // A transpose of dwords, [M][kp / 4] -> [kp / 4][m_pad], in blocks that stay in L1; every
+  // dword written (the padding tokens' as 0), so q_quads needs no clearing first.
   constexpr std::size_t kBlock = 64;
-  for (std::size_t k0 = 0; k0 < kp / 4; k0 += kBlock)
+  for (std::size_t k0 = 0; k0 < kp / 4; k0 += kBlock) {
+    const std::size_t k1 = std::min(kp / 4, k0 + kBlock);
     for (std::size_t m = 0; m < M; ++m) {
       const int8_t* src = q_perm + m * kp;
-      const std::size_t k1 = std::min(kp / 4, k0 + kBlock);
       for (std::size_t kq = k0; kq < k1; ++kq) {
         int32_t v;
         std::memcpy(&v, src + 4 * kq, 4);
         q_quads[kq * m_pad + m] = v;
       }
     }
+    for (std::size_t kq = k0; M < m_pad && kq < k1; ++kq)
+      std::memset(q_quads + kq * m_pad + M, 0, (m_pad - M) * sizeof(int32_t));
+  }
 }
 
 void ternary_gemm_rows_amx(const GemmArgs& a, std::size_t n0, std::size_t n1) {
