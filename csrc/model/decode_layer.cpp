@@ -67,7 +67,7 @@ void apply_rope(float* x, std::size_t rows, std::size_t heads, std::size_t head_
 // decode step of 8 rows of the 2B-4T shape. max(g, 0) returns 0 for g = -0 or NaN, as the
 // scalar select below.
 R3MES_CLONES void gated_activation(DecodeActivation activation, float* __restrict gate,
-                      const float* __restrict up, std::size_t n) {
+                                   const float* __restrict up, std::size_t n) {
   if (activation == DecodeActivation::Relu2) {
     std::size_t i = 0;
 #if defined(__SSE2__)
