@@ -193,6 +193,28 @@ def test_decode_layer_refuses_bad_arguments_by_name() -> None:
         _native.DecodeLayer(96, 200, 4, 2, 24, 1e-5, 0.2, "gelu", norm, norm, None, None, good)
 
 
+def test_a_batch_with_one_bad_row_is_refused_whichever_thread_quantises_it() -> None:
+    # The rows of a batch are normalised and quantised on the pool's threads, split among
+    # them: a NaN in the last row (the second thread's half) still refuses the step, before
+    # anything is written to the cache.
+    model = _model()
+    layer = model.decode_hook.layers()[0]
+    h = np.zeros((3, 96), dtype=np.float32)
+    h[2, 5] = np.nan
+    k = np.zeros((2, 3, 2, 8, 24), dtype=np.float32)
+    v = k.copy()
+    table = np.arange(3, dtype=np.int32)[:, None]
+    zeros = np.zeros(3, dtype=np.int64)
+    cs = np.ones((3, 24), dtype=np.float32)
+    kernels.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            layer.step(h, k, v, 0, table, zeros, zeros, cs, cs)
+    finally:
+        kernels.set_num_threads(0)
+    assert not k.any() and not v.any()
+
+
 def test_a_layer_that_stops_qualifying_sends_decode_back_to_torch() -> None:
     model = _model()
     cache = model.new_cache(1, 8)
