@@ -292,7 +292,6 @@ class DoraCall {
 
   DoraMix mix_;
   // The A pass (run as prologue tasks of a_grain_ rows of z each).
-  const float* x_ = nullptr;
   const float* mix_ptr_ = nullptr;
   std::size_t mix_rows_ = 1, a_rows_ = 0, a_grain_ = 1, a_tasks_ = 0;
   std::vector<std::size_t> row_adapter_;
@@ -310,7 +309,7 @@ class DoraCall {
   const int16_t* x16_grid_ = nullptr;
   const float* x16_scale_of_ = nullptr;
   const float* x16_inv_of_ = nullptr;
-  const float* input_ = nullptr;  // the x the activations below are made from
+  const float* input_ = nullptr;  // x: the activations below are made from it; the A pass reads it
   std::size_t input_m_ = 0, input_k_ = 0;
   bool owns_q_ = false, owns_x16_ = false;  // made by this call's quantize_rows
   SimdLevel level_ = SimdLevel::Scalar;

@@ -419,7 +419,6 @@ bool DoraCall::prepare(const float* x, std::size_t M, std::size_t K, const uint8
     row_adapter_.resize(p.z_cols);
     for (std::size_t e = 0; e < E; ++e)
       for (std::size_t j = 0; j < adapters[e]->rank; ++j) row_adapter_[p.z_off[e] + j] = e;
-    x_ = x;
     mix_ptr_ = mix;
     mix_rows_ = mix_rows;
     dot32_ = isa.dot32;
@@ -525,7 +524,7 @@ void DoraCall::a_pass_task(void* ctx, std::size_t task) {
       continue;
     }
     if (ad.storage != DoraStorage::I8) {
-      const float* xm = c.x_ + m * K;
+      const float* xm = c.input_ + m * K;
       p.z[m * p.z_cols + i] = ad.storage == DoraStorage::F16
                                   ? c.dot16_(xm, ad.a16.data() + j * K, K)
                                   : c.dot32_(xm, ad.a32.data() + j * K, K);
@@ -533,7 +532,7 @@ void DoraCall::a_pass_task(void* ctx, std::size_t task) {
       continue;
     }
     if (x16 == nullptr) {
-      if (M == 1) c.quant_x16_(c.x_, K, c.x16_inv_of_[0], c.x16_.data() + task * K);
+      if (M == 1) c.quant_x16_(c.input_, K, c.x16_inv_of_[0], c.x16_.data() + task * K);
       x16 = M == 1 ? c.x16_.data() + task * K : c.x16_grid_;
     }
     // This token's rows of this adapter in the task, in one call.

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "common/thread_pool.h"
@@ -56,7 +57,7 @@ void int8_gemm(const Int8GemmArgs& args, SimdLevel level) {
   Int8GemmArgs a = args;
   AlignedVector<uint8_t> u;  // the VNNI kernel reads u = q + 128 (vpdpbusd: unsigned x signed)
   auto fn = int8_gemm_rows_scalar;
-  std::vector<int32_t> quads;
+  std::unique_ptr<int32_t[]> quads;  // not cleared: the packing writes every dword
   if (level == SimdLevel::Avx512Vnni) {
     u = unsigned_activations(a.q, a.M * int8_padded_k(a.K));
     a.u = u.data();
@@ -68,9 +69,9 @@ void int8_gemm(const Int8GemmArgs& args, SimdLevel level) {
     if (a.M >= kAmxMinHeadTokens && amx_usable()) {
       const std::size_t kp = int8_padded_k(a.K);
       a.m_pad = amx_token_pad(a.M);
-      quads.resize(kp / 4 * a.m_pad);
-      isa_amx::amx_pack_activations(a.q, a.M, kp, quads.data(), a.m_pad);
-      a.q_quads = quads.data();
+      quads.reset(new int32_t[kp / 4 * a.m_pad]);
+      isa_amx::amx_pack_activations(a.q, a.M, kp, quads.get(), a.m_pad);
+      a.q_quads = quads.get();
       fn = isa_amx::int8_gemm_rows_amx;
     }
 #endif

@@ -195,7 +195,8 @@ void ternary_gemm_rows_amx(const GemmArgs& a, std::size_t n0, std::size_t n1) {
       _tile_stored(2, c[2], 64);
       _tile_stored(3, c[3], 64);
       for (int rt = 0; rt < 2; ++rt)
-        for (int tt = 0; tt < 2; ++tt) store_tile(a, c[2 * rt + tt], 16, n + 16 * rt, n1, m + 16 * tt);
+        for (int tt = 0; tt < 2; ++tt)
+          store_tile(a, c[2 * rt + tt], 16, n + 16 * rt, n1, m + 16 * tt);
     }
   }
   _tile_release();
