@@ -134,21 +134,24 @@ def row_mix(names: list[str], row: int) -> list[tuple[str, float]]:
 
 
 def batch_step(model: BitNetForCausalLM, batch: int, with_experts: bool,
-               position: int = PROMPT):
+               position: int = PROMPT, first_row: int = 0, mix_of=row_mix):
     """A decode step of ``batch`` sequences at different positions of a block pool (row b
     at ``position + 7 b``, each with its own expert mix when ``with_experts``), as the
-    serving engine runs it."""
+    serving engine runs it. ``first_row``: the rows are b = first_row, first_row + 1, ...
+    (``batch=1, first_row=b``: row b of a batch run alone, its own mix and position).
+    ``mix_of(names, b)``: row b's mix."""
     from r3mes.core.kv_blocks import KVBlockPool
 
     names = add_batch_experts(model) if with_experts else []
-    mixes = [row_mix(names, b) if names else [] for b in range(batch)]
+    rows = range(first_row, first_row + batch)
+    mixes = [mix_of(names, b) if names else [] for b in rows]
     set_adapter_mix(model, mixes if batch > 1 else (mixes[0] or None))
-    per_row = (position + 7 * batch) // 16 + 1
+    per_row = (position + 7 * rows[-1]) // 16 + 1
     pool = KVBlockPool(model.config, num_blocks=batch * per_row, block_size=16)
     blocks = [pool.allocate(per_row) for _ in range(batch)]
     table = KVBlockPool.table(blocks)
-    positions = torch.tensor([position + 7 * b for b in range(batch)])
-    tokens = torch.arange(batch) + 17
+    positions = torch.tensor([position + 7 * b for b in rows])
+    tokens = torch.tensor([17 + b for b in rows])
     return lambda: model.decode_paged(tokens, pool, table, positions)
 
 
@@ -168,7 +171,10 @@ def test_batched_decode(benchmark, record_row, model, batch, with_experts):
 
 
 def batched_main() -> None:
-    """Each batch size against one row in the same run, cases alternated in blocks."""
+    """Each batch size against one row in the same run, cases alternated in blocks. Two
+    baselines: row 0 alone (one expert: the fastest single stream), and the batch's own rows
+    each run alone, one after another (each with its own 1-3 experts and position: the
+    time the batch saves)."""
     import argparse
 
     ap = argparse.ArgumentParser(description="batched decode, cases alternated")
@@ -178,34 +184,80 @@ def batched_main() -> None:
     ap.add_argument("--position", type=int, default=PROMPT,
                     help="the cache position of row 0 (row b: + 7 b); longer contexts read "
                          "more of the KV cache a step")
+    ap.add_argument("--split", action="store_true",
+                    help="instead: where the experts' cost goes at 8 rows (none; all rows on "
+                         "one expert; each row its own expert; the rows' own mixes)")
+    ap.add_argument("--alone", action="store_true",
+                    help="also run each row of the largest batch alone (its own mix and "
+                         "position): the 'x the rows alone' column")
     args = ap.parse_args()
+    if "1" not in args.batches.split(","):
+        ap.error("--batches must include 1 (the one-row baseline)")
     kernels.set_num_threads(2)
     torch.set_num_threads(1)
     model = build_model()
     import time
 
+    if args.split:
+        split_main(model, args.rounds, args.position)
+        return
     kinds = {"none": [False], "mixed": [True], "both": [False, True]}[args.experts]
     sizes = [int(b) for b in args.batches.split(",")]
-    best: dict[tuple[bool, int], float] = {}
+    best: dict[tuple[bool, int, int], float] = {}  # (experts, rows, first row): seconds
+
+    def measure(with_experts: bool, batch: int, first_row: int) -> None:
+        step = batch_step(model, batch, with_experts, args.position, first_row)
+        warm_up(step, max_calls=WARM_UP_STEPS)
+        t0 = time.perf_counter()
+        for _ in range(8):
+            step()
+        dt = (time.perf_counter() - t0) / 8
+        key = (with_experts, batch, first_row)
+        best[key] = min(best.get(key, dt), dt)
+
+    alone_rows = range(1, max(sizes)) if args.alone else range(0)
     for _ in range(args.rounds):
         for with_experts in kinds:
             for batch in sizes:
-                step = batch_step(model, batch, with_experts, args.position)
-                warm_up(step, max_calls=WARM_UP_STEPS)
-                t0 = time.perf_counter()
-                for _ in range(8):
-                    step()
-                dt = (time.perf_counter() - t0) / 8
-                key = (with_experts, batch)
-                best[key] = min(best.get(key, dt), dt)
-    print("| rows | mixes | ms/step | aggregate tok/s | x one row |")
-    print("|---|---|---|---|---|")
+                measure(with_experts, batch, 0)
+            for b in alone_rows:
+                measure(with_experts, 1, b)
+    print("| rows | mixes | ms/step | aggregate tok/s | x one row | x the rows alone |")
+    print("|---|---|---|---|---|---|")
     for with_experts in kinds:
-        one = 1 / best[(with_experts, sizes[0])]
+        one = best[(with_experts, 1, 0)]
         for batch in sizes:
-            dt = best[(with_experts, batch)]
+            dt = best[(with_experts, batch, 0)]
+            alone = "-"
+            if args.alone:
+                alone = sum(best[(with_experts, 1, b)] for b in range(batch))
+                alone = f"{alone / dt:.2f}"
             print(f"| {batch} | {'own 1-3 of 8 experts' if with_experts else 'none'} | "
-                  f"{dt * 1e3:.1f} | {batch / dt:.1f} | {batch / dt / one:.2f} |")
+                  f"{dt * 1e3:.1f} | {batch / dt:.1f} | {batch * one / dt:.2f} | {alone} |")
+
+
+def split_main(model: BitNetForCausalLM, rounds: int, position: int) -> None:
+    """8 rows: without experts, all on one expert (8 mix entries, one expert's bytes), each
+    on its own expert (8 entries, 8 experts' bytes), their own 1-3 expert mixes (15 entries,
+    8 experts), cases alternated, best of ``rounds``."""
+    import time
+
+    cases = {"none": (False, row_mix), "all rows on one expert": (True, lambda n, b: [(n[0], 1.0)]),
+             "each row its own expert": (True, lambda n, b: [(n[b], 1.0)]),
+             "own 1-3 expert mixes": (True, row_mix)}
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, (with_experts, mix_of) in cases.items():
+            step = batch_step(model, 8, with_experts, position, mix_of=mix_of)
+            warm_up(step, max_calls=WARM_UP_STEPS)
+            t0 = time.perf_counter()
+            for _ in range(8):
+                step()
+            best[name] = min(best.get(name, 1e9), (time.perf_counter() - t0) / 8)
+    print("| 8 rows | ms/step | over no experts |")
+    print("|---|---|---|")
+    for name, dt in best.items():
+        print(f"| {name} | {dt * 1e3:.1f} | {(dt - best['none']) * 1e3:+.1f} |")
 
 
 if __name__ == "__main__":
