@@ -93,6 +93,58 @@ def test_batched_rows_equal_each_row_alone_bit_for_bit(model, threads) -> None:
     assert native_running(model), "the native decode layers must have run"
 
 
+def _packed_against_alone(model: BitNetForCausalLM, rows: list[int]):
+    """Each of ROWS[rows] prefilled alone, then all in one packed pass, in one pool: the
+    alone and packed logits, and each row's (alone, packed) blocks."""
+    pool = KVBlockPool(model.config, num_blocks=64, block_size=4)
+    alone_logits, blocks = [], []
+    for r in rows:
+        prompt, mix = ROWS[r]
+        mine = pool.allocate(pool.blocks_for(len(prompt)))
+        _set_rows(model, [mix])
+        alone_logits.append(model.prefill_paged(prompt, pool, mine))
+        blocks.append(mine)
+    packed_blocks = [pool.allocate(pool.blocks_for(len(ROWS[r][0]))) for r in rows]
+    _set_rows(model, [ROWS[r][1] for r in rows for _ in ROWS[r][0]])
+    packed = model.prefill_paged_many([ROWS[r][0] for r in rows], pool, packed_blocks)
+    return pool, torch.stack(alone_logits), packed, list(zip(blocks, packed_blocks, strict=True))
+
+
+def test_packed_prefill_equals_each_prompt_alone_bit_for_bit(model, threads) -> None:
+    # The prompts of jobs joining at one step, prefilled in one pass on the native kernels
+    # (every token a row with its own sequence's mix; attention per sequence): each prompt's
+    # logits and every key/value it leaves in the pool are those of its prefill alone.
+    rows = [0, 1, 2, 3, 4]
+    pool, alone, packed, blocks = _packed_against_alone(model, rows)
+    assert packed.shape == (len(rows), model.config.vocab_size)
+    assert torch.equal(packed, alone)
+    for r, (mine, theirs) in zip(rows, blocks, strict=True):
+        n = len(ROWS[r][0])
+        for layer in range(model.config.num_hidden_layers):
+            want_k, want_v = pool.gather(layer, mine, n)
+            got_k, got_v = pool.gather(layer, theirs, n)
+            assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v), (r, layer)
+    assert (packed[0] - packed[3]).abs().max() > 0  # different prompts and mixes
+
+
+def test_packed_prefill_on_the_reference_kernels_stays_close(model) -> None:
+    # The torch reference's float matmuls round by their shapes, so there a packed pass is
+    # only close to each prompt alone (the engine packs on the native backend only).
+    with kernels.use_reference():
+        _, alone, packed, _ = _packed_against_alone(model, [0, 1, 3])
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-4)
+
+
+def test_packed_prefill_refuses_what_it_cannot_run(model) -> None:
+    pool = KVBlockPool(model.config, num_blocks=8, block_size=4)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        model.prefill_paged_many([[5, 6], [7]], pool, [pool.allocate(1), pool.allocate(1)])
+    with pytest.raises(ValueError, match="token ids"):
+        model.prefill_paged_many([[5, 6], [7, 10**9]], pool, [[0], [1]])
+    with pytest.raises(ValueError, match="block lists"):
+        model.prefill_paged_many([[5, 6], [7, 8]], pool, [[0]])
+
+
 def test_block_size_does_not_change_results(model) -> None:
     use_native(model, True)
     small = _run(model, [0, 2, 3], steps=5, block_size=1)

@@ -66,7 +66,43 @@ def test_concurrent_jobs_equal_each_job_alone(backend) -> None:
     engine.close()
     assert [j.tokens for j in jobs] == alone
     assert max(t.batch_size for t in timings) > 1, "the rows must have shared steps"
+    # The seven that queued while the first was held joined at one step: their prompts of
+    # two tokens or more were prefilled in one pass.
+    assert engine.counters["packed_prefills"] == 1
     assert engine.pool.used_blocks == 0  # every row gave its blocks back
+
+
+def test_a_bad_prompt_in_a_packed_prefill_fails_alone(backend) -> None:
+    """Jobs joining together, one with a token id past the vocabulary: the packed prefill
+    refuses it, each prompt then runs alone, and only that job fails."""
+    mixes = _mixes(backend)
+    alone = []
+    for p, m in zip(PROMPTS[1:4], mixes[1:4], strict=True):
+        engine = Engine(backend, max_batch=1)
+        job = _job(p, m)
+        engine.generate([job])
+        engine.close()
+        alone.append(job.tokens)
+    engine = Engine(backend, max_batch=8, kv_tokens=1024)
+    holder = _job(PROMPTS[0], mixes[0])
+    go = threading.Event()
+    holder.on_token = lambda t: len(holder.tokens) != 2 or go.wait(30)
+    first = engine.submit(holder)
+    while len(holder.tokens) < 2:
+        time.sleep(0.001)
+    good = [_job(p, m) for p, m in zip(PROMPTS[1:4], mixes[1:4], strict=True)]
+    bad = _job([5, 10**7, 6], [])
+    futures = [engine.submit(j) for j in (good[0], bad, good[1], good[2])]
+    go.set()
+    first.result(timeout=120)
+    with pytest.raises(ValueError, match="token ids"):
+        futures[1].result(timeout=120)
+    for f in (futures[0], futures[2], futures[3]):
+        f.result(timeout=120)
+    engine.close()
+    assert [j.tokens for j in good] == alone
+    assert engine.counters["packed_prefills"] == 0
+    assert engine.pool.used_blocks == 0
 
 
 def test_the_reference_backend_runs_the_same_schedule(assets) -> None:

@@ -398,6 +398,33 @@ class _PagedRows:
         return torch.cat(outs).view(bsz, 1, nh * hd)
 
 
+class _PackedPrompts:
+    """Several prompts run as one batch of one-token rows (every token a row, so each can
+    carry its own sequence's expert mix), as a KV store: each sequence's keys and values go
+    to its own cache, and its queries attend over its own positions with the causal mask,
+    shaped exactly as when the prompt runs alone (the prefill of
+    :meth:`BitNetForCausalLM.prefill_paged_many`)."""
+
+    def __init__(self, model: BitNetForCausalLM, lengths: Sequence[int]) -> None:
+        self.bounds = []
+        start = 0
+        for n in lengths:
+            self.bounds.append((start, start + n))
+            start += n
+        self.caches = [model.new_cache(1, n) for n in lengths]
+        zero = torch.zeros(1, dtype=torch.long)
+        self.masks = [model._attention_mask(zero, 0, n) for n in lengths]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        outs = []
+        for (s, e), cache, seq_mask in zip(self.bounds, self.caches, self.masks, strict=True):
+            outs.append(cache.attend(layer, q[s:e, :, 0].transpose(0, 1)[None],
+                                     k[s:e, :, 0].transpose(0, 1)[None],
+                                     v[s:e, :, 0].transpose(0, 1)[None], seq_mask, scaling))
+        return torch.cat(outs, dim=1).transpose(0, 1).contiguous()
+
+
 # --------------------------------------------------------------------------- the blocks
 class BitNetAttention(nn.Module):
     """Rotary grouped-query attention: q/k/v projections, RoPE, softmax attention through a
@@ -695,6 +722,36 @@ class BitNetForCausalLM(nn.Module):
         logits = self(ids, cache, last_only=True)
         pool.write(blocks, cache.k[:, 0], cache.v[:, 0])
         return logits[0, -1]
+
+    @torch.no_grad()
+    def prefill_paged_many(self, prompts: Sequence[Sequence[int]], pool: KVBlockPool,
+                           blocks: Sequence[list[int]]) -> torch.Tensor:
+        """:meth:`prefill_paged` for several sequences in one pass: the projections run once
+        over every prompt's tokens (a token per row: each row takes its own sequence's
+        expert mix, set per row by the caller), attention runs per sequence. Each result,
+        logits and cache, is the one the prompt gets alone, bit for bit. Every prompt needs
+        at least 2 tokens (one token alone runs the decode path). Returns logits [n, V] of
+        each prompt's last position."""
+        lengths = [len(p) for p in prompts]
+        if len(blocks) != len(lengths):
+            raise ValueError(f"{len(blocks)} block lists for {len(lengths)} prompts")
+        if any(n < 2 for n in lengths):
+            raise ValueError("every prompt of a packed prefill needs at least 2 tokens")
+        ids = torch.as_tensor([t for p in prompts for t in p], dtype=torch.long)
+        vocab = self.config.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"input_ids: token ids must be in [0, {vocab})")
+        positions = torch.cat([torch.arange(n) for n in lengths])
+        cos, sin = self.rope(positions[:, None])  # [tokens, 1, hd]
+        store = _PackedPrompts(self, lengths)
+        h = F.embedding(ids[:, None], self.model.embed_tokens.weight).float()
+        for layer in self.model.layers:
+            h = layer(h, cos[:, None], sin[:, None], store, None)
+        last = torch.tensor([e - 1 for _, e in store.bounds])
+        logits = self.lm_head(self.model.norm(h[last]))
+        for cache, seq_blocks in zip(store.caches, blocks, strict=True):
+            pool.write(seq_blocks, cache.k[:, 0], cache.v[:, 0])
+        return logits[:, 0]
 
     @torch.no_grad()
     def decode_paged(self, tokens: torch.Tensor, pool: KVBlockPool, table: torch.Tensor,

@@ -4,8 +4,11 @@ The pipeline never touches the model directly: every generation is a
 :class:`GenerationJob` (prompt ids, the expert mix, sampling parameters, a per-token
 callback) handed to :meth:`Engine.submit`. The engine's own thread runs the schedule:
 
-- **Every decode step**, finished rows leave and waiting jobs join (FIFO): a joining job's
-  prompt is prefilled alone, its first token is sampled from the prefill's logits, and from
+- **Every decode step**, finished rows leave and waiting jobs join (FIFO): the prompts of
+  the jobs joining at one step are prefilled together, in one pass over the weights
+  (:meth:`~r3mes.core.backends.InferenceBackend.prefill_paged_many`, up to
+  ``max_prefill_tokens`` tokens a pass; each prompt's result is the one it gets alone), a
+  job's first token is sampled from its prefill's logits, and from
   the next step on it decodes together with every other running row in one native call per
   layer (:meth:`~r3mes.core.backends.InferenceBackend.decode_paged`): each row at its own
   position, with its own expert mix, temperature, top-k, top-p, repetition penalty and seed.
@@ -128,19 +131,22 @@ class Engine:
             capped at what ``max_batch`` rows of ``max_context`` positions could use.
         kv_block_size: positions per cache block.
         adapters: see :data:`AdapterHook`.
+        max_prefill_tokens: prompt tokens of the jobs joining at one step prefilled in one
+            pass at most (the running rows wait for it); a longer prompt runs alone.
     """
 
     def __init__(self, backend: InferenceBackend, max_context: int | None = None, *,
                  max_batch: int = 8,
                  max_queue: int = 64, kv_tokens: int | None = None,
                  kv_megabytes: float | None = None, kv_block_size: int = 16,
-                 adapters: AdapterHook | None = None) -> None:
+                 adapters: AdapterHook | None = None, max_prefill_tokens: int = 512) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.backend = backend
         self.max_context = max_context
         self.max_batch = max_batch
         self.max_queue = max_queue
+        self.max_prefill_tokens = max_prefill_tokens
         self.name = backend.name
         self.continuous = backend.supports_feature("continuous_batching")
         self.hetero = backend.supports_feature("heterogeneous_batch")
@@ -151,14 +157,14 @@ class Engine:
         self.pool: Any = None  # the KVBlockPool, made at the first job
         self._waiting: collections.deque[_Row] = collections.deque()
         self._running: list[_Row] = []
-        self._joining = 0  # a job being prefilled: out of the queue, not yet running
+        self._joining = 0  # jobs being prefilled: out of the queue, not yet running
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closed = False
         self._service_s = 5.0  # running mean of a job's time in the engine (Retry-After)
         # jobs: accepted; completed: finished without an error
         self.counters = {"jobs": 0, "completed": 0, "steps": 0, "tokens": 0, "rejected": 0,
-                         "batches": 0}
+                         "batches": 0, "packed_prefills": 0}
 
     # ---- the public side ----------------------------------------------------------------
     def submit(self, job: GenerationJob) -> Future[JobTiming]:
@@ -275,72 +281,113 @@ class Engine:
 
     def _admit(self) -> None:
         """Moves waiting jobs into the batch while rows and KV blocks are free (in order: a
-        job that does not fit yet keeps its place, and the ones behind it wait too)."""
-        while len(self._running) < self.max_batch:
-            with self._cond:
-                if not self._waiting:
-                    return
-                row = self._waiting[0]
-                if self._cancelled(row) or row.future.cancelled():
-                    self._waiting.popleft()
-                    self._finish(row, reason="stop")
-                    continue
-                if row.job.params.max_new_tokens == 0 or not row.job.prompt_ids:
-                    self._waiting.popleft()
-                    if row.job.prompt_ids:
-                        self._finish(row, reason="length")
-                    else:
-                        self._finish(row, error=ValueError("the prompt is empty"))
-                    continue
-                pool = self._ensure_pool()
-                budget = row.job.params.max_new_tokens
-                row.prompt = self._fit(row.job.prompt_ids, budget)
-                need = pool.blocks_for(len(row.prompt) + budget)
-                if need > pool.num_blocks:
-                    self._waiting.popleft()
-                    self._finish(row, error=ValueError(
-                        f"the request needs {len(row.prompt) + budget} positions of KV cache "
-                        f"(prompt {len(row.prompt)} + max_tokens {budget}); the cache holds "
-                        f"{pool.capacity_tokens} (raise inference.kv_cache_tokens or lower "
-                        "max_tokens)"))
-                    continue
-                if need > pool.free_blocks:
-                    return
-                self._waiting.popleft()
-                row.blocks = pool.allocate(need)
-                self._joining += 1
-            try:
-                self._join(row)
-            finally:
+        job that does not fit yet keeps its place, and the ones behind it wait too); the
+        jobs admitted together are prefilled together."""
+        joining: list[_Row] = []
+        tokens = 0
+        try:
+            while len(self._running) + len(joining) < self.max_batch:
                 with self._cond:
-                    self._joining -= 1
+                    if not self._waiting:
+                        break
+                    row = self._waiting[0]
+                    if self._cancelled(row) or row.future.cancelled():
+                        self._waiting.popleft()
+                        self._finish(row, reason="stop")
+                        continue
+                    if row.job.params.max_new_tokens == 0 or not row.job.prompt_ids:
+                        self._waiting.popleft()
+                        if row.job.prompt_ids:
+                            self._finish(row, reason="length")
+                        else:
+                            self._finish(row, error=ValueError("the prompt is empty"))
+                        continue
+                    pool = self._ensure_pool()
+                    budget = row.job.params.max_new_tokens
+                    row.prompt = self._fit(row.job.prompt_ids, budget)
+                    need = pool.blocks_for(len(row.prompt) + budget)
+                    if need > pool.num_blocks:
+                        self._waiting.popleft()
+                        self._finish(row, error=ValueError(
+                            f"the request needs {len(row.prompt) + budget} positions of KV "
+                            f"cache (prompt {len(row.prompt)} + max_tokens {budget}); the "
+                            f"cache holds {pool.capacity_tokens} (raise "
+                            "inference.kv_cache_tokens or lower max_tokens)"))
+                        continue
+                    if need > pool.free_blocks:
+                        break
+                    if joining and tokens + len(row.prompt) > self.max_prefill_tokens:
+                        break  # joins at the next step
+                    self._waiting.popleft()
+                    row.blocks = pool.allocate(need)
+                    joining.append(row)
+                    tokens += len(row.prompt)
+                    self._joining += 1
+        finally:
+            if joining:
+                try:
+                    self._join(joining)
+                finally:
+                    with self._cond:
+                        self._joining -= len(joining)
 
-    def _join(self, row: _Row) -> None:
-        """Prefills a job alone and delivers its first token; it decodes from the next step."""
-        row.started = time.perf_counter()
-        job = row.job
+    def _join(self, rows: list[_Row]) -> None:
+        """Prefills the jobs (together where it can) and delivers each one's first token;
+        they decode from the next step. A job that fails fails alone."""
+        started = time.perf_counter()
+        for row in rows:
+            row.started = started
         try:
             if self._adapters is not None:
-                needed = {n for r in (*self._running, row) for n, _ in r.job.mix}
-                self._adapters(needed)
-            params = job.params
-            row.stop_ids = stop_token_ids(params, self.backend.model.config,
-                                          self.backend.tokenizer)
+                self._adapters({n for r in (*self._running, *rows) for n, _ in r.job.mix})
+        except Exception as exc:
+            for row in rows:
+                self._finish(row, error=exc)
+            return
+        ready = []
+        for row in rows:
+            params = row.job.params
+            try:
+                row.stop_ids = stop_token_ids(params, self.backend.model.config,
+                                              self.backend.tokenizer)
+            except Exception as exc:
+                self._finish(row, error=exc)
+                continue
             if params.temperature > 0:
                 row.generator = torch.Generator()
                 row.generator.manual_seed(params.seed if params.seed is not None
                                           else int.from_bytes(os.urandom(8), "little") >> 1)
-            logits = self.backend.prefill_paged(row.prompt, job.mix, self.pool, row.blocks)
-            if params.repetition_penalty != 1.0:
-                row.seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool)
-                row.seen[0, torch.as_tensor(row.prompt)] = True
-        except Exception as exc:
-            self._finish(row, error=exc)
-            return
-        row.position = len(row.prompt)
-        self._running.append(row)
-        row.batch_size = len(self._running)
-        self._deliver(row, logits)
+            ready.append(row)
+        # One pass for every prompt of at least two tokens (one token alone runs the decode
+        # path); if it fails, each prompt runs alone and fails or succeeds on its own.
+        packed = [r for r in ready if len(r.prompt) >= 2]
+        logits_of: dict[int, torch.Tensor] = {}
+        if len(packed) >= 2 and self.backend.supports_feature("packed_prefill"):
+            try:
+                out = self.backend.prefill_paged_many(
+                    [r.prompt for r in packed], [r.job.mix for r in packed], self.pool,
+                    [r.blocks for r in packed])
+                logits_of = {id(r): out[i] for i, r in enumerate(packed)}
+                self.counters["packed_prefills"] += 1
+            except Exception:
+                log.exception("packed prefill of %d prompts failed; prefilling each alone",
+                              len(packed))
+        for row in ready:
+            logits = logits_of.get(id(row))
+            try:
+                if logits is None:
+                    logits = self.backend.prefill_paged(row.prompt, row.job.mix, self.pool,
+                                                        row.blocks)
+                if row.job.params.repetition_penalty != 1.0:
+                    row.seen = torch.zeros(1, logits.shape[-1], dtype=torch.bool)
+                    row.seen[0, torch.as_tensor(row.prompt)] = True
+            except Exception as exc:
+                self._finish(row, error=exc)
+                continue
+            row.position = len(row.prompt)
+            self._running.append(row)
+            row.batch_size = len(self._running)
+            self._deliver(row, logits)
 
     def _deliver(self, row: _Row, logits: torch.Tensor) -> None:
         """Samples the row's next token from its logits [V] and hands it to the job."""

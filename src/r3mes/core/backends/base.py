@@ -175,6 +175,20 @@ class InferenceBackend(ABC):
             self._use_rows([mix])
             return model.prefill_paged(prompt_ids, pool, blocks)
 
+    def prefill_paged_many(self, prompts: Sequence[Sequence[int]], mixes: Sequence[Mix],
+                           pool: KVBlockPool, blocks: Sequence[list[int]]) -> torch.Tensor:
+        """:meth:`prefill_paged` for several sequences in one pass (see
+        :meth:`BitNetForCausalLM.prefill_paged_many`: the same results as one at a time,
+        the weights read once); logits [n, V]."""
+        model = self._require_model()
+        if not len(prompts) == len(mixes) == len(blocks):
+            raise ValueError(f"{len(prompts)} prompts, {len(mixes)} expert mixes and "
+                             f"{len(blocks)} block lists")
+        with self._lock, self._kernel_context():
+            self._use_rows([mix for prompt, mix in zip(prompts, mixes, strict=True)
+                            for _ in prompt])
+            return model.prefill_paged_many(prompts, pool, blocks)
+
     def decode_paged(self, tokens: torch.Tensor, mixes: Sequence[Mix], pool: KVBlockPool,
                      table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """One token for each of B sequences, row b with expert mix ``mixes[b]`` (see

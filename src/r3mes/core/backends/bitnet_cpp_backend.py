@@ -163,7 +163,8 @@ class BitNetCppBackend(InferenceBackend):
             "threads": info.get("num_threads"),
             "deterministic": True,
             "features": ["generate", "stream", "dora", "dora_mix", "batch",
-                         "heterogeneous_batch", "continuous_batching", "chat_template",
+                         "heterogeneous_batch", "continuous_batching", "packed_prefill",
+                         "chat_template",
                          "kv_cache", "native_kernels", "fingerprint"],
             **self._model_capabilities(),
         }
