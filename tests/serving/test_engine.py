@@ -40,17 +40,23 @@ def _job(prompt, mix, n=10, **sampling) -> GenerationJob:
     return GenerationJob(list(prompt), list(mix), params)
 
 
-def test_concurrent_jobs_equal_each_job_alone(backend) -> None:
-    """Greedy rows of 8 different mixes, joining at different times: every row's tokens
-    equal the same job run alone (the native rows are bit-identical)."""
-    mixes = _mixes(backend)
-    alone = []
-    for p, m in zip(PROMPTS, mixes, strict=True):
+def _alone(backend, prompts, mixes) -> list[list[int]]:
+    """Each job's tokens when it runs alone (an engine of one row)."""
+    out = []
+    for p, m in zip(prompts, mixes, strict=True):
         engine = Engine(backend, max_batch=1)
         job = _job(p, m)
         engine.generate([job])
         engine.close()
-        alone.append(job.tokens)
+        out.append(job.tokens)
+    return out
+
+
+def test_concurrent_jobs_equal_each_job_alone(backend) -> None:
+    """Greedy rows of 8 different mixes, joining at different times: every row's tokens
+    equal the same job run alone (the native rows are bit-identical)."""
+    mixes = _mixes(backend)
+    alone = _alone(backend, PROMPTS, mixes)
     engine = Engine(backend, max_batch=8, kv_tokens=1024)
     jobs = [_job(p, m) for p, m in zip(PROMPTS, mixes, strict=True)]
     # Staggered arrivals: the first row is decoding (held at its third token) when the
@@ -76,13 +82,7 @@ def test_a_bad_prompt_in_a_packed_prefill_fails_alone(backend) -> None:
     """Jobs joining together, one with a token id past the vocabulary: the packed prefill
     refuses it, each prompt then runs alone, and only that job fails."""
     mixes = _mixes(backend)
-    alone = []
-    for p, m in zip(PROMPTS[1:4], mixes[1:4], strict=True):
-        engine = Engine(backend, max_batch=1)
-        job = _job(p, m)
-        engine.generate([job])
-        engine.close()
-        alone.append(job.tokens)
+    alone = _alone(backend, PROMPTS[1:4], mixes[1:4])
     engine = Engine(backend, max_batch=8, kv_tokens=1024)
     holder = _job(PROMPTS[0], mixes[0])
     go = threading.Event()
