@@ -161,6 +161,7 @@ class BitLinearDoRA(nn.Module):
         self._mix_hetero = False
         # (names, matrix, base weights) of a homogeneous mix, built once per set_mix.
         self._mix_cache: tuple[list[str], torch.Tensor, torch.Tensor | None] | None = None
+        self._mix_cache_key: tuple[int, ...] | None = None
         self._w0: torch.Tensor | None = None  # dense W0, only for quantize_activations=False
 
     @property
@@ -388,8 +389,16 @@ class BitLinearDoRA(nn.Module):
         hetero = all(isinstance(e, (list, tuple)) and (len(e) == 0 or isinstance(e[0], (list,
                      tuple))) for e in mix)
         if hetero:
-            rows = [self._normalise(e, f"mix[{i}]") for i, e in enumerate(mix)]
-            names = {n for row in rows for n, _ in row}
+            # A batch of prompt tokens repeats each sequence's mix once a token: each
+            # distinct row is checked and resolved once.
+            seen: dict[tuple, list[tuple[str, float]]] = {}
+            rows = []
+            for i, e in enumerate(mix):
+                key = tuple(tuple(item) if isinstance(item, list) else item for item in e)
+                if key not in seen:
+                    seen[key] = self._normalise(e, f"mix[{i}]")
+                rows.append(seen[key])
+            names = {n for row in seen.values() for n, _ in row}
         else:
             rows = self._normalise(mix, "mix")
             names = {n for n, _ in rows}
@@ -406,7 +415,11 @@ class BitLinearDoRA(nn.Module):
             return list(out.items())
 
         if missing == "base":
-            rows = [resolve(r) for r in rows] if hetero else resolve(rows)
+            if hetero:
+                resolved = {id(r): resolve(r) for r in rows}
+                rows = [resolved[id(r)] for r in rows]
+            else:
+                rows = resolve(rows)
         self._mix, self._mix_hetero = rows, hetero
         self._mix_cache = None
         self.mix_serial = next(_SERIALS)
@@ -421,7 +434,10 @@ class BitLinearDoRA(nn.Module):
     ) -> tuple[list[str], torch.Tensor, torch.Tensor | None]:
         """Adapter names in use, the per-token weight matrix [1 or M, E] and the per-token
         weight of the bare base output [1 or M] (None when no entry is "base")."""
-        if not self._mix_hetero and self._mix_cache is not None:
+        shape = x if isinstance(x, torch.Size) else x.shape
+        # Cached until the mix changes (set_mix), for a heterogeneous mix per shape of x.
+        key = tuple(shape[:-1]) if self._mix_hetero else None
+        if self._mix_cache is not None and self._mix_cache_key == key:
             names = self._mix_cache[0]
             for n in names:
                 if n not in self._meta:
@@ -429,7 +445,6 @@ class BitLinearDoRA(nn.Module):
             return self._mix_cache
         if self._mix_hetero:
             rows = self._mix
-            shape = x if isinstance(x, torch.Size) else x.shape
             if len(shape) < 2 or shape[0] != len(rows):
                 raise ValueError(
                     f"heterogeneous mix has {len(rows)} entries but x has shape "
@@ -437,17 +452,24 @@ class BitLinearDoRA(nn.Module):
                 )
         else:
             rows = [self._mix]
+        # Each distinct row (the same list object: set_mix resolves equal rows to one) once.
+        distinct: dict[int, int] = {}
+        index = [distinct.setdefault(id(row), len(distinct)) for row in rows]
+        unique = list({id(row): row for row in rows}.values())
         # One order for every mix, by name: a row's terms are then summed in the same order
         # alone or batched with rows of other mixes, so its result is the same bit for bit.
-        names = sorted({n for row in rows for n, _ in row if n is not None})
-        mat = torch.zeros(len(rows), len(names))
-        base_w = torch.zeros(len(rows))
-        for b, row in enumerate(rows):
+        names = sorted({n for row in unique for n, _ in row if n is not None})
+        mat = torch.zeros(len(unique), len(names))
+        base_w = torch.zeros(len(unique))
+        for b, row in enumerate(unique):
             for n, w in row:
                 if n is None:
                     base_w[b] += w
                 else:
                     mat[b, names.index(n)] = w
+        if len(unique) != len(rows):
+            pick = torch.tensor(index)
+            mat, base_w = mat[pick], base_w[pick]
         if self._mix_hetero:
             per_elem = math.prod(shape[1:-1])
             if per_elem != 1:
@@ -457,8 +479,7 @@ class BitLinearDoRA(nn.Module):
             if n not in self._meta:
                 raise KeyError(f"adapter {n!r} in the mix was removed; call set_mix() again")
         out = names, mat, (base_w if bool((base_w != 0).any()) else None)
-        if not self._mix_hetero:
-            self._mix_cache = out
+        self._mix_cache, self._mix_cache_key = out, key
         return out
 
     def runs_in_native_decode(self) -> bool:
