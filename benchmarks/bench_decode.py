@@ -187,6 +187,9 @@ def batched_main() -> None:
     ap.add_argument("--split", action="store_true",
                     help="instead: where the experts' cost goes at 8 rows (none; all rows on "
                          "one expert; each row its own expert; the rows' own mixes)")
+    ap.add_argument("--packed", metavar="N,T",
+                    help="instead: N prompts of T, T+3, ... tokens (each its own mix) "
+                         "prefilled one at a time against one packed pass")
     ap.add_argument("--alone", action="store_true",
                     help="also run each row of the largest batch alone (its own mix and "
                          "position): the 'x the rows alone' column")
@@ -200,6 +203,10 @@ def batched_main() -> None:
 
     if args.split:
         split_main(model, args.rounds, args.position)
+        return
+    if args.packed:
+        count, tokens = (int(v) for v in args.packed.split(","))
+        packed_main(model, count, tokens, args.rounds)
         return
     kinds = {"none": [False], "mixed": [True], "both": [False, True]}[args.experts]
     sizes = [int(b) for b in args.batches.split(",")]
@@ -258,6 +265,47 @@ def split_main(model: BitNetForCausalLM, rounds: int, position: int) -> None:
     print("|---|---|---|")
     for name, dt in best.items():
         print(f"| {name} | {dt * 1e3:.1f} | {(dt - best['none']) * 1e3:+.1f} |")
+
+
+def packed_main(model: BitNetForCausalLM, count: int, tokens: int, rounds: int) -> None:
+    """The prefill of ``count`` joining prompts (row b: tokens + 3 b of them, its own mix
+    of the 8 experts), one at a time (``prefill_paged``) against one packed pass
+    (``prefill_paged_many``, as the serving engine runs the jobs joining at one step),
+    alternated, best of ``rounds``."""
+    import time
+
+    from r3mes.core.kv_blocks import KVBlockPool
+
+    names = add_batch_experts(model)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 8000, (tokens + 3 * b,), generator=g).tolist()
+               for b in range(count)]
+    mixes = [row_mix(names, b) for b in range(count)]
+    pool = KVBlockPool(model.config, num_blocks=sum(len(p) // 16 + 1 for p in prompts),
+                       block_size=16)
+    blocks = [pool.allocate(pool.blocks_for(len(p))) for p in prompts]
+
+    def one_at_a_time() -> None:
+        for prompt, mix, mine in zip(prompts, mixes, blocks, strict=True):
+            set_adapter_mix(model, mix)
+            model.prefill_paged(prompt, pool, mine)
+
+    def packed() -> None:
+        set_adapter_mix(model, [mix for p, mix in zip(prompts, mixes, strict=True) for _ in p])
+        model.prefill_paged_many(prompts, pool, blocks)
+
+    best: dict[str, float] = {}
+    for _ in range(rounds):
+        for name, run in (("one at a time", one_at_a_time), ("packed", packed)):
+            t0 = time.perf_counter()
+            run()
+            best[name] = min(best.get(name, 1e9), time.perf_counter() - t0)
+    total = sum(len(p) for p in prompts)
+    print(f"| {count} prompts, {tokens}-{tokens + 3 * (count - 1)} tokens | ms | tok/s |")
+    print("|---|---|---|")
+    for name, dt in best.items():
+        print(f"| {name} | {dt * 1e3:.0f} | {total / dt:.0f} |")
+    print(f"packed / one at a time: {best['one at a time'] / best['packed']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,8 @@ def _engine_idle(server: LiveServer) -> dict[str, float]:
     while True:
         text = httpx.get(server.url + "/metrics", timeout=30).text
         values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
-                  if line.startswith(("r3mes_engine_running", "r3mes_kv_cache_blocks"))}
+                  if line.startswith(("r3mes_engine_running", "r3mes_kv_cache_blocks",
+                                      "r3mes_engine_packed"))}
         if values.get("r3mes_engine_running_requests") == 0 or time.time() > deadline:
             return values
         time.sleep(0.05)
@@ -121,6 +122,9 @@ def test_64_streaming_clients_some_hanging_up(assets) -> None:
         metrics = _engine_idle(server)
         assert metrics["r3mes_engine_running_requests"] == 0
         assert metrics['r3mes_kv_cache_blocks{state="used"}'] == 0
+        # Clients arriving together joined together: their prompts were prefilled in
+        # packed passes, and every whole answer above is still the one it gets alone.
+        assert metrics["r3mes_engine_packed_prefills_total"] > 0
         assert httpx.get(server.url + "/health", timeout=30).json()["status"] == "ok"
         gc.collect()
         grown = psutil.Process().memory_info().rss - idle_rss

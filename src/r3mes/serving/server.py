@@ -230,6 +230,9 @@ class ServerMetrics:
                        "Requests waiting for a batch row", [({}, engine["waiting"])])
                 metric("r3mes_engine_rejected_total", "counter",
                        "Requests refused with 429 (queue full)", [({}, engine["rejected"])])
+                metric("r3mes_engine_packed_prefills_total", "counter",
+                       "Prefills of several joining requests in one pass",
+                       [({}, engine.get("packed_prefills", 0))])
                 metric("r3mes_kv_cache_blocks", "gauge", "KV-cache blocks by state",
                        [({"state": "used"}, engine["kv_blocks_used"]),
                         ({"state": "total"}, engine["kv_blocks_total"])])
