@@ -132,6 +132,9 @@ class InferenceSection(_Section):
     kv_cache_tokens: int | None = Field(None, ge=1)
     kv_cache_mb: float = Field(1024.0, gt=0)
     kv_block_size: int = Field(16, ge=1, le=1024)
+    # Prompt tokens of the requests joining at one step prefilled in one pass at most (the
+    # running requests wait for it; 0 or 1: each prompt alone).
+    max_prefill_tokens: int = Field(512, ge=0, le=1_000_000)
 
 
 class RagSection(_Section):

@@ -168,3 +168,16 @@ def test_rag_embedding_model_picks_the_model_of_new_indices(tmp_path):
     assert store.fingerprint == embedding_fingerprint(E5_MODEL) != embedding_fingerprint()
     # The bundled indices were built with MiniLM and keep it.
     assert store.existing()
+
+
+def test_the_packed_prefill_budget_reaches_the_engine_and_is_validated(tmp_path):
+    from r3mes.serving.pipeline_config import PipelineConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("inference:\n  max_prefill_tokens: 96\n")
+    cfg = load_config(path, environ={})
+    assert PipelineConfig.from_settings(cfg).max_prefill_tokens == 96
+    assert load_config(environ={}).inference.max_prefill_tokens == 512
+    path.write_text("inference:\n  max_prefill_tokens: -1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*inference\.max_prefill_tokens"):
+        load_config(path, environ={})
