@@ -123,12 +123,12 @@ class Server:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def start_r3mes(root: Path, threads: int, max_batch: int) -> Server:
+def start_r3mes(root: Path, threads: int, max_batch: int, max_prefill_tokens: int = 64) -> Server:
     home = root / "home"
     config = root / "serve.yaml"
     config.write_text(json.dumps({
         "inference": {"backend": "bitnet_cpp", "max_batch_size": max_batch, "max_queue": 256,
-                      "kv_cache_tokens": 16384},
+                      "kv_cache_tokens": 16384, "max_prefill_tokens": max_prefill_tokens},
         "generation": {"temperature": 0.0, "repetition_penalty": 1.0},
         "server": {"max_tokens_limit": 4096, "max_concurrent_requests": 512},
         "cache": {"tier1_vram": {"capacity_mb": 4096, "preload": []}},
@@ -317,6 +317,9 @@ def main() -> None:
     ap.add_argument("--llama-server", help="llama-server binary to compare with")
     ap.add_argument("--skip-r3mes", action="store_true", help="only the llama-server runs")
     ap.add_argument("--gguf", help="the same model as GGUF (TQ2_0) for llama-server")
+    ap.add_argument("--max-prefill-tokens", type=int, default=64,
+                    help="r3mes: prompt tokens of joining requests prefilled in one pass "
+                         "(0: each alone)")
     ap.add_argument("--out", help="also write the tables to this markdown file")
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
@@ -324,7 +327,7 @@ def main() -> None:
     root = build_assets(Path(args.workdir))
     text = ""
     if not args.skip_r3mes:
-        server = start_r3mes(root, args.threads, args.max_batch)
+        server = start_r3mes(root, args.threads, args.max_batch, args.max_prefill_tokens)
         try:
             text += bench(server.url, "r3mes", streams, args.tokens, True,
                           args.poisson_requests, True)

@@ -132,9 +132,13 @@ class InferenceSection(_Section):
     kv_cache_tokens: int | None = Field(None, ge=1)
     kv_cache_mb: float = Field(1024.0, gt=0)
     kv_block_size: int = Field(16, ge=1, le=1024)
-    # Prompt tokens of the requests joining at one step prefilled in one pass at most (the
-    # running requests wait for it; 0 or 1: each prompt alone).
-    max_prefill_tokens: int = Field(512, ge=0, le=1_000_000)
+    # Prompt tokens of the requests joining at one step prefilled in one pass at most (0 or
+    # 1: each prompt alone). A pass reads the weights once for all its prompts, but each of
+    # them gets its first token only when the whole pass is done and the running requests
+    # wait for it: it pays for short prompts (4 of 12-21 tokens: 1.4x the prompts/s at about
+    # the same time to first token) and costs time to first token for long ones, where
+    # prefill is compute-bound (BENCHMARKS.md, issue 19, fifth pass).
+    max_prefill_tokens: int = Field(64, ge=0, le=1_000_000)
 
 
 class RagSection(_Section):

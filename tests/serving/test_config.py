@@ -177,7 +177,7 @@ def test_the_packed_prefill_budget_reaches_the_engine_and_is_validated(tmp_path)
     path.write_text("inference:\n  max_prefill_tokens: 96\n")
     cfg = load_config(path, environ={})
     assert PipelineConfig.from_settings(cfg).max_prefill_tokens == 96
-    assert load_config(environ={}).inference.max_prefill_tokens == 512
+    assert load_config(environ={}).inference.max_prefill_tokens == 64
     path.write_text("inference:\n  max_prefill_tokens: -1\n")
     with pytest.raises(ConfigError, match=r"c\.yaml.*inference\.max_prefill_tokens"):
         load_config(path, environ={})

@@ -132,14 +132,16 @@ class Engine:
         kv_block_size: positions per cache block.
         adapters: see :data:`AdapterHook`.
         max_prefill_tokens: prompt tokens of the jobs joining at one step prefilled in one
-            pass at most (the running rows wait for it); a longer prompt runs alone.
+            pass at most (the running rows wait for it, and every job of the pass gets its
+            first token when the pass is done: it pays for short prompts); a longer prompt
+            runs alone.
     """
 
     def __init__(self, backend: InferenceBackend, max_context: int | None = None, *,
                  max_batch: int = 8,
                  max_queue: int = 64, kv_tokens: int | None = None,
                  kv_megabytes: float | None = None, kv_block_size: int = 16,
-                 adapters: AdapterHook | None = None, max_prefill_tokens: int = 512) -> None:
+                 adapters: AdapterHook | None = None, max_prefill_tokens: int = 64) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.backend = backend
