@@ -135,7 +135,7 @@ class InferenceSection(_Section):
     # Prompt tokens of the requests joining at one step prefilled in one pass at most (0 or
     # 1: each prompt alone). A pass reads the weights once for all its prompts, but each of
     # them gets its first token only when the whole pass is done and the running requests
-    # wait for it: it pays for short prompts (4 of 12-21 tokens: 583 ms for all against 817
+    # wait for it: it pays for short prompts (4 of 12-21 tokens: 730 ms for all against 1150
     # one after another) and costs time to first token for long ones, where prefill is
     # compute-bound (BENCHMARKS.md, issue 19, fifth pass).
     max_prefill_tokens: int = Field(64, ge=0, le=1_000_000)
