@@ -12,6 +12,9 @@ token / the read bandwidth measured in the same run).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -134,7 +137,8 @@ def row_mix(names: list[str], row: int) -> list[tuple[str, float]]:
 
 
 def batch_step(model: BitNetForCausalLM, batch: int, with_experts: bool,
-               position: int = PROMPT, first_row: int = 0, mix_of=row_mix):
+               position: int = PROMPT, first_row: int = 0,
+               mix_of: Callable[[list[str], int], list[tuple[str, float]]] = row_mix):
     """A decode step of ``batch`` sequences at different positions of a block pool (row b
     at ``position + 7 b``, each with its own expert mix when ``with_experts``), as the
     serving engine runs it. ``first_row``: the rows are b = first_row, first_row + 1, ...
@@ -170,6 +174,15 @@ def test_batched_decode(benchmark, record_row, model, batch, with_experts):
                 "ms/step": f"{seconds * 1e3:.1f}", "aggregate tok/s": f"{batch / seconds:.1f}"})
 
 
+def step_seconds(step) -> float:
+    """Seconds a call of ``step`` takes: warmed up, then the mean of 8 calls."""
+    warm_up(step, max_calls=WARM_UP_STEPS)
+    t0 = time.perf_counter()
+    for _ in range(8):
+        step()
+    return (time.perf_counter() - t0) / 8
+
+
 def batched_main() -> None:
     """Each batch size against one row in the same run, cases alternated in blocks. Two
     baselines: row 0 alone (one expert: the fastest single stream), and the batch's own rows
@@ -199,8 +212,6 @@ def batched_main() -> None:
     kernels.set_num_threads(2)
     torch.set_num_threads(1)
     model = build_model()
-    import time
-
     if args.split:
         split_main(model, args.rounds, args.position)
         return
@@ -213,12 +224,7 @@ def batched_main() -> None:
     best: dict[tuple[bool, int, int], float] = {}  # (experts, rows, first row): seconds
 
     def measure(with_experts: bool, batch: int, first_row: int) -> None:
-        step = batch_step(model, batch, with_experts, args.position, first_row)
-        warm_up(step, max_calls=WARM_UP_STEPS)
-        t0 = time.perf_counter()
-        for _ in range(8):
-            step()
-        dt = (time.perf_counter() - t0) / 8
+        dt = step_seconds(batch_step(model, batch, with_experts, args.position, first_row))
         key = (with_experts, batch, first_row)
         best[key] = min(best.get(key, dt), dt)
 
@@ -247,20 +253,14 @@ def split_main(model: BitNetForCausalLM, rounds: int, position: int) -> None:
     """8 rows: without experts, all on one expert (8 mix entries, one expert's bytes), each
     on its own expert (8 entries, 8 experts' bytes), their own 1-3 expert mixes (15 entries,
     8 experts), cases alternated, best of ``rounds``."""
-    import time
-
     cases = {"none": (False, row_mix), "all rows on one expert": (True, lambda n, b: [(n[0], 1.0)]),
              "each row its own expert": (True, lambda n, b: [(n[b], 1.0)]),
              "own 1-3 expert mixes": (True, row_mix)}
     best: dict[str, float] = {}
     for _ in range(rounds):
         for name, (with_experts, mix_of) in cases.items():
-            step = batch_step(model, 8, with_experts, position, mix_of=mix_of)
-            warm_up(step, max_calls=WARM_UP_STEPS)
-            t0 = time.perf_counter()
-            for _ in range(8):
-                step()
-            best[name] = min(best.get(name, 1e9), (time.perf_counter() - t0) / 8)
+            dt = step_seconds(batch_step(model, 8, with_experts, position, mix_of=mix_of))
+            best[name] = min(best.get(name, dt), dt)
     print("| 8 rows | ms/step | over no experts |")
     print("|---|---|---|")
     for name, dt in best.items():
@@ -272,8 +272,6 @@ def packed_main(model: BitNetForCausalLM, count: int, tokens: int, rounds: int) 
     of the 8 experts), one at a time (``prefill_paged``) against one packed pass
     (``prefill_paged_many``, as the serving engine runs the jobs joining at one step),
     alternated, best of ``rounds``."""
-    import time
-
     from r3mes.core.kv_blocks import KVBlockPool
 
     names = add_batch_experts(model)

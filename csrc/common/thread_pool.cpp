@@ -155,6 +155,12 @@ void parallel_for(std::size_t n, std::size_t grain,
   pool().run(chunks, [&](std::size_t c) { fn(c * grain, std::min(n, (c + 1) * grain)); });
 }
 
+void parallel_per_thread(std::size_t n,
+                         const std::function<void(std::size_t, std::size_t)>& fn) {
+  const std::size_t threads = static_cast<std::size_t>(get_num_threads());
+  parallel_for(n, (n + threads - 1) / threads, fn);
+}
+
 void parallel_rows(std::size_t n, const std::function<void(std::size_t, std::size_t)>& fn) {
   const std::size_t threads = static_cast<std::size_t>(get_num_threads());
   std::size_t grain = (n + threads * 8 - 1) / (threads * 8);

@@ -56,6 +56,10 @@ void set_num_threads(int n);  // n <= 0 restores the default (number of cores)
 void parallel_for(std::size_t n, std::size_t grain,
                   const std::function<void(std::size_t, std::size_t)>& fn);
 
+// [0, n) split evenly, one chunk a thread (inline for one thread or n <= 1): row-wise work
+// of similar cost per row, such as quantising a batch's activations.
+void parallel_per_thread(std::size_t n, const std::function<void(std::size_t, std::size_t)>& fn);
+
 // Output rows [0, n) of an LM-head product split into about 8 chunks a thread, multiples of
 // 16 rows (the chunks are claimed dynamically, so a slow thread takes fewer).
 void parallel_rows(std::size_t n, const std::function<void(std::size_t, std::size_t)>& fn);

@@ -2,7 +2,6 @@
 
 #include <atomic>
 #include <cmath>
-#include <functional>
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -122,15 +121,6 @@ void run_projections(const int* which, std::size_t count, DecodeScratch& scratch
   ternary_gemm_multi(args, count, level);
 }
 
-// The batch's rows split evenly over the pool's threads, for the work between products
-// that goes row by row (norms, RoPE, quantising the next product's input): on one thread
-// it was a tenth of a decode step of 8 rows, with the other threads waiting (2B-4T shape,
-// 2 threads). One row runs inline.
-void over_rows(std::size_t B, const std::function<void(std::size_t, std::size_t)>& fn) {
-  const std::size_t threads = static_cast<std::size_t>(get_num_threads());
-  parallel_for(B, (B + threads - 1) / threads, fn);
-}
-
 }  // namespace
 
 bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, const KvBlocks& kv,
@@ -149,18 +139,23 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, con
   s.rope.resize(B * D);
   s.lengths.resize(B);
 
+  // The work between products that goes row by row (norms, RoPE, quantising the next
+  // product's input) runs with the batch's rows split evenly over the pool's threads
+  // (parallel_per_thread): on one thread it was a tenth of a decode step of 8 rows, with the
+  // other threads waiting (2B-4T shape, 2 threads). One row runs inline.
+
   // ---- attention
   std::atomic<bool> finite{true};
   const int qkv[3] = {kQ, kK, kV};
   float* qkv_out[3] = {s.q.data(), s.k.data(), s.v.data()};
   prepare_projections(spec, qkv, 3, s.x.data(), B, qkv_out, s, level);
-  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+  parallel_per_thread(B, [&](std::size_t r0, std::size_t r1) {
     rms_norm(h + r0 * H, spec.input_norm, r1 - r0, H, spec.eps, s.x.data() + r0 * H);
     if (!quantize_rows(qkv, 3, s, r0, r1)) finite = false;
   });
   if (!finite) return false;
   run_projections(qkv, 3, s, level);
-  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+  parallel_per_thread(B, [&](std::size_t r0, std::size_t r1) {
     const std::size_t rows = r1 - r0;
     float* tmp = s.rope.data() + r0 * D;
     apply_rope(s.q.data() + r0 * qn, rows, spec.heads, D, cos + r0 * D, sin + r0 * D, tmp);
@@ -184,7 +179,7 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, con
   float* o_out[1] = {s.y.data()};
   const bool attn_norm = spec.attn_sub_norm != nullptr;
   prepare_projections(spec, o_proj, 1, attn_norm ? s.q.data() : s.o.data(), B, o_out, s, level);
-  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+  parallel_per_thread(B, [&](std::size_t r0, std::size_t r1) {
     if (attn_norm)
       rms_norm(s.o.data() + r0 * qn, spec.attn_sub_norm, r1 - r0, qn, spec.eps,
                s.q.data() + r0 * qn);
@@ -197,7 +192,7 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, con
   const int gate_up[2] = {kGate, kUp};
   float* gate_up_out[2] = {s.gate.data(), s.up.data()};
   prepare_projections(spec, gate_up, 2, s.x.data(), B, gate_up_out, s, level);
-  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+  parallel_per_thread(B, [&](std::size_t r0, std::size_t r1) {
     add_into(h + r0 * H, s.y.data() + r0 * H, (r1 - r0) * H);
     rms_norm(h + r0 * H, spec.post_norm, r1 - r0, H, spec.eps, s.x.data() + r0 * H);
     if (!quantize_rows(gate_up, 2, s, r0, r1)) finite = false;
@@ -209,7 +204,7 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, con
   const bool ffn_norm = spec.ffn_sub_norm != nullptr;
   prepare_projections(spec, down, 1, ffn_norm ? s.up.data() : s.gate.data(), B, down_out, s,
                       level);
-  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+  parallel_per_thread(B, [&](std::size_t r0, std::size_t r1) {
     float* a = s.gate.data() + r0 * I;
     gated_activation(spec.activation, a, s.up.data() + r0 * I, (r1 - r0) * I);
     if (ffn_norm) rms_norm(a, spec.ffn_sub_norm, r1 - r0, I, spec.eps, s.up.data() + r0 * I);
@@ -217,7 +212,7 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, con
   });
   if (!finite) return false;
   run_projections(down, 1, s, level);
-  over_rows(B, [&](std::size_t r0, std::size_t r1) {
+  parallel_per_thread(B, [&](std::size_t r0, std::size_t r1) {
     add_into(h + r0 * H, s.y.data() + r0 * H, (r1 - r0) * H);
   });
   return true;

@@ -120,6 +120,17 @@ class _TernaryLinearSTE(torch.autograd.Function):
         return grad.to(torch.float32) @ w0, None
 
 
+def _row_key(row: Sequence[object]) -> tuple | None:
+    """A hashable key of a mix row's (name, weight) items, or None for a row that cannot be
+    one (its items are then checked by _normalise, which names what is wrong)."""
+    try:
+        key = tuple(tuple(item) if isinstance(item, list) else item for item in row)
+        hash(key)
+    except TypeError:
+        return None
+    return key
+
+
 class BitLinearDoRA(nn.Module):
     """A :class:`BitLinear` with any number of named DoRA adapters and a per-row mix.
 
@@ -390,15 +401,20 @@ class BitLinearDoRA(nn.Module):
                      tuple))) for e in mix)
         if hetero:
             # A batch of prompt tokens repeats each sequence's mix once a token: each
-            # distinct row is checked and resolved once.
-            seen: dict[tuple, list[tuple[str, float]]] = {}
+            # distinct row is checked and resolved once, and the equal rows share its list
+            # (which _mix_matrix relies on to build each distinct row's weights once).
+            seen: dict[object, list[tuple[str, float]]] = {}
             rows = []
             for i, e in enumerate(mix):
-                key = tuple(tuple(item) if isinstance(item, list) else item for item in e)
-                if key not in seen:
-                    seen[key] = self._normalise(e, f"mix[{i}]")
-                rows.append(seen[key])
-            names = {n for row in seen.values() for n, _ in row}
+                key = _row_key(e)
+                row = seen.get(key) if key is not None else None
+                if row is None:
+                    row = self._normalise(e, f"mix[{i}]")
+                    if key is not None:
+                        seen[key] = row
+                rows.append(row)
+            distinct = list({id(row): row for row in rows}.values())
+            names = {n for row in distinct for n, _ in row}
         else:
             rows = self._normalise(mix, "mix")
             names = {n for n, _ in rows}
@@ -416,7 +432,7 @@ class BitLinearDoRA(nn.Module):
 
         if missing == "base":
             if hetero:
-                resolved = {id(r): resolve(r) for r in rows}
+                resolved = {id(r): resolve(r) for r in distinct}
                 rows = [resolved[id(r)] for r in rows]
             else:
                 rows = resolve(rows)
@@ -453,9 +469,9 @@ class BitLinearDoRA(nn.Module):
         else:
             rows = [self._mix]
         # Each distinct row (the same list object: set_mix resolves equal rows to one) once.
-        distinct: dict[int, int] = {}
-        index = [distinct.setdefault(id(row), len(distinct)) for row in rows]
-        unique = list({id(row): row for row in rows}.values())
+        position: dict[int, int] = {}
+        index = [position.setdefault(id(row), len(position)) for row in rows]
+        unique = list({id(row): row for row in rows}.values())  # in the order of `position`
         # One order for every mix, by name: a row's terms are then summed in the same order
         # alone or batched with rows of other mixes, so its result is the same bit for bit.
         names = sorted({n for row in unique for n, _ in row if n is not None})

@@ -646,6 +646,11 @@ class BitNetForCausalLM(nn.Module):
         positions = positions.to(self._cos.device)
         return self._cos[positions], self._sin[positions]
 
+    def _check_token_ids(self, ids: torch.Tensor) -> None:
+        vocab = self.config.vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            raise ValueError(f"input_ids: token ids must be in [0, {vocab})")
+
     @staticmethod
     def _attention_mask(pad: torch.Tensor, start: int, end: int) -> torch.Tensor:
         """Additive mask [B, 1, T, S]: causal, and left padding masked."""
@@ -689,9 +694,7 @@ class BitNetForCausalLM(nn.Module):
                 raise ValueError(f"cache holds {cache.batch_size} rows, input has {bsz}")
             if end > cache.max_len:
                 raise ValueError(f"sequence of {end} tokens exceeds the cache ({cache.max_len})")
-        vocab = self.config.vocab_size
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab:
-            raise ValueError(f"input_ids: token ids must be in [0, {vocab})")
+        self._check_token_ids(input_ids)
         if seq == 1 and cache is not None and self.decode_hook is not None:
             logits = self.decode_hook.decode(input_ids, cache)
             if logits is not None:
@@ -738,9 +741,7 @@ class BitNetForCausalLM(nn.Module):
         if any(n < 2 for n in lengths):
             raise ValueError("every prompt of a packed prefill needs at least 2 tokens")
         ids = torch.as_tensor([t for p in prompts for t in p], dtype=torch.long)
-        vocab = self.config.vocab_size
-        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
-            raise ValueError(f"input_ids: token ids must be in [0, {vocab})")
+        self._check_token_ids(ids)
         positions = torch.cat([torch.arange(n) for n in lengths])
         cos, sin = self.rope(positions[:, None])  # [tokens, 1, hd]
         store = _PackedPrompts(self, lengths)
