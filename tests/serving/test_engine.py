@@ -212,10 +212,18 @@ def test_nothing_to_generate_and_empty_prompts_are_answered_at_once(backend) -> 
 
 def test_a_queue_of_zero_still_takes_jobs_while_rows_are_free(backend) -> None:
     engine = Engine(backend, max_batch=2, max_queue=0, kv_tokens=512)
-    first, second = _job(PROMPTS[0], [], n=3), _job(PROMPTS[1], [], n=3)
+    # The first token's callback holds the engine thread until the third submit has been
+    # tried, so both rows are still taken then (3 tokens could otherwise finish first).
+    tried = threading.Event()
+    first = _job(PROMPTS[0], [], n=3)
+    first.on_token = lambda token: tried.wait(timeout=60)
+    second = _job(PROMPTS[1], [], n=3)
     futures = [engine.submit(first), engine.submit(second)]
-    with pytest.raises(EngineOverloaded):
-        engine.submit(_job(PROMPTS[2], [], n=3))  # both rows taken, nowhere to wait
+    try:
+        with pytest.raises(EngineOverloaded):
+            engine.submit(_job(PROMPTS[2], [], n=3))  # both rows taken, nowhere to wait
+    finally:
+        tried.set()
     for f in futures:
         f.result(timeout=60)
     assert len(first.tokens) == 3 and len(second.tokens) == 3
