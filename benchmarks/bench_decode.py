@@ -138,12 +138,13 @@ def row_mix(names: list[str], row: int) -> list[tuple[str, float]]:
 
 def batch_step(model: BitNetForCausalLM, batch: int, with_experts: bool,
                position: int = PROMPT, first_row: int = 0,
-               mix_of: Callable[[list[str], int], list[tuple[str, float]]] = row_mix):
+               mix_of: Callable[[list[str], int], list[tuple[str, float]]] = row_mix,
+               kv_dtype: torch.dtype = torch.float32):
     """A decode step of ``batch`` sequences at different positions of a block pool (row b
     at ``position + 7 b``, each with its own expert mix when ``with_experts``), as the
     serving engine runs it. ``first_row``: the rows are b = first_row, first_row + 1, ...
     (``batch=1, first_row=b``: row b of a batch run alone, its own mix and position).
-    ``mix_of(names, b)``: row b's mix."""
+    ``mix_of(names, b)``: row b's mix. ``kv_dtype``: the cache's element type."""
     from r3mes.core.kv_blocks import KVBlockPool
 
     names = add_batch_experts(model) if with_experts else []
@@ -151,7 +152,8 @@ def batch_step(model: BitNetForCausalLM, batch: int, with_experts: bool,
     mixes = [mix_of(names, b) if names else [] for b in rows]
     set_adapter_mix(model, mixes if batch > 1 else (mixes[0] or None))
     per_row = (position + 7 * rows[-1]) // 16 + 1
-    pool = KVBlockPool(model.config, num_blocks=batch * per_row, block_size=16)
+    pool = KVBlockPool(model.config, num_blocks=batch * per_row, block_size=16,
+                       dtype=kv_dtype)
     blocks = [pool.allocate(per_row) for _ in range(batch)]
     table = KVBlockPool.table(blocks)
     positions = torch.tensor([position + 7 * b for b in rows])
@@ -206,6 +208,9 @@ def batched_main() -> None:
     ap.add_argument("--alone", action="store_true",
                     help="also run each row of the largest batch alone (its own mix and "
                          "position): the 'x the rows alone' column")
+    ap.add_argument("--kv-dtypes", default="float32",
+                    help="KV cache element types to run, comma-separated (float32, float16: "
+                         "the opt-in half cache), alternated in the same rounds")
     args = ap.parse_args()
     if "1" not in args.batches.split(","):
         ap.error("--batches must include 1 (the one-row baseline)")
@@ -221,32 +226,42 @@ def batched_main() -> None:
         return
     kinds = {"none": [False], "mixed": [True], "both": [False, True]}[args.experts]
     sizes = [int(b) for b in args.batches.split(",")]
-    best: dict[tuple[bool, int, int], float] = {}  # (experts, rows, first row): seconds
+    from r3mes.core.kv_blocks import KV_DTYPES
 
-    def measure(with_experts: bool, batch: int, first_row: int) -> None:
-        dt = step_seconds(batch_step(model, batch, with_experts, args.position, first_row))
-        key = (with_experts, batch, first_row)
+    dtypes = args.kv_dtypes.split(",")
+    if unknown := set(dtypes) - set(KV_DTYPES):
+        ap.error(f"--kv-dtypes: unknown {sorted(unknown)} (known: {sorted(KV_DTYPES)})")
+    # (KV dtype, experts, rows, first row): seconds
+    best: dict[tuple[str, bool, int, int], float] = {}
+
+    def measure(dtype: str, with_experts: bool, batch: int, first_row: int) -> None:
+        dt = step_seconds(batch_step(model, batch, with_experts, args.position, first_row,
+                                     kv_dtype=KV_DTYPES[dtype]))
+        key = (dtype, with_experts, batch, first_row)
         best[key] = min(best.get(key, dt), dt)
 
     alone_rows = range(1, max(sizes)) if args.alone else range(0)
     for _ in range(args.rounds):
+        for dtype in dtypes:
+            for with_experts in kinds:
+                for batch in sizes:
+                    measure(dtype, with_experts, batch, 0)
+                for b in alone_rows:
+                    measure(dtype, with_experts, 1, b)
+    print("| KV | rows | mixes | ms/step | aggregate tok/s | x one row | x the rows alone |")
+    print("|---|---|---|---|---|---|---|")
+    for dtype in dtypes:
         for with_experts in kinds:
+            one = best[(dtype, with_experts, 1, 0)]
             for batch in sizes:
-                measure(with_experts, batch, 0)
-            for b in alone_rows:
-                measure(with_experts, 1, b)
-    print("| rows | mixes | ms/step | aggregate tok/s | x one row | x the rows alone |")
-    print("|---|---|---|---|---|---|")
-    for with_experts in kinds:
-        one = best[(with_experts, 1, 0)]
-        for batch in sizes:
-            dt = best[(with_experts, batch, 0)]
-            alone = "-"
-            if args.alone:
-                alone = sum(best[(with_experts, 1, b)] for b in range(batch))
-                alone = f"{alone / dt:.2f}"
-            print(f"| {batch} | {'own 1-3 of 8 experts' if with_experts else 'none'} | "
-                  f"{dt * 1e3:.1f} | {batch / dt:.1f} | {batch * one / dt:.2f} | {alone} |")
+                dt = best[(dtype, with_experts, batch, 0)]
+                alone = "-"
+                if args.alone:
+                    alone = sum(best[(dtype, with_experts, 1, b)] for b in range(batch))
+                    alone = f"{alone / dt:.2f}"
+                print(f"| {dtype} | {batch} | "
+                      f"{'own 1-3 of 8 experts' if with_experts else 'none'} | "
+                      f"{dt * 1e3:.1f} | {batch / dt:.1f} | {batch * one / dt:.2f} | {alone} |")
 
 
 def split_main(model: BitNetForCausalLM, rounds: int, position: int) -> None:

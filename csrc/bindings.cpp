@@ -226,8 +226,18 @@ py::array_t<float> py_int8_linear(const py::array& x, const py::array& w, const 
 py::array_t<float> py_decode_attention(const py::array& q, const py::array& k, const py::array& v,
                                        const py::array& pad, std::size_t length, float scaling) {
   check_array<float>(q, "q", 3);
-  check_array<float>(k, "k_cache", 4);
-  check_array<float>(v, "v_cache", 4);
+  for (const auto& [c, name] : {std::pair{&k, "k_cache"}, std::pair{&v, "v_cache"}}) {
+    if (c->dtype().kind() != 'f' || (c->itemsize() != 4 && c->itemsize() != 2))
+      throw std::invalid_argument(std::string(name) + ": expected dtype float32 or float16, got " +
+                                  std::string(py::str(c->dtype())));
+    if (c->ndim() != 4)
+      throw std::invalid_argument(std::string(name) + ": expected 4-D array, got " +
+                                  std::to_string(c->ndim()) + "-D");
+    if (!(c->flags() & py::array::c_style))
+      throw std::invalid_argument(std::string(name) + ": must be C-contiguous");
+  }
+  if (k.itemsize() != v.itemsize())
+    throw std::invalid_argument("k_cache and v_cache must have the same dtype");
   if (!pad.dtype().is(py::dtype::of<int64_t>()) || pad.ndim() != 1 ||
       !(pad.flags() & py::array::c_style))
     throw std::invalid_argument("pad: expected a contiguous 1-D int64 array");
@@ -251,8 +261,9 @@ py::array_t<float> py_decode_attention(const py::array& q, const py::array& k, c
   std::vector<int64_t> lengths(batch, static_cast<int64_t>(length));
   for (std::size_t b = 0; b < batch; ++b) table[b] = static_cast<int32_t>(b);
   KvBlocks kv;
-  kv.k = const_cast<float*>(data_of<float>(k));
-  kv.v = const_cast<float*>(data_of<float>(v));
+  kv.k = const_cast<void*>(k.data());
+  kv.v = const_cast<void*>(v.data());
+  kv.type = k.itemsize() == 2 ? KvType::F16 : KvType::F32;
   kv.block_size = max_len;
   kv.max_blocks = 1;
   kv.table = table.data();

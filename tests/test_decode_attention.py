@@ -108,3 +108,35 @@ def test_bad_shapes_are_refused() -> None:
         _native.decode_attention(q, kv, kv, pad, 3, 1.0)
     with pytest.raises(ValueError, match="length"):
         _native.decode_attention(torch.randn(1, 2, 4).numpy(), kv, kv, pad, 9, 1.0)
+
+
+@pytest.mark.parametrize(("heads", "kv", "dim", "length"), [(20, 5, 128, 300), (6, 2, 20, 37)])
+def test_a_half_cache_is_read_exactly(heads, kv, dim, length) -> None:
+    """A float16 cache gives the bits of a float32 cache holding the same halves: the kernel
+    widens each half exactly (subnormals and signed zeros included; dim 20 takes the tail
+    path too) and does the same float32 arithmetic."""
+    g = torch.Generator().manual_seed(dim)
+    q = torch.randn(2, heads, dim, generator=g)
+    k = torch.randn(2, kv, length, dim, generator=g)
+    v = torch.randn(2, kv, length, dim, generator=g)
+    k[0, 0, :, :4] = torch.tensor([1e-6, -3e-7, 0.0, -0.0])  # half subnormals, zeros
+    v[1, -1, :, -3:] = torch.tensor([6e-8, -5e-5, -0.0])
+    k16, v16 = k.half(), v.half()
+    assert (k16.float()[0, 0, :, :2].abs() < 6.1e-5).all()  # subnormal as halves
+    pad = torch.tensor([0, 5], dtype=torch.long)
+    half = kernels.decode_attention(q, k16, v16, pad, length, dim**-0.5)
+    widened = kernels.decode_attention(q, k16.float(), v16.float(), pad, length, dim**-0.5)
+    assert torch.equal(half, widened)
+    torch.testing.assert_close(half, reference.decode_attention(q, k16, v16, pad, length,
+                                                                dim**-0.5),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_cache_dtypes_are_checked() -> None:
+    q = torch.randn(1, 4, 16)
+    k = torch.randn(1, 2, 8, 16)
+    pad = torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="same dtype"):
+        kernels.decode_attention(q, k.half(), k, pad, 8, 0.25)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        kernels.decode_attention(q, k.double(), k.double(), pad, 8, 0.25)

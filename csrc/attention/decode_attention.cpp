@@ -52,11 +52,69 @@ constexpr float kWeightFloor = -69.0f;
 #define R3MES_INLINE inline __attribute__((always_inline))
 using v16 = float __attribute__((vector_size(64)));
 using v16i = int __attribute__((vector_size(64)));
+using v16u = unsigned __attribute__((vector_size(64)));
+using u16x16 = uint16_t __attribute__((vector_size(32)));
 
 R3MES_INLINE v16 load16(const float* p) {
   v16 r;
   std::memcpy(&r, p, sizeof r);
   return r;
+}
+
+// An element of a half cache (IEEE binary16 bits): a type of its own, so that no
+// arithmetic conversion of the bits can slip in.
+struct Half {
+  uint16_t bits;
+};
+R3MES_INLINE float to_float(float x) { return x; }
+// One half as a float, as half_to_float, in integer ops the compiler sees through (the
+// scalar tails then compile as the float cache's do: the same contractions into FMAs).
+R3MES_INLINE float to_float(Half x) {
+  const uint32_t magnitude = x.bits & 0x7fffu;
+  float f;
+  if (magnitude < 0x400u) {  // subnormal or zero: the mantissa times 2^-24, exact
+    f = static_cast<float>(magnitude) * (1.0f / 16777216.0f);
+  } else {
+    const uint32_t bits = magnitude >= 0x7c00u ? (magnitude << 13) | 0x7f800000u
+                                               : (magnitude << 13) + (112u << 23);
+    std::memcpy(&f, &bits, sizeof f);
+  }
+  uint32_t out;
+  std::memcpy(&out, &f, sizeof out);
+  out |= static_cast<uint32_t>(x.bits & 0x8000u) << 16;
+  std::memcpy(&f, &out, sizeof f);
+  return f;
+}
+
+// 16 halves as floats, exactly as half_to_float, in integer vector ops (every clone; the
+// compiler's own _Float16 conversion calls into a libgcc too new for older systems).
+R3MES_INLINE v16 load16(const Half* p) {
+  u16x16 h;
+  std::memcpy(&h, p, sizeof h);
+  const v16u x = __builtin_convertvector(h, v16u);
+  const v16u magnitude = x & 0x7fffu;
+  // Normal: the exponent rebiased (15 -> 127); inf/NaN: exponent all ones.
+  v16u bits = (magnitude << 13) + (112u << 23);
+  bits = magnitude >= 0x7c00u ? (magnitude << 13) | 0x7f800000u : bits;
+  v16 normal;
+  std::memcpy(&normal, &bits, sizeof normal);
+  // Subnormal or zero: the mantissa times 2^-24, exact.
+  const v16 small = __builtin_convertvector(magnitude, v16) * (1.0f / 16777216.0f);
+  v16 f = magnitude < 0x400u ? small : normal;
+  v16u out;
+  std::memcpy(&out, &f, sizeof out);
+  out |= (x & 0x8000u) << 16;
+  std::memcpy(&f, &out, sizeof f);
+  return f;
+}
+
+template <class E>
+R3MES_INLINE const E* keys(const KvBlocks& kv) {
+  return static_cast<const E*>(kv.k);
+}
+template <class E>
+R3MES_INLINE const E* values(const KvBlocks& kv) {
+  return static_cast<const E*>(kv.v);
 }
 
 R3MES_INLINE void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
@@ -122,8 +180,10 @@ struct HeadCursor {
   }
 };
 
-R3MES_INLINE void prefetch_row(const float* row, std::size_t n, int locality) {
-  for (std::size_t d = 0; d < n; d += 16) {
+// The n elements of a cache row (64 bytes a prefetch).
+template <class E>
+R3MES_INLINE void prefetch_row(const E* row, std::size_t n, int locality) {
+  for (std::size_t d = 0; d < n; d += 64 / sizeof(E)) {
     if (locality == 3)
       __builtin_prefetch(row + d, 0, 3);
     else
@@ -134,9 +194,9 @@ R3MES_INLINE void prefetch_row(const float* row, std::size_t n, int locality) {
 // Partial-sum vectors of q_j . k for R query heads and two keys (a and b): 2R independent
 // chains of multiply-adds, enough to keep both FMA pipes busy. acc: [R][16][16] rows of
 // 16 lanes, position i of the block at row i.
-template <int R>
-R3MES_INLINE void dot_pair(const float* q, std::size_t head_dim, const float* ka,
-                           const float* kb, float* acc, std::size_t i, bool two) {
+template <int R, class E>
+R3MES_INLINE void dot_pair(const float* q, std::size_t head_dim, const E* ka, const E* kb,
+                           float* acc, std::size_t i, bool two) {
   const std::size_t nv = head_dim / 16;
   v16 a[R] = {}, b[R] = {};
   for (std::size_t v = 0; v < nv; ++v) {
@@ -154,17 +214,20 @@ R3MES_INLINE void dot_pair(const float* q, std::size_t head_dim, const float* ka
 }
 
 // scores[j * kChunk + i] = (q_j . k_{s0+i}) * scaling for the group's query heads j < rep
-// and positions [s0, s1). Prefetches keys (to L1) and values (to L2) kPrefetch ahead.
-R3MES_CLONES void chunk_scores(const float* q, std::size_t rep, const KvBlocks& kv,
-                               std::size_t b, std::size_t kv_heads, std::size_t g,
-                               std::size_t s0, std::size_t s1, std::size_t head_dim,
-                               float scaling, float* scores, float* acc /* [rep][16][16] */) {
+// and positions [s0, s1) of a cache of E. Prefetches keys (to L1) and values (to L2)
+// kPrefetch ahead.
+template <class E>
+R3MES_INLINE void chunk_scores_of(const float* q, std::size_t rep, const KvBlocks& kv,
+                                  std::size_t b, std::size_t kv_heads, std::size_t g,
+                                  std::size_t s0, std::size_t s1, std::size_t head_dim,
+                                  float scaling, float* scores, float* acc) {
   const std::size_t tail = head_dim / 16 * 16;
+  const E* const k_base = keys<E>(kv);
   HeadCursor at(kv, b, kv_heads, g, head_dim, s0);
   HeadCursor ahead(kv, b, kv_heads, g, head_dim, s0);
   auto prefetch_ahead = [&](std::size_t p) {  // p: the position `ahead` is at
-    prefetch_row(kv.k + ahead.offset(), head_dim, 3);
-    prefetch_row(kv.v + ahead.offset(), head_dim, 2);
+    prefetch_row(k_base + ahead.offset(), head_dim, 3);
+    prefetch_row(values<E>(kv) + ahead.offset(), head_dim, 2);
     ahead.next(p + 1 < s1);
   };
   for (std::size_t p = s0; p < std::min(s1, s0 + kPrefetch); ++p) prefetch_ahead(p);
@@ -172,11 +235,11 @@ R3MES_CLONES void chunk_scores(const float* q, std::size_t rep, const KvBlocks& 
     const std::size_t n = std::min<std::size_t>(16, s1 - s);
     for (std::size_t i = 0; i < n; i += 2) {
       const bool two = i + 1 < n;
-      const float* ka = kv.k + at.offset();
+      const E* ka = k_base + at.offset();
       at.next(s + i + 1 < s1);
-      const float* kb = ka;  // an odd last position is computed twice, stored once
+      const E* kb = ka;  // an odd last position is computed twice, stored once
       if (two) {
-        kb = kv.k + at.offset();
+        kb = k_base + at.offset();
         at.next(s + i + 2 < s1);
       }
       for (std::size_t p = s + i + kPrefetch; p < std::min(s1, s + i + 2 + kPrefetch); ++p)
@@ -188,9 +251,12 @@ R3MES_CLONES void chunk_scores(const float* q, std::size_t rep, const KvBlocks& 
       for (j = 0; tail < head_dim && j < rep; ++j) {
         const float* qj = q + j * head_dim;
         for (std::size_t t = 0; t < (two ? 2u : 1u); ++t) {
-          const float* k = t == 0 ? ka : kb;
+          const E* k = t == 0 ? ka : kb;
           float rest = 0.0f;
-          for (std::size_t d = tail; d < head_dim; ++d) rest += qj[d] * k[d];
+          // Explicit FMAs: left to itself, the compiler vectorises the products of one
+          // element type and contracts the other's, and a half cache would round apart.
+          for (std::size_t d = tail; d < head_dim; ++d)
+            rest = __builtin_fmaf(qj[d], to_float(k[d]), rest);
           scores[j * kChunk + (s - s0) + i + t] = rest;
         }
       }
@@ -206,6 +272,16 @@ R3MES_CLONES void chunk_scores(const float* q, std::size_t rep, const KvBlocks& 
       }
     }
   }
+}
+
+R3MES_CLONES void chunk_scores(const float* q, std::size_t rep, const KvBlocks& kv,
+                               std::size_t b, std::size_t kv_heads, std::size_t g,
+                               std::size_t s0, std::size_t s1, std::size_t head_dim,
+                               float scaling, float* scores, float* acc /* [rep][16][16] */) {
+  if (kv.type == KvType::F16)
+    chunk_scores_of<Half>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores, acc);
+  else
+    chunk_scores_of<float>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores, acc);
 }
 
 // The chunk's scores of each query head become weights exp(s - max), 0 below kWeightFloor,
@@ -239,7 +315,7 @@ R3MES_CLONES void chunk_softmax(float* scores, std::size_t rep, std::size_t n, b
 }
 
 // o[r * head_dim + d] = sum_i weights[r * kChunk + i] * v_{s0+i}[d] for R query heads.
-template <int R>
+template <int R, class E>
 R3MES_INLINE void chunk_values_heads(const float* weights, const KvBlocks& kv, std::size_t b,
                                      std::size_t kv_heads, std::size_t g, std::size_t s0,
                                      std::size_t s1, std::size_t head_dim, float* o) {
@@ -249,7 +325,7 @@ R3MES_INLINE void chunk_values_heads(const float* weights, const KvBlocks& kv, s
     v16 acc[R][4] = {};
     HeadCursor at(kv, b, kv_heads, g, head_dim, s0);
     for (std::size_t s = s0; s < s1; ++s) {
-      const float* v = kv.v + at.offset() + 16 * v0;
+      const E* v = values<E>(kv) + at.offset() + 16 * v0;
       at.next(s + 1 < s1);
       v16 x[4] = {};
       for (std::size_t c = 0; c < 4; ++c)
@@ -267,31 +343,43 @@ R3MES_INLINE void chunk_values_heads(const float* weights, const KvBlocks& kv, s
     for (int r = 0; r < R; ++r) std::fill(o + r * head_dim + nv * 16, o + (r + 1) * head_dim, 0.f);
     HeadCursor at(kv, b, kv_heads, g, head_dim, s0);
     for (std::size_t s = s0; s < s1; ++s) {
-      const float* v = kv.v + at.offset();
+      const E* v = values<E>(kv) + at.offset();
       at.next(s + 1 < s1);
       for (int r = 0; r < R; ++r) {
         const float w = weights[r * kChunk + (s - s0)];
-        for (std::size_t d = nv * 16; d < head_dim; ++d) o[r * head_dim + d] += w * v[d];
+        for (std::size_t d = nv * 16; d < head_dim; ++d)
+          o[r * head_dim + d] = __builtin_fmaf(w, to_float(v[d]), o[r * head_dim + d]);
       }
     }
   }
 }
 
-R3MES_CLONES void chunk_values(const float* weights, std::size_t rep, const KvBlocks& kv,
-                               std::size_t b, std::size_t kv_heads, std::size_t g,
-                               std::size_t s0, std::size_t s1, std::size_t head_dim, float* o) {
+template <class E>
+R3MES_INLINE void chunk_values_of(const float* weights, std::size_t rep, const KvBlocks& kv,
+                                  std::size_t b, std::size_t kv_heads, std::size_t g,
+                                  std::size_t s0, std::size_t s1, std::size_t head_dim,
+                                  float* o) {
   std::size_t j = 0;
   for (; j + 4 <= rep; j += 4)
-    chunk_values_heads<4>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
-                          o + j * head_dim);
+    chunk_values_heads<4, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
+                             o + j * head_dim);
   if (j + 2 <= rep) {
-    chunk_values_heads<2>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
-                          o + j * head_dim);
+    chunk_values_heads<2, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
+                             o + j * head_dim);
     j += 2;
   }
   if (j < rep)
-    chunk_values_heads<1>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
-                          o + j * head_dim);
+    chunk_values_heads<1, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
+                             o + j * head_dim);
+}
+
+R3MES_CLONES void chunk_values(const float* weights, std::size_t rep, const KvBlocks& kv,
+                               std::size_t b, std::size_t kv_heads, std::size_t g,
+                               std::size_t s0, std::size_t s1, std::size_t head_dim, float* o) {
+  if (kv.type == KvType::F16)
+    chunk_values_of<Half>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
+  else
+    chunk_values_of<float>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
 }
 
 // One task: positions [s0, s1) of row b's kv head g.

@@ -1,5 +1,6 @@
 #pragma once
-// Single-token (decode) grouped-query attention over a float32 KV cache in blocks.
+// Single-token (decode) grouped-query attention over a KV cache in blocks, float32 or
+// (opt-in) IEEE half.
 #include <cstddef>
 #include <cstdint>
 
@@ -10,9 +11,15 @@ namespace r3mes {
 // table[b * max_blocks + s / block_size], at offset s % block_size. A contiguous cache
 // [B, kv_heads, max_len, head_dim] is the pool with block_size = max_len and row b's table
 // {b} (see decode_layer_bindings.cpp and bindings.cpp).
+// The cache's element type. Half (opt-in) halves the bytes a decode step reads of the cache
+// and the memory a position takes; each key and value is stored rounded to nearest even, as
+// torch's .half(), and read back exactly (the arithmetic stays float32).
+enum class KvType { F32, F16 };
+
 struct KvBlocks {
-  float* k = nullptr;
-  float* v = nullptr;
+  void* k = nullptr;  // float or binary16 bits [num_blocks, kv_heads, block_size, head_dim]
+  void* v = nullptr;
+  KvType type = KvType::F32;
   std::size_t block_size = 0, max_blocks = 0;
   const int32_t* table = nullptr;  // [B, max_blocks]
 

@@ -1,5 +1,6 @@
 #include "model/decode_layer.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #if defined(__SSE2__)
@@ -7,6 +8,7 @@
 #endif
 
 #include "attention/decode_attention.h"
+#include "common/half.h"
 #include "common/target_clones.h"
 #include "common/thread_pool.h"
 #include "ternary/ternary.h"
@@ -88,6 +90,23 @@ R3MES_CLONES void gated_activation(DecodeActivation activation, float* __restric
 // h += y, the residual connection.
 R3MES_CLONES void add_into(float* __restrict h, const float* __restrict y, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) h[i] += y[i];
+}
+
+// A position's key and value (d floats each) into the cache at element offset dst; a half
+// cache stores each rounded to nearest even (as torch's .half()).
+void store_kv(const KvBlocks& kv, std::size_t dst, const float* k, const float* v,
+              std::size_t d) {
+  if (kv.type == KvType::F16) {
+    auto* kh = static_cast<uint16_t*>(kv.k) + dst;
+    auto* vh = static_cast<uint16_t*>(kv.v) + dst;
+    for (std::size_t i = 0; i < d; ++i) {
+      kh[i] = float_to_half(k[i]);
+      vh[i] = float_to_half(v[i]);
+    }
+    return;
+  }
+  std::copy(k, k + d, static_cast<float*>(kv.k) + dst);
+  std::copy(v, v + d, static_cast<float*>(kv.v) + dst);
 }
 
 // Prepares `count` projections of the same input x [B, in], to run in one pool hand-off on
@@ -176,10 +195,7 @@ bool decode_layer_step(const DecodeLayerSpec& spec, float* h, std::size_t B, con
       for (std::size_t g = 0; g < spec.kv_heads; ++g) {
         const std::size_t dst = kv.offset(b, spec.kv_heads, g, p, D);
         const std::size_t src = (b * spec.kv_heads + g) * D;
-        for (std::size_t d = 0; d < D; ++d) {
-          kv.k[dst + d] = s.k[src + d];
-          kv.v[dst + d] = s.v[src + d];
-        }
+        store_kv(kv, dst, s.k.data() + src, s.v.data() + src, D);
       }
     }
   });

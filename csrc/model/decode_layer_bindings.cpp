@@ -162,8 +162,9 @@ class PyDecodeLayer {
   }
 
   // One decode step of B rows. k_cache, v_cache: [layers, num_blocks, kv_heads, block_size,
-  // head_dim] (a contiguous cache [layers, B, kv_heads, max_len, head_dim] is the same with
-  // one block a row). block_table [B, max_blocks] int32: row b's blocks in position order.
+  // head_dim], float32 or float16 (a half cache; a contiguous cache [layers, B, kv_heads,
+  // max_len, head_dim] is the same with one block a row). block_table [B, max_blocks]
+  // int32: row b's blocks in position order.
   // start, pos [B] int64: row b writes position pos[b] and attends [start[b], pos[b]].
   void step(const py::array& h, const py::array& k_cache, const py::array& v_cache,
             std::size_t layer, const py::array& block_table, const py::array& start,
@@ -178,6 +179,8 @@ class PyDecodeLayer {
     for (int i = 0; i < 5; ++i)
       if (k_cache.shape(i) != v_cache.shape(i))
         throw std::invalid_argument("k_cache and v_cache must have the same shape");
+    if (k_cache.itemsize() != v_cache.itemsize())
+      throw std::invalid_argument("k_cache and v_cache must have the same dtype");
     const std::size_t num_blocks = k_cache.shape(1), block_size = k_cache.shape(3);
     check_array<int32_t>(block_table, "block_table", 2);
     if (static_cast<std::size_t>(block_table.shape(0)) != B)
@@ -223,8 +226,10 @@ class PyDecodeLayer {
     const std::size_t per_layer = num_blocks * spec_.kv_heads * block_size * spec_.head_dim;
     float* hp = static_cast<float*>(const_cast<void*>(h.data()));
     KvBlocks kv;
-    kv.k = static_cast<float*>(const_cast<void*>(k_cache.data())) + layer * per_layer;
-    kv.v = static_cast<float*>(const_cast<void*>(v_cache.data())) + layer * per_layer;
+    const std::size_t layer_bytes = layer * per_layer * k_cache.itemsize();
+    kv.k = static_cast<char*>(const_cast<void*>(k_cache.data())) + layer_bytes;
+    kv.v = static_cast<char*>(const_cast<void*>(v_cache.data())) + layer_bytes;
+    kv.type = k_cache.itemsize() == 2 ? KvType::F16 : KvType::F32;
     kv.block_size = block_size;
     kv.max_blocks = max_blocks;
     kv.table = table;
@@ -251,8 +256,16 @@ class PyDecodeLayer {
     return data_of<float>(a);
   }
 
+  // A cache of float32 or float16 (KvType), [layers, blocks, kv_heads, block_size, head_dim].
   void check_cache(const py::array& c, const char* name, std::size_t layer) {
-    check_array<float>(c, name, 5);
+    if (c.dtype().kind() != 'f' || (c.itemsize() != 4 && c.itemsize() != 2))
+      throw std::invalid_argument(std::string(name) + ": expected dtype float32 or float16, got " +
+                                  std::string(py::str(c.dtype())));
+    if (c.ndim() != 5)
+      throw std::invalid_argument(std::string(name) + ": expected 5-D array, got " +
+                                  std::to_string(c.ndim()) + "-D");
+    if (!(c.flags() & py::array::c_style))
+      throw std::invalid_argument(std::string(name) + ": must be C-contiguous");
     if (!c.writeable()) throw std::invalid_argument(std::string(name) + ": must be writeable");
     if (layer >= static_cast<std::size_t>(c.shape(0)) || c.shape(1) == 0 || c.shape(3) == 0 ||
         static_cast<std::size_t>(c.shape(2)) != spec_.kv_heads ||

@@ -132,6 +132,10 @@ class InferenceSection(_Section):
     kv_cache_tokens: int | None = Field(None, ge=1)
     kv_cache_mb: float = Field(1024.0, gt=0)
     kv_block_size: int = Field(16, ge=1, le=1024)
+    # The cache's element type. float16 (opt-in, lossy) halves the memory a position takes
+    # (twice the requests in one budget) and the cache bytes a decode step reads; each key
+    # and value is rounded to a half (BENCHMARKS.md, issue 19, "16-bit KV cache").
+    kv_cache_dtype: Literal["float32", "float16"] = "float32"
     # Prompt tokens of the requests joining at one step prefilled in one pass at most (0 or
     # 1: each prompt alone). A pass reads the weights once for all its prompts, but each of
     # them gets its first token only when the whole pass is done and the running requests

@@ -48,10 +48,14 @@ def _set_rows(model: BitNetForCausalLM, mixes: list[list[tuple[str, float]]]) ->
 
 
 def _run(model: BitNetForCausalLM, rows: list[int], steps: int, block_size: int = 4,
-         stagger: bool = False) -> dict[int, list[torch.Tensor]]:
-    """Greedy decode of ROWS[rows] in one pool; with ``stagger`` row i joins at step i (so
-    rows of different ages share every step). Returns each row's logits per step."""
-    pool = KVBlockPool(model.config, num_blocks=64, block_size=block_size)
+         stagger: bool = False, dtype: torch.dtype = torch.float32,
+         pools: list[KVBlockPool] | None = None) -> dict[int, list[torch.Tensor]]:
+    """Greedy decode of ROWS[rows] in one pool (of ``dtype``; appended to ``pools``); with
+    ``stagger`` row i joins at step i (so rows of different ages share every step). Returns
+    each row's logits per step."""
+    pool = KVBlockPool(model.config, num_blocks=64, block_size=block_size, dtype=dtype)
+    if pools is not None:
+        pools.append(pool)
     state: dict[int, dict] = {}
     out: dict[int, list[torch.Tensor]] = {r: [] for r in rows}
     pending = list(rows)
@@ -91,6 +95,45 @@ def test_batched_rows_equal_each_row_alone_bit_for_bit(model, threads) -> None:
     for r in range(len(ROWS)):
         assert all(torch.equal(a, b) for a, b in zip(alone[r], staggered[r], strict=True)), r
     assert native_running(model), "the native decode layers must have run"
+
+
+def test_rows_on_a_half_cache_equal_each_row_alone_bit_for_bit(model, threads) -> None:
+    use_native(model, True)
+    half = torch.float16
+    alone = {r: _run(model, [r], steps=5, dtype=half)[r] for r in range(len(ROWS))}
+    together = _run(model, list(range(len(ROWS))), steps=5, stagger=True, dtype=half)
+    for r in range(len(ROWS)):
+        assert all(torch.equal(a, b) for a, b in zip(alone[r], together[r], strict=True)), r
+
+
+def test_a_half_cache_stores_each_key_and_value_rounded_as_torch(model) -> None:
+    """The first decode step's layer-0 key and value depend on nothing the cache held
+    before: on a half cache the native layer stores exactly torch's .half() of what a float32
+    cache gets. The logits stay near the float32 cache's; the torch path on a half cache
+    gives the native one's to float rounding."""
+    use_native(model, True)
+    pools: list[KVBlockPool] = []
+    full = _run(model, [0], steps=1, pools=pools)[0]
+    half = _run(model, [0], steps=1, dtype=torch.float16, pools=pools)[0]
+    position = len(ROWS[0][0])  # where the first decoded token's key and value went
+    block, offset = position // 4, position % 4  # both pools hand out the same blocks
+    for name in ("k", "v"):
+        stored = getattr(pools[1], name)[0, block, :, offset]
+        assert stored.dtype == torch.float16
+        assert torch.equal(stored, getattr(pools[0], name)[0, block, :, offset].half()), name
+    # Lossy, and the int8 activations amplify it (a value moved across a rounding step):
+    # up to ~2% of the logits' range on this small random model; garbage would be far off.
+    for a, b in zip(full, half, strict=True):
+        assert float((a - b).abs().max()) < 0.1 * float(a.abs().max())
+    use_native(model, False)
+    try:
+        torch_half = _run(model, [0, 1, 3], steps=3, dtype=torch.float16)
+    finally:
+        use_native(model, True)
+    native_half = _run(model, [0, 1, 3], steps=3, dtype=torch.float16)
+    for r in native_half:
+        for a, b in zip(native_half[r], torch_half[r], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def _packed_against_alone(model: BitNetForCausalLM, rows: list[int]):
@@ -211,3 +254,16 @@ def test_pool_accounting_and_budget() -> None:
         KVBlockPool.from_budget(cfg, tokens=8, block_size=16)
     with pytest.raises(ValueError, match="exactly one"):
         KVBlockPool.from_budget(cfg, tokens=8, megabytes=1.0)
+
+
+def test_a_half_pool_holds_twice_the_tokens_of_a_budget() -> None:
+    cfg = _model().config
+    half = torch.float16
+    assert KVBlockPool.bytes_per_token(cfg, half) * 2 == KVBlockPool.bytes_per_token(cfg)
+    budget = KVBlockPool.bytes_per_token(cfg) * 100 / 2**20
+    full = KVBlockPool.from_budget(cfg, megabytes=budget, block_size=16)
+    small = KVBlockPool.from_budget(cfg, megabytes=budget, block_size=16, dtype=half)
+    assert (full.capacity_tokens, small.capacity_tokens) == (96, 192)  # 100 and 200 tokens
+    assert small.k.dtype == half and small.nbytes == full.nbytes
+    with pytest.raises(ValueError, match="float32 or float16"):
+        KVBlockPool(cfg, num_blocks=2, dtype=torch.bfloat16)

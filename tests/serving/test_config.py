@@ -181,3 +181,15 @@ def test_the_packed_prefill_budget_reaches_the_engine_and_is_validated(tmp_path)
     path.write_text("inference:\n  max_prefill_tokens: -1\n")
     with pytest.raises(ConfigError, match=r"c\.yaml.*inference\.max_prefill_tokens"):
         load_config(path, environ={})
+
+
+def test_the_kv_cache_dtype_reaches_the_engine_and_is_validated(tmp_path):
+    from r3mes.serving.pipeline_config import PipelineConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text("inference:\n  kv_cache_dtype: float16\n")
+    assert PipelineConfig.from_settings(load_config(path, environ={})).kv_cache_dtype == "float16"
+    assert load_config(environ={}).inference.kv_cache_dtype == "float32"
+    path.write_text("inference:\n  kv_cache_dtype: bfloat16\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*inference\.kv_cache_dtype"):
+        load_config(path, environ={})

@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from r3mes import kernels
 from r3mes.core.backends import BitNetCppBackend, PyTorchBackend
@@ -76,6 +77,27 @@ def test_concurrent_jobs_equal_each_job_alone(backend) -> None:
     # two tokens or more were prefilled in one pass.
     assert engine.counters["packed_prefills"] == 1
     assert engine.pool.used_blocks == 0  # every row gave its blocks back
+
+
+def test_a_half_kv_cache_keeps_rows_independent(backend) -> None:
+    """kv_dtype="float16": the pool holds halves, and a row's tokens still do not depend on
+    the rows it shares steps with (each job alone on a half cache gives the same)."""
+    mixes = _mixes(backend)[:4]
+    alone = []
+    for p, m in zip(PROMPTS[:4], mixes, strict=True):
+        single = Engine(backend, max_batch=1, kv_dtype="float16")
+        job = _job(p, m)
+        single.generate([job])
+        single.close()
+        alone.append(job.tokens)
+    engine = Engine(backend, max_batch=4, kv_megabytes=1.0, kv_dtype="float16")
+    jobs = [_job(p, m) for p, m in zip(PROMPTS[:4], mixes, strict=True)]
+    engine.generate(jobs)
+    engine.close()
+    assert engine.pool.k.dtype == torch.float16
+    assert [j.tokens for j in jobs] == alone
+    with pytest.raises(ValueError, match="kv_dtype"):
+        Engine(backend, kv_dtype="bfloat16")
 
 
 def test_a_bad_prompt_in_a_packed_prefill_fails_alone(backend) -> None:

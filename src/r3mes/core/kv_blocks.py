@@ -2,11 +2,17 @@
 
 Continuous batching gives each sequence its own cache that grows and frees independently
 of the others. The keys and values of all of them live in one preallocated pool of
-fixed-size blocks ``[layers, num_blocks, kv_heads, block_size, head_dim]`` (float32, on the
-CPU); a sequence owns a list of blocks (its *block table*) and position ``s`` of it is
+fixed-size blocks ``[layers, num_blocks, kv_heads, block_size, head_dim]`` (on the CPU); a
+sequence owns a list of blocks (its *block table*) and position ``s`` of it is
 at offset ``s % block_size`` of its block ``s // block_size``. The pool is sized once, from a
 budget in tokens or megabytes, so the memory a node uses for its caches is known before the
 first request; when it is full, new requests wait (see :mod:`r3mes.serving.engine`).
+
+The blocks hold float32 by default. ``dtype=torch.float16`` (opt-in) halves the memory a
+position takes (twice the sequences in the same budget) and the bytes a decode step reads
+of the cache; every key and value is stored rounded to the nearest half (IEEE, ties to
+even) and read back exactly, the arithmetic staying float32. It is lossy: the answers can
+differ from a float32 cache's (measured in BENCHMARKS.md, "16-bit KV cache").
 
 The native decode layer (``csrc/model/``) reads and writes the blocks directly; the torch
 reference path of :meth:`r3mes.core.model.BitNetForCausalLM.decode_paged` gathers them.
@@ -21,7 +27,10 @@ import torch
 from r3mes.core.model import BitNetConfig
 from r3mes.errors import R3mesError
 
-__all__ = ["KVBlockPool", "KVCacheFull"]
+__all__ = ["KV_DTYPES", "KVBlockPool", "KVCacheFull"]
+
+#: The cache element types by their config names.
+KV_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 
 class KVCacheFull(R3mesError, RuntimeError):
@@ -35,9 +44,13 @@ class KVBlockPool:
         config: the model's architecture (layers, kv heads, head size).
         num_blocks: blocks in the pool (>= 1).
         block_size: positions a block holds (>= 1).
+        dtype: torch.float32 (default) or torch.float16 (see the module notes).
     """
 
-    def __init__(self, config: BitNetConfig, num_blocks: int, block_size: int = 16) -> None:
+    def __init__(self, config: BitNetConfig, num_blocks: int, block_size: int = 16,
+                 dtype: torch.dtype = torch.float32) -> None:
+        if dtype not in KV_DTYPES.values():
+            raise ValueError(f"KV cache dtype must be float32 or float16, got {dtype}")
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be at least 1, got {num_blocks}")
         if block_size < 1:
@@ -45,22 +58,25 @@ class KVBlockPool:
         shape = (config.num_hidden_layers, num_blocks, config.num_key_value_heads, block_size,
                  config.head_dim)
         # Zero pages: the memory becomes resident as blocks are first written.
-        self.k = torch.zeros(shape, dtype=torch.float32)
-        self.v = torch.zeros(shape, dtype=torch.float32)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+        self.dtype = dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
         # A stack: blocks released last are handed out first (still warm in cache).
         self._free = list(range(num_blocks - 1, -1, -1))
 
     @staticmethod
-    def bytes_per_token(config: BitNetConfig) -> int:
-        """Keys and values of one position, all layers (float32)."""
-        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 4
+    def bytes_per_token(config: BitNetConfig, dtype: torch.dtype = torch.float32) -> int:
+        """Keys and values of one position, all layers."""
+        size = torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * size
 
     @classmethod
     def from_budget(cls, config: BitNetConfig, *, tokens: int | None = None,
                     megabytes: float | None = None, block_size: int = 16,
-                    max_tokens: int | None = None) -> KVBlockPool:
+                    max_tokens: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> KVBlockPool:
         """A pool holding ``tokens`` positions, or as many as fit in ``megabytes`` (MiB);
         never more than ``max_tokens`` when given (more could never be used)."""
         if (tokens is None) == (megabytes is None):
@@ -68,12 +84,12 @@ class KVBlockPool:
         if tokens is None:
             if not (math.isfinite(megabytes) and megabytes > 0):
                 raise ValueError(f"KV budget: megabytes must be > 0, got {megabytes!r}")
-            tokens = int(megabytes * 2**20 // cls.bytes_per_token(config))
+            tokens = int(megabytes * 2**20 // cls.bytes_per_token(config, dtype))
         if max_tokens is not None:
             tokens = min(tokens, max_tokens)
         if tokens < block_size:
             raise ValueError(f"KV budget of {tokens} tokens is below one block ({block_size})")
-        return cls(config, tokens // block_size, block_size)
+        return cls(config, tokens // block_size, block_size, dtype)
 
     # ---- accounting -------------------------------------------------------------------
     @property
@@ -90,7 +106,7 @@ class KVBlockPool:
 
     @property
     def nbytes(self) -> int:
-        return self.k.numel() * 4 * 2
+        return self.k.numel() * self.k.element_size() * 2
 
     def blocks_for(self, tokens: int) -> int:
         """Blocks a sequence of ``tokens`` positions needs."""
@@ -122,11 +138,13 @@ class KVBlockPool:
 
     def gather(self, layer: int, blocks: list[int], length: int) -> tuple[torch.Tensor,
                                                                            torch.Tensor]:
-        """Keys and values ``[kv_heads, length, head_dim]`` of one sequence at ``layer``."""
+        """Keys and values ``[kv_heads, length, head_dim]`` (float32) of one sequence at
+        ``layer``."""
         idx = torch.as_tensor(blocks[:self.blocks_for(length)], dtype=torch.long)
         k = self.k[layer, idx].transpose(0, 1).reshape(self.k.shape[2], -1, self.k.shape[4])
         v = self.v[layer, idx].transpose(0, 1).reshape(self.v.shape[2], -1, self.v.shape[4])
-        return k[:, :length].contiguous(), v[:, :length].contiguous()
+        return (k[:, :length].to(torch.float32).contiguous(),
+                v[:, :length].to(torch.float32).contiguous())
 
     @staticmethod
     def table(block_lists: list[list[int]]) -> torch.Tensor:

@@ -15,7 +15,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      pad: torch.Tensor, length: int, scaling: float) -> torch.Tensor:
     """Single-token (decode) grouped-query attention straight from a KV cache.
 
-    q float32 [B, H, D]; k_cache, v_cache float32 [B, KV, S_max, D]; pad int64 [B] (left
+    q float32 [B, H, D]; k_cache, v_cache float32 or float16 (a half cache, read exactly)
+    [B, KV, S_max, D]; pad int64 [B] (left
     padding of each row: keys before it are masked); keys [pad_b, length) are attended.
     Returns float32 [B, H, D]. Native: one fused pass per head, independent of the thread
     count; agrees with :func:`r3mes.kernels.reference.decode_attention` to float rounding.

@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from r3mes.core.generation import GenerationConfig, sample_next, stop_token_ids
+from r3mes.core.kv_blocks import KV_DTYPES
 from r3mes.errors import R3mesError
 
 if TYPE_CHECKING:
@@ -130,6 +131,9 @@ class Engine:
         kv_tokens / kv_megabytes: the KV-cache budget (one of them; default 1024 MiB),
             capped at what ``max_batch`` rows of ``max_context`` positions could use.
         kv_block_size: positions per cache block.
+        kv_dtype: the cache's element type, ``"float32"`` or ``"float16"`` (opt-in: half the
+            memory a position takes, each key and value rounded to a half; lossy, see
+            :mod:`r3mes.core.kv_blocks`).
         adapters: see :data:`AdapterHook`.
         max_prefill_tokens: prompt tokens of the jobs joining at one step prefilled in one
             pass at most (the running rows wait for it, and every job of the pass gets its
@@ -141,9 +145,12 @@ class Engine:
                  max_batch: int = 8,
                  max_queue: int = 64, kv_tokens: int | None = None,
                  kv_megabytes: float | None = None, kv_block_size: int = 16,
+                 kv_dtype: str = "float32",
                  adapters: AdapterHook | None = None, max_prefill_tokens: int = 64) -> None:
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {sorted(KV_DTYPES)}, got {kv_dtype!r}")
         self.backend = backend
         self.max_context = max_context
         self.max_batch = max_batch
@@ -155,6 +162,7 @@ class Engine:
         self.batching = backend.supports_feature("batch")
         self._kv_budget = (kv_tokens, None if kv_tokens is not None else (kv_megabytes or 1024.0))
         self._kv_block_size = kv_block_size
+        self._kv_dtype = KV_DTYPES[kv_dtype]
         self._adapters = adapters
         self.pool: Any = None  # the KVBlockPool, made at the first job
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -445,7 +453,8 @@ class Engine:
             if self.max_context is not None:
                 cap = self.max_batch * (self.max_context + self._kv_block_size)
             self.pool = self.backend.new_kv_pool(tokens=tokens, megabytes=megabytes,
-                                                 block_size=self._kv_block_size, max_tokens=cap)
+                                                 block_size=self._kv_block_size, max_tokens=cap,
+                                                 dtype=self._kv_dtype)
         return self.pool
 
     @staticmethod

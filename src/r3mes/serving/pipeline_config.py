@@ -86,6 +86,7 @@ class PipelineConfig:
     kv_cache_tokens: int | None = _setting("inference.kv_cache_tokens")
     kv_cache_mb: float | None = _setting("inference.kv_cache_mb")
     kv_block_size: int = _setting("inference.kv_block_size")
+    kv_cache_dtype: str = _setting("inference.kv_cache_dtype")
     max_prefill_tokens: int = _setting("inference.max_prefill_tokens")
     home: str | None = None  # the data directory (not a setting: --home / $R3MES_HOME)
     # generation

@@ -161,7 +161,8 @@ def build_engine(config: PipelineConfig, backend: InferenceBackend,
     return Engine(backend, max_context=backend.max_context(), max_batch=config.max_batch_size,
                   max_queue=config.max_queue, kv_tokens=config.kv_cache_tokens,
                   kv_megabytes=config.kv_cache_mb, kv_block_size=config.kv_block_size,
-                  adapters=adapters, max_prefill_tokens=config.max_prefill_tokens)
+                  kv_dtype=config.kv_cache_dtype, adapters=adapters,
+                  max_prefill_tokens=config.max_prefill_tokens)
 
 
 async def start_cache(config: PipelineConfig, store: AdapterStore,

@@ -149,11 +149,13 @@ class InferenceBackend(ABC):
         yield
 
     def new_kv_pool(self, *, tokens: int | None = None, megabytes: float | None = None,
-                    block_size: int = 16, max_tokens: int | None = None) -> KVBlockPool:
-        """A KV block pool for the loaded model, sized by ``tokens`` or ``megabytes``."""
+                    block_size: int = 16, max_tokens: int | None = None,
+                    dtype: torch.dtype = torch.float32) -> KVBlockPool:
+        """A KV block pool for the loaded model, sized by ``tokens`` or ``megabytes``
+        (``dtype``: float32, or float16 for the opt-in half cache)."""
         return KVBlockPool.from_budget(self._require_model().config, tokens=tokens,
                                        megabytes=megabytes, block_size=block_size,
-                                       max_tokens=max_tokens)
+                                       max_tokens=max_tokens, dtype=dtype)
 
     def _use_rows(self, mixes: Sequence[Mix]) -> None:
         """Sets one expert mix per row, skipping the work when it is the one already set."""
