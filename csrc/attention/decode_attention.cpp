@@ -108,6 +108,16 @@ R3MES_INLINE v16 load16(const Half* p) {
   return f;
 }
 
+// Whether the clone that runs has 32 vector registers of 16 floats (AVX-512) or 16 of 8
+// (AVX2, and the baseline's 16 of 4): a 16-float vector takes two registers there, and the
+// loops block fewer heads and dimensions at once so that their accumulators stay in
+// registers (blocked 4 x 4 as for AVX-512, half of the AVX2 clone's instructions were
+// spills). The blocking changes no result: each lane sums the same terms in the same order.
+R3MES_INLINE bool wide_registers() {
+  static const bool wide = __builtin_cpu_supports("avx512f");
+  return wide;
+}
+
 template <class E>
 R3MES_INLINE const E* keys(const KvBlocks& kv) {
   return static_cast<const E*>(kv.k);
@@ -216,7 +226,7 @@ R3MES_INLINE void dot_pair(const float* q, std::size_t head_dim, const E* ka, co
 // scores[j * kChunk + i] = (q_j . k_{s0+i}) * scaling for the group's query heads j < rep
 // and positions [s0, s1) of a cache of E. Prefetches keys (to L1) and values (to L2)
 // kPrefetch ahead.
-template <class E>
+template <class E, bool Wide>
 R3MES_INLINE void chunk_scores_of(const float* q, std::size_t rep, const KvBlocks& kv,
                                   std::size_t b, std::size_t kv_heads, std::size_t g,
                                   std::size_t s0, std::size_t s1, std::size_t head_dim,
@@ -245,8 +255,10 @@ R3MES_INLINE void chunk_scores_of(const float* q, std::size_t rep, const KvBlock
       for (std::size_t p = s + i + kPrefetch; p < std::min(s1, s + i + 2 + kPrefetch); ++p)
         prefetch_ahead(p);
       std::size_t j = 0;
-      for (; j + 4 <= rep; j += 4)
+      for (; Wide && j + 4 <= rep; j += 4)
         dot_pair<4>(q + j * head_dim, head_dim, ka, kb, acc + j * 256, i, two);
+      for (; !Wide && j + 2 <= rep; j += 2)
+        dot_pair<2>(q + j * head_dim, head_dim, ka, kb, acc + j * 256, i, two);
       for (; j < rep; ++j) dot_pair<1>(q + j * head_dim, head_dim, ka, kb, acc + j * 256, i, two);
       for (j = 0; tail < head_dim && j < rep; ++j) {
         const float* qj = q + j * head_dim;
@@ -278,10 +290,19 @@ R3MES_CLONES void chunk_scores(const float* q, std::size_t rep, const KvBlocks& 
                                std::size_t b, std::size_t kv_heads, std::size_t g,
                                std::size_t s0, std::size_t s1, std::size_t head_dim,
                                float scaling, float* scores, float* acc /* [rep][16][16] */) {
-  if (kv.type == KvType::F16)
-    chunk_scores_of<Half>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores, acc);
+  const bool half = kv.type == KvType::F16;
+  if (wide_registers() && half)
+    chunk_scores_of<Half, true>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores,
+                                acc);
+  else if (wide_registers())
+    chunk_scores_of<float, true>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores,
+                                 acc);
+  else if (half)
+    chunk_scores_of<Half, false>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores,
+                                 acc);
   else
-    chunk_scores_of<float>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores, acc);
+    chunk_scores_of<float, false>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling,
+                                  scores, acc);
 }
 
 // The chunk's scores of each query head become weights exp(s - max), 0 below kWeightFloor,
@@ -314,25 +335,26 @@ R3MES_CLONES void chunk_softmax(float* scores, std::size_t rep, std::size_t n, b
   }
 }
 
-// o[r * head_dim + d] = sum_i weights[r * kChunk + i] * v_{s0+i}[d] for R query heads.
-template <int R, class E>
+// o[r * head_dim + d] = sum_i weights[r * kChunk + i] * v_{s0+i}[d] for R query heads,
+// C vectors (16 C dimensions) a pass over the positions.
+template <int R, int C, class E>
 R3MES_INLINE void chunk_values_heads(const float* weights, const KvBlocks& kv, std::size_t b,
                                      std::size_t kv_heads, std::size_t g, std::size_t s0,
                                      std::size_t s1, std::size_t head_dim, float* o) {
   const std::size_t nv = head_dim / 16;
-  for (std::size_t v0 = 0; v0 < nv; v0 += 4) {
-    const std::size_t nb = std::min<std::size_t>(4, nv - v0);
-    v16 acc[R][4] = {};
+  for (std::size_t v0 = 0; v0 < nv; v0 += C) {
+    const std::size_t nb = std::min<std::size_t>(C, nv - v0);
+    v16 acc[R][C] = {};
     HeadCursor at(kv, b, kv_heads, g, head_dim, s0);
     for (std::size_t s = s0; s < s1; ++s) {
       const E* v = values<E>(kv) + at.offset() + 16 * v0;
       at.next(s + 1 < s1);
-      v16 x[4] = {};
-      for (std::size_t c = 0; c < 4; ++c)
+      v16 x[C] = {};
+      for (std::size_t c = 0; c < C; ++c)
         if (c < nb) x[c] = load16(v + 16 * c);
       for (int r = 0; r < R; ++r) {
         const float w = weights[r * kChunk + (s - s0)];
-        for (std::size_t c = 0; c < 4; ++c)
+        for (std::size_t c = 0; c < C; ++c)
           if (c < nb) acc[r][c] += w * x[c];
       }
     }
@@ -354,32 +376,37 @@ R3MES_INLINE void chunk_values_heads(const float* weights, const KvBlocks& kv, s
   }
 }
 
-template <class E>
+template <class E, int C>
 R3MES_INLINE void chunk_values_of(const float* weights, std::size_t rep, const KvBlocks& kv,
                                   std::size_t b, std::size_t kv_heads, std::size_t g,
                                   std::size_t s0, std::size_t s1, std::size_t head_dim,
                                   float* o) {
   std::size_t j = 0;
   for (; j + 4 <= rep; j += 4)
-    chunk_values_heads<4, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
+    chunk_values_heads<4, C, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
                              o + j * head_dim);
   if (j + 2 <= rep) {
-    chunk_values_heads<2, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
+    chunk_values_heads<2, C, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
                              o + j * head_dim);
     j += 2;
   }
   if (j < rep)
-    chunk_values_heads<1, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
+    chunk_values_heads<1, C, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
                              o + j * head_dim);
 }
 
 R3MES_CLONES void chunk_values(const float* weights, std::size_t rep, const KvBlocks& kv,
                                std::size_t b, std::size_t kv_heads, std::size_t g,
                                std::size_t s0, std::size_t s1, std::size_t head_dim, float* o) {
-  if (kv.type == KvType::F16)
-    chunk_values_of<Half>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
+  const bool half = kv.type == KvType::F16;
+  if (wide_registers() && half)
+    chunk_values_of<Half, 4>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
+  else if (wide_registers())
+    chunk_values_of<float, 4>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
+  else if (half)
+    chunk_values_of<Half, 1>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
   else
-    chunk_values_of<float>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
+    chunk_values_of<float, 1>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
 }
 
 // One task: positions [s0, s1) of row b's kv head g.
