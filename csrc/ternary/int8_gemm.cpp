@@ -56,6 +56,7 @@ void int8_gemm(const Int8GemmArgs& args, SimdLevel level) {
   if (args.M == 0 || args.N == 0) return;
   Int8GemmArgs a = args;
   AlignedVector<uint8_t> u;  // the VNNI kernel reads u = q + 128 (vpdpbusd: unsigned x signed)
+  AlignedVector<int16_t> q16;  // the AVX2 kernel's activations, widened once
   auto fn = int8_gemm_rows_scalar;
   std::unique_ptr<int32_t[]> quads;  // not cleared: the packing writes every dword
   if (level == SimdLevel::Avx512Vnni) {
@@ -78,6 +79,9 @@ void int8_gemm(const Int8GemmArgs& args, SimdLevel level) {
   } else if (level == SimdLevel::Avx512) {
     fn = isa_avx512::int8_gemm_rows_avx512;
   } else if (level == SimdLevel::Avx2) {
+    q16 = AlignedVector<int16_t>(a.M * int8_padded_k(a.K));
+    isa_avx2::widen_activations_avx2(a.q, q16.size(), q16.data());
+    a.q16 = q16.data();
     fn = isa_avx2::int8_gemm_rows_avx2;
   }
   parallel_rows(a.N, [&](std::size_t n0, std::size_t n1) { fn(a, n0, n1); });

@@ -22,6 +22,7 @@ struct Int8GemmArgs {
   std::size_t M, N, K;
   float* out;               // [M, N]
   const uint8_t* u = nullptr;  // q + 128 (filled by int8_gemm for the VNNI kernel)
+  const int16_t* q16 = nullptr;  // q widened to int16 (filled by int8_gemm for AVX2)
   // The AMX kernel's activations (filled by int8_gemm; layout in ternary/amx.h).
   const int32_t* q_quads = nullptr;
   std::size_t m_pad = 0;
@@ -34,7 +35,8 @@ void int8_gemm(const Int8GemmArgs& args, SimdLevel level);
 
 void int8_gemm_rows_scalar(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
 namespace isa_avx2 {
-void int8_gemm_rows_avx2(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
+void int8_gemm_rows_avx2(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);  // needs q16
+void widen_activations_avx2(const int8_t* q, std::size_t count, int16_t* out);
 }
 namespace isa_avx512 {
 void int8_gemm_rows_avx512(const Int8GemmArgs& a, std::size_t n0, std::size_t n1);
