@@ -26,6 +26,9 @@
 #include <memory>
 #include <vector>
 
+#include <immintrin.h>
+
+#include "common/half.h"
 #include "common/target_clones.h"
 #include "common/thread_pool.h"
 // 64-byte vectors are returned from inline helpers only (always inlined into the clones),
@@ -39,6 +42,8 @@ namespace {
 
 // Positions a task. Fixed (not derived from the thread count) so that results are too.
 constexpr std::size_t kChunk = 128;
+// The block table of a widened chunk (one block).
+constexpr int32_t kZeroBlock = 0;
 // A row's positions lie in blocks of a few KiB anywhere in the pool: too short a run for
 // the hardware prefetcher to ramp up. 8 positions (4 KiB of keys and values) keep enough
 // loads in flight to stream at the memory's rate.
@@ -52,8 +57,6 @@ constexpr float kWeightFloor = -69.0f;
 #define R3MES_INLINE inline __attribute__((always_inline))
 using v16 = float __attribute__((vector_size(64)));
 using v16i = int __attribute__((vector_size(64)));
-using v16u = unsigned __attribute__((vector_size(64)));
-using u16x16 = uint16_t __attribute__((vector_size(32)));
 
 R3MES_INLINE v16 load16(const float* p) {
   v16 r;
@@ -61,52 +64,7 @@ R3MES_INLINE v16 load16(const float* p) {
   return r;
 }
 
-// An element of a half cache (IEEE binary16 bits): a type of its own, so that no
-// arithmetic conversion of the bits can slip in.
-struct Half {
-  uint16_t bits;
-};
-R3MES_INLINE float to_float(float x) { return x; }
-// One half as a float, as half_to_float, in integer ops the compiler sees through (the
-// scalar tails then compile as the float cache's do: the same contractions into FMAs).
-R3MES_INLINE float to_float(Half x) {
-  const uint32_t magnitude = x.bits & 0x7fffu;
-  float f;
-  if (magnitude < 0x400u) {  // subnormal or zero: the mantissa times 2^-24, exact
-    f = static_cast<float>(magnitude) * (1.0f / 16777216.0f);
-  } else {
-    const uint32_t bits = magnitude >= 0x7c00u ? (magnitude << 13) | 0x7f800000u
-                                               : (magnitude << 13) + (112u << 23);
-    std::memcpy(&f, &bits, sizeof f);
-  }
-  uint32_t out;
-  std::memcpy(&out, &f, sizeof out);
-  out |= static_cast<uint32_t>(x.bits & 0x8000u) << 16;
-  std::memcpy(&f, &out, sizeof f);
-  return f;
-}
-
-// 16 halves as floats, exactly as half_to_float, in integer vector ops (every clone; the
-// compiler's own _Float16 conversion calls into a libgcc too new for older systems).
-R3MES_INLINE v16 load16(const Half* p) {
-  u16x16 h;
-  std::memcpy(&h, p, sizeof h);
-  const v16u x = __builtin_convertvector(h, v16u);
-  const v16u magnitude = x & 0x7fffu;
-  // Normal: the exponent rebiased (15 -> 127); inf/NaN: exponent all ones.
-  v16u bits = (magnitude << 13) + (112u << 23);
-  bits = magnitude >= 0x7c00u ? (magnitude << 13) | 0x7f800000u : bits;
-  v16 normal;
-  std::memcpy(&normal, &bits, sizeof normal);
-  // Subnormal or zero: the mantissa times 2^-24, exact.
-  const v16 small = __builtin_convertvector(magnitude, v16) * (1.0f / 16777216.0f);
-  v16 f = magnitude < 0x400u ? small : normal;
-  v16u out;
-  std::memcpy(&out, &f, sizeof out);
-  out |= (x & 0x8000u) << 16;
-  std::memcpy(&f, &out, sizeof f);
-  return f;
-}
+R3MES_INLINE void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
 // Whether the clone that runs has 32 vector registers of 16 floats (AVX-512) or 16 of 8
 // (AVX2, and the baseline's 16 of 4): a 16-float vector takes two registers there, and the
@@ -117,17 +75,6 @@ R3MES_INLINE bool wide_registers() {
   static const bool wide = __builtin_cpu_supports("avx512f");
   return wide;
 }
-
-template <class E>
-R3MES_INLINE const E* keys(const KvBlocks& kv) {
-  return static_cast<const E*>(kv.k);
-}
-template <class E>
-R3MES_INLINE const E* values(const KvBlocks& kv) {
-  return static_cast<const E*>(kv.v);
-}
-
-R3MES_INLINE void store16(float* p, v16 v) { std::memcpy(p, &v, sizeof v); }
 
 // The horizontal sum of one vector as the tree (j, j+8), (j, j+4), (j, j+2), (j, j+1).
 R3MES_INLINE float tree_sum(v16 a) {
@@ -191,9 +138,8 @@ struct HeadCursor {
 };
 
 // The n elements of a cache row (64 bytes a prefetch).
-template <class E>
-R3MES_INLINE void prefetch_row(const E* row, std::size_t n, int locality) {
-  for (std::size_t d = 0; d < n; d += 64 / sizeof(E)) {
+R3MES_INLINE void prefetch_row(const float* row, std::size_t n, int locality) {
+  for (std::size_t d = 0; d < n; d += 16) {
     if (locality == 3)
       __builtin_prefetch(row + d, 0, 3);
     else
@@ -204,8 +150,9 @@ R3MES_INLINE void prefetch_row(const E* row, std::size_t n, int locality) {
 // Partial-sum vectors of q_j . k for R query heads and two keys (a and b): 2R independent
 // chains of multiply-adds, enough to keep both FMA pipes busy. acc: [R][16][16] rows of
 // 16 lanes, position i of the block at row i.
-template <int R, class E>
-R3MES_INLINE void dot_pair(const float* q, std::size_t head_dim, const E* ka, const E* kb,
+template <int R>
+R3MES_INLINE void dot_pair(const float* q, std::size_t head_dim, const float* ka,
+                           const float* kb,
                            float* acc, std::size_t i, bool two) {
   const std::size_t nv = head_dim / 16;
   v16 a[R] = {}, b[R] = {};
@@ -226,18 +173,18 @@ R3MES_INLINE void dot_pair(const float* q, std::size_t head_dim, const E* ka, co
 // scores[j * kChunk + i] = (q_j . k_{s0+i}) * scaling for the group's query heads j < rep
 // and positions [s0, s1) of a cache of E. Prefetches keys (to L1) and values (to L2)
 // kPrefetch ahead.
-template <class E, bool Wide>
+template <bool Wide>
 R3MES_INLINE void chunk_scores_of(const float* q, std::size_t rep, const KvBlocks& kv,
                                   std::size_t b, std::size_t kv_heads, std::size_t g,
                                   std::size_t s0, std::size_t s1, std::size_t head_dim,
                                   float scaling, float* scores, float* acc) {
   const std::size_t tail = head_dim / 16 * 16;
-  const E* const k_base = keys<E>(kv);
+  const float* const k_base = static_cast<const float*>(kv.k);
   HeadCursor at(kv, b, kv_heads, g, head_dim, s0);
   HeadCursor ahead(kv, b, kv_heads, g, head_dim, s0);
   auto prefetch_ahead = [&](std::size_t p) {  // p: the position `ahead` is at
     prefetch_row(k_base + ahead.offset(), head_dim, 3);
-    prefetch_row(values<E>(kv) + ahead.offset(), head_dim, 2);
+    prefetch_row(static_cast<const float*>(kv.v) + ahead.offset(), head_dim, 2);
     ahead.next(p + 1 < s1);
   };
   for (std::size_t p = s0; p < std::min(s1, s0 + kPrefetch); ++p) prefetch_ahead(p);
@@ -245,9 +192,9 @@ R3MES_INLINE void chunk_scores_of(const float* q, std::size_t rep, const KvBlock
     const std::size_t n = std::min<std::size_t>(16, s1 - s);
     for (std::size_t i = 0; i < n; i += 2) {
       const bool two = i + 1 < n;
-      const E* ka = k_base + at.offset();
+      const float* ka = k_base + at.offset();
       at.next(s + i + 1 < s1);
-      const E* kb = ka;  // an odd last position is computed twice, stored once
+      const float* kb = ka;  // an odd last position is computed twice, stored once
       if (two) {
         kb = k_base + at.offset();
         at.next(s + i + 2 < s1);
@@ -263,12 +210,9 @@ R3MES_INLINE void chunk_scores_of(const float* q, std::size_t rep, const KvBlock
       for (j = 0; tail < head_dim && j < rep; ++j) {
         const float* qj = q + j * head_dim;
         for (std::size_t t = 0; t < (two ? 2u : 1u); ++t) {
-          const E* k = t == 0 ? ka : kb;
+          const float* k = t == 0 ? ka : kb;
           float rest = 0.0f;
-          // Explicit FMAs: left to itself, the compiler vectorises the products of one
-          // element type and contracts the other's, and a half cache would round apart.
-          for (std::size_t d = tail; d < head_dim; ++d)
-            rest = __builtin_fmaf(qj[d], to_float(k[d]), rest);
+          for (std::size_t d = tail; d < head_dim; ++d) rest += qj[d] * k[d];
           scores[j * kChunk + (s - s0) + i + t] = rest;
         }
       }
@@ -290,19 +234,10 @@ R3MES_CLONES void chunk_scores(const float* q, std::size_t rep, const KvBlocks& 
                                std::size_t b, std::size_t kv_heads, std::size_t g,
                                std::size_t s0, std::size_t s1, std::size_t head_dim,
                                float scaling, float* scores, float* acc /* [rep][16][16] */) {
-  const bool half = kv.type == KvType::F16;
-  if (wide_registers() && half)
-    chunk_scores_of<Half, true>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores,
-                                acc);
-  else if (wide_registers())
-    chunk_scores_of<float, true>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores,
-                                 acc);
-  else if (half)
-    chunk_scores_of<Half, false>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores,
-                                 acc);
+  if (wide_registers())
+    chunk_scores_of<true>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores, acc);
   else
-    chunk_scores_of<float, false>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling,
-                                  scores, acc);
+    chunk_scores_of<false>(q, rep, kv, b, kv_heads, g, s0, s1, head_dim, scaling, scores, acc);
 }
 
 // The chunk's scores of each query head become weights exp(s - max), 0 below kWeightFloor,
@@ -337,7 +272,7 @@ R3MES_CLONES void chunk_softmax(float* scores, std::size_t rep, std::size_t n, b
 
 // o[r * head_dim + d] = sum_i weights[r * kChunk + i] * v_{s0+i}[d] for R query heads,
 // C vectors (16 C dimensions) a pass over the positions.
-template <int R, int C, class E>
+template <int R, int C>
 R3MES_INLINE void chunk_values_heads(const float* weights, const KvBlocks& kv, std::size_t b,
                                      std::size_t kv_heads, std::size_t g, std::size_t s0,
                                      std::size_t s1, std::size_t head_dim, float* o) {
@@ -347,7 +282,7 @@ R3MES_INLINE void chunk_values_heads(const float* weights, const KvBlocks& kv, s
     v16 acc[R][C] = {};
     HeadCursor at(kv, b, kv_heads, g, head_dim, s0);
     for (std::size_t s = s0; s < s1; ++s) {
-      const E* v = values<E>(kv) + at.offset() + 16 * v0;
+      const float* v = static_cast<const float*>(kv.v) + at.offset() + 16 * v0;
       at.next(s + 1 < s1);
       v16 x[C] = {};
       for (std::size_t c = 0; c < C; ++c)
@@ -365,48 +300,102 @@ R3MES_INLINE void chunk_values_heads(const float* weights, const KvBlocks& kv, s
     for (int r = 0; r < R; ++r) std::fill(o + r * head_dim + nv * 16, o + (r + 1) * head_dim, 0.f);
     HeadCursor at(kv, b, kv_heads, g, head_dim, s0);
     for (std::size_t s = s0; s < s1; ++s) {
-      const E* v = values<E>(kv) + at.offset();
+      const float* v = static_cast<const float*>(kv.v) + at.offset();
       at.next(s + 1 < s1);
       for (int r = 0; r < R; ++r) {
         const float w = weights[r * kChunk + (s - s0)];
-        for (std::size_t d = nv * 16; d < head_dim; ++d)
-          o[r * head_dim + d] = __builtin_fmaf(w, to_float(v[d]), o[r * head_dim + d]);
+        for (std::size_t d = nv * 16; d < head_dim; ++d) o[r * head_dim + d] += w * v[d];
       }
     }
   }
 }
 
-template <class E, int C>
+template <int C>
 R3MES_INLINE void chunk_values_of(const float* weights, std::size_t rep, const KvBlocks& kv,
                                   std::size_t b, std::size_t kv_heads, std::size_t g,
                                   std::size_t s0, std::size_t s1, std::size_t head_dim,
                                   float* o) {
   std::size_t j = 0;
   for (; j + 4 <= rep; j += 4)
-    chunk_values_heads<4, C, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
+    chunk_values_heads<4, C>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
                              o + j * head_dim);
   if (j + 2 <= rep) {
-    chunk_values_heads<2, C, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
+    chunk_values_heads<2, C>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
                              o + j * head_dim);
     j += 2;
   }
   if (j < rep)
-    chunk_values_heads<1, C, E>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
+    chunk_values_heads<1, C>(weights + j * kChunk, kv, b, kv_heads, g, s0, s1, head_dim,
                              o + j * head_dim);
 }
 
 R3MES_CLONES void chunk_values(const float* weights, std::size_t rep, const KvBlocks& kv,
                                std::size_t b, std::size_t kv_heads, std::size_t g,
                                std::size_t s0, std::size_t s1, std::size_t head_dim, float* o) {
-  const bool half = kv.type == KvType::F16;
-  if (wide_registers() && half)
-    chunk_values_of<Half, 4>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
-  else if (wide_registers())
-    chunk_values_of<float, 4>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
-  else if (half)
-    chunk_values_of<Half, 1>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
+  if (wide_registers())
+    chunk_values_of<4>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
   else
-    chunk_values_of<float, 1>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
+    chunk_values_of<1>(weights, rep, kv, b, kv_heads, g, s0, s1, head_dim, o);
+}
+
+// A half cache's keys and values are widened (exactly) a task at a time into float rows
+// that stay in L2, and the float kernels run on those: a conversion instruction per 8 or
+// 16 halves (F16C, AVX-512) where widening inside the loops in integer ops had made the
+// AVX2 clone compute-bound at ~1 GB/s of cache.
+__attribute__((target("avx512f"))) void widen_avx512(const uint16_t* h, std::size_t n,
+                                                     float* f) {
+  std::size_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256(
+                                reinterpret_cast<const __m256i*>(h + i))));
+  for (; i < n; ++i) f[i] = half_to_float(h[i]);
+}
+
+__attribute__((target("avx,f16c"))) void widen_f16c(const uint16_t* h, std::size_t n,
+                                                    float* f) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(f + i,
+                     _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < n; ++i) f[i] = half_to_float(h[i]);
+}
+
+void widen_scalar(const uint16_t* h, std::size_t n, float* f) {
+  for (std::size_t i = 0; i < n; ++i) f[i] = half_to_float(h[i]);
+}
+
+using WidenFn = void (*)(const uint16_t*, std::size_t, float*);
+
+WidenFn widen_fn() {
+  static const WidenFn fn = __builtin_cpu_supports("avx512f") ? widen_avx512
+                            : __builtin_cpu_supports("f16c")  ? widen_f16c
+                                                              : widen_scalar;
+  return fn;
+}
+
+// Positions [s0, s1) of row b's kv head g of a half cache, widened into k and v
+// [s1 - s0, head_dim], and the one-block float cache that holds them (its table: *zero).
+KvBlocks widen_chunk(const KvBlocks& kv, std::size_t b, std::size_t kv_heads, std::size_t g,
+                     std::size_t s0, std::size_t s1, std::size_t head_dim, float* k, float* v,
+                     const int32_t* zero) {
+  const WidenFn widen = widen_fn();
+  const auto* hk = static_cast<const uint16_t*>(kv.k);
+  const auto* hv = static_cast<const uint16_t*>(kv.v);
+  for (std::size_t s = s0; s < s1;) {  // a run of positions inside one block at a time
+    const std::size_t run = std::min(kv.block_size - s % kv.block_size, s1 - s);
+    const std::size_t from = kv.offset(b, kv_heads, g, s, head_dim);
+    const std::size_t to = (s - s0) * head_dim;
+    widen(hk + from, run * head_dim, k + to);
+    widen(hv + from, run * head_dim, v + to);
+    s += run;
+  }
+  KvBlocks local;
+  local.k = k;
+  local.v = v;
+  local.block_size = kChunk;
+  local.max_blocks = 1;
+  local.table = zero;
+  return local;
 }
 
 // One task: positions [s0, s1) of row b's kv head g.
@@ -480,6 +469,7 @@ void decode_attention(const float* q, const KvBlocks& kv, const int64_t* start,
     thread_local std::vector<float> acc;
     thread_local std::vector<float> values;
     thread_local std::vector<float> stats;  // [2][rep]: each head's max and sum
+    thread_local std::vector<float> widened_k, widened_v;  // a half cache's chunk
     scores.resize(rep * kChunk);
     acc.resize(rep * 256);
     values.resize(rep * head_dim);
@@ -488,8 +478,20 @@ void decode_attention(const float* q, const KvBlocks& kv, const int64_t* start,
       const Task& task = tasks[t];
       const std::size_t n = task.s1 - task.s0;
       const float* qg = q + (task.b * heads + task.g * rep) * head_dim;
-      chunk_scores(qg, rep, kv, task.b, kv_heads, task.g, task.s0, task.s1, head_dim, scaling,
-                   scores.data(), acc.data());
+      // A half cache's chunk: row 0, head 0, positions [0, n) of its widened copy.
+      KvBlocks src = kv;
+      std::size_t b = task.b, kv_heads_of = kv_heads, g = task.g, s0 = task.s0, s1 = task.s1;
+      if (kv.type == KvType::F16) {
+        widened_k.resize(kChunk * head_dim);
+        widened_v.resize(kChunk * head_dim);
+        src = widen_chunk(kv, b, kv_heads, g, s0, s1, head_dim, widened_k.data(),
+                          widened_v.data(), &kZeroBlock);
+        b = g = s0 = 0;
+        kv_heads_of = 1;
+        s1 = n;
+      }
+      chunk_scores(qg, rep, src, b, kv_heads_of, g, s0, s1, head_dim, scaling, scores.data(),
+                   acc.data());
       const bool alone = chunks[task.head] == 1;
       float* part = part_base + t * part_size;
       chunk_softmax(scores.data(), rep, n, alone, stats.data(), stats.data() + rep);
@@ -498,7 +500,7 @@ void decode_attention(const float* q, const KvBlocks& kv, const int64_t* start,
         part[j * (2 + head_dim) + 1] = stats[rep + j];
       }
       float* o = out + (task.b * heads + task.g * rep) * head_dim;
-      chunk_values(scores.data(), rep, kv, task.b, kv_heads, task.g, task.s0, task.s1, head_dim,
+      chunk_values(scores.data(), rep, src, b, kv_heads_of, g, s0, s1, head_dim,
                    alone ? o : values.data());
       if (alone) continue;
       for (std::size_t j = 0; j < rep; ++j)
