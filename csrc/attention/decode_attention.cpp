@@ -152,8 +152,7 @@ R3MES_INLINE void prefetch_row(const float* row, std::size_t n, int locality) {
 // 16 lanes, position i of the block at row i.
 template <int R>
 R3MES_INLINE void dot_pair(const float* q, std::size_t head_dim, const float* ka,
-                           const float* kb,
-                           float* acc, std::size_t i, bool two) {
+                           const float* kb, float* acc, std::size_t i, bool two) {
   const std::size_t nv = head_dim / 16;
   v16 a[R] = {}, b[R] = {};
   for (std::size_t v = 0; v < nv; ++v) {
@@ -171,8 +170,7 @@ R3MES_INLINE void dot_pair(const float* q, std::size_t head_dim, const float* ka
 }
 
 // scores[j * kChunk + i] = (q_j . k_{s0+i}) * scaling for the group's query heads j < rep
-// and positions [s0, s1) of a cache of E. Prefetches keys (to L1) and values (to L2)
-// kPrefetch ahead.
+// and positions [s0, s1). Prefetches keys (to L1) and values (to L2) kPrefetch ahead.
 template <bool Wide>
 R3MES_INLINE void chunk_scores_of(const float* q, std::size_t rep, const KvBlocks& kv,
                                   std::size_t b, std::size_t kv_heads, std::size_t g,
@@ -342,13 +340,17 @@ R3MES_CLONES void chunk_values(const float* weights, std::size_t rep, const KvBl
 // that stay in L2, and the float kernels run on those: a conversion instruction per 8 or
 // 16 halves (F16C, AVX-512) where widening inside the loops in integer ops had made the
 // AVX2 clone compute-bound at ~1 GB/s of cache.
+void widen_scalar(const uint16_t* h, std::size_t n, float* f) {
+  for (std::size_t i = 0; i < n; ++i) f[i] = half_to_float(h[i]);
+}
+
 __attribute__((target("avx512f"))) void widen_avx512(const uint16_t* h, std::size_t n,
                                                      float* f) {
   std::size_t i = 0;
   for (; i + 16 <= n; i += 16)
     _mm512_storeu_ps(f + i, _mm512_cvtph_ps(_mm256_loadu_si256(
                                 reinterpret_cast<const __m256i*>(h + i))));
-  for (; i < n; ++i) f[i] = half_to_float(h[i]);
+  widen_scalar(h + i, n - i, f + i);
 }
 
 __attribute__((target("avx,f16c"))) void widen_f16c(const uint16_t* h, std::size_t n,
@@ -357,11 +359,7 @@ __attribute__((target("avx,f16c"))) void widen_f16c(const uint16_t* h, std::size
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(f + i,
                      _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
-  for (; i < n; ++i) f[i] = half_to_float(h[i]);
-}
-
-void widen_scalar(const uint16_t* h, std::size_t n, float* f) {
-  for (std::size_t i = 0; i < n; ++i) f[i] = half_to_float(h[i]);
+  widen_scalar(h + i, n - i, f + i);
 }
 
 using WidenFn = void (*)(const uint16_t*, std::size_t, float*);
@@ -470,6 +468,10 @@ void decode_attention(const float* q, const KvBlocks& kv, const int64_t* start,
     thread_local std::vector<float> values;
     thread_local std::vector<float> stats;  // [2][rep]: each head's max and sum
     thread_local std::vector<float> widened_k, widened_v;  // a half cache's chunk
+    if (kv.type == KvType::F16) {
+      widened_k.resize(kChunk * head_dim);
+      widened_v.resize(kChunk * head_dim);
+    }
     scores.resize(rep * kChunk);
     acc.resize(rep * 256);
     values.resize(rep * head_dim);
@@ -482,8 +484,6 @@ void decode_attention(const float* q, const KvBlocks& kv, const int64_t* start,
       KvBlocks src = kv;
       std::size_t b = task.b, kv_heads_of = kv_heads, g = task.g, s0 = task.s0, s1 = task.s1;
       if (kv.type == KvType::F16) {
-        widened_k.resize(kChunk * head_dim);
-        widened_v.resize(kChunk * head_dim);
         src = widen_chunk(kv, b, kv_heads, g, s0, s1, head_dim, widened_k.data(),
                           widened_v.data(), &kZeroBlock);
         b = g = s0 = 0;

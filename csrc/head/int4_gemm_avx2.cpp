@@ -3,18 +3,12 @@
 // at a time inside it.
 #include <immintrin.h>
 
+#include "common/avx2_hsum.h"
 #include "head/int4_gemm.h"
 
 namespace r3mes {
 namespace isa_avx2 {
 namespace {
-
-inline int32_t hsum(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 
 template <int R, int G>
 inline void tile(const Int4GemmArgs& a, std::size_t kp, std::size_t n, std::size_t m) {
@@ -50,7 +44,7 @@ inline void tile(const Int4GemmArgs& a, std::size_t kp, std::size_t n, std::size
       }
     }
   }
-  for (int r = 0; r < R; ++r) store_int4_output(a, m, n + r, hsum(acc[r]) - a.w_offset[n + r]);
+  for (int r = 0; r < R; ++r) store_int4_output(a, m, n + r, hsum_epi32(acc[r]) - a.w_offset[n + r]);
 }
 
 template <int G>

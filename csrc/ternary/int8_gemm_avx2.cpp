@@ -5,18 +5,12 @@
 // token had made 8 tokens cost 3.5x one).
 #include <immintrin.h>
 
+#include "common/avx2_hsum.h"
 #include "ternary/int8_gemm.h"
 
 namespace r3mes {
 namespace isa_avx2 {
 namespace {
-
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 
 template <int T>
 void row_tokens(const Int8GemmArgs& a, std::size_t n, std::size_t m0) {

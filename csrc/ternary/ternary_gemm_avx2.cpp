@@ -2,18 +2,12 @@
 // shift+mask against plain activation loads; u8 x s8 products via vpmaddubsw.
 #include <immintrin.h>
 
+#include "common/avx2_hsum.h"
 #include "ternary/ternary.h"
 
 namespace r3mes {
 namespace isa_avx2 {
 namespace {
-
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
 
 template <int T>
 void rows_tokens(const GemmArgs& a, std::size_t n, std::size_t m0) {
